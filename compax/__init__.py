@@ -1,0 +1,1 @@
+"""compax: what model compression does to a CNN beyond test accuracy."""
