@@ -1,0 +1,67 @@
+"""Defaults of every experiment config; `configs/*.py` start from `base_config()` and change keys.
+
+The keys are locked: a `--config.key=value` override of a key that does not exist is an error,
+and the types are checked (`ml_collections`).
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """The keys of an experiment with their defaults (LeNet-5 on the embedded synthetic_signs)."""
+    c = ml_collections.ConfigDict()
+    # Data (compax.data): name, where the offline files are (None: $COMPAX_DATA_DIR, then
+    # ../shared/datasets), whether to build them online with tensorflow-datasets, the validation split.
+    c.dataset = "synthetic_signs"
+    c.data_dir = config_dict.placeholder(str)
+    c.download = False
+    c.split_seed = 0
+    c.val_fraction = config_dict.placeholder(float)
+    # Model (compax.models).
+    c.model = "lenet5"
+    c.model_width = 1.0
+    # Training (compax.train): members have seeds seed, seed + 1, ..., seed + population - 1.
+    c.seed = 0
+    c.population = 1
+    c.batch_size = 128
+    c.eval_batch_size = 1000
+    c.learning_rate = 1e-3
+    c.max_epochs = 100
+    c.patience = 40
+    c.augment = False
+    c.progress = True
+    c.lock()
+    return c
+
+
+# Per model, the CPU-sized setting: (width, max_epochs, patience). LeNet-5 is small enough to
+# train at full width on the full datasets; the larger models are narrowed to finish in minutes.
+CPU_SIZED = {
+    "lenet5": (1.0, 60, 10),
+    "squeezenet": (0.25, 15, 5),
+    "resnet18": (0.125, 8, 4),
+    "vgg6": (0.25, 15, 5),
+}
+SIZES = ("cpu", "paper")
+
+
+def study_config(dataset: str, model: str, size: str = "cpu") -> ml_collections.ConfigDict:
+    """One architecture x dataset pair of Schwaiger et al. (2022).
+
+    `paper`: the study's setting (full width, Adam, early stopping with patience 40, CIFAR-10
+    augmented by random flips and 4-px-pad random crops). `cpu`: the same data and procedure with
+    the model narrowed and the patience shortened (`CPU_SIZED`) so that a run fits on 2 CPU cores.
+    """
+    if size not in SIZES:
+        raise ValueError(f"unknown config size {size!r}: use configs/<name>.py:cpu or :paper")
+    c = base_config()
+    c.dataset = dataset
+    c.model = model
+    c.augment = dataset == "cifar10"
+    if size == "paper":
+        c.max_epochs = 500
+        c.patience = 40
+    else:
+        c.model_width, c.max_epochs, c.patience = CPU_SIZED[model]
+    return c

@@ -1,0 +1,32 @@
+"""LeNet-5 as used by Schwaiger et al. (2022) on 32x32 RGB images.
+
+conv5x5(6) - ReLU - maxpool2 - conv5x5(16) - ReLU - maxpool2 - FC120 - ReLU - FC84 - ReLU - FC(classes).
+64,811 parameters with 43 classes, 62,006 with 10 (LeNet-5 of LeCun et al. 1998 with ReLU and max
+pooling, as in the PyTorch tutorials the study follows). The feature map is flattened in channel-major
+(C, H, W) order, PyTorch's order, so that weights port one-to-one to and from `torch.nn.Linear`.
+"""
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from compax.models.layers import Conv, Dense, scaled
+
+
+class LeNet5(nn.Module):
+    """LeNet-5 classifier for NHWC 32x32 images; `width` scales every layer."""
+
+    num_classes: int
+    width: float = 1.0
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+        del train  # No dropout or BatchNorm.
+        w = self.width
+        x = nn.relu(Conv(scaled(6, w), (5, 5), padding="VALID", name="conv1")(x))
+        x = nn.max_pool(x, (2, 2), (2, 2))
+        x = nn.relu(Conv(scaled(16, w), (5, 5), padding="VALID", name="conv2")(x))
+        x = nn.max_pool(x, (2, 2), (2, 2))
+        x = jnp.transpose(x, (0, 3, 1, 2)).reshape(x.shape[0], -1)
+        x = nn.relu(Dense(scaled(120, w), name="fc1")(x))
+        x = nn.relu(Dense(scaled(84, w), name="fc2")(x))
+        return Dense(self.num_classes, name="fc3")(x)

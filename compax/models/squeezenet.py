@@ -1,0 +1,51 @@
+"""SqueezeNet 1.1 (Iandola et al. 2016; torchvision's `squeezenet1_1`) adapted to 32x32 inputs.
+
+On 224x224 images SqueezeNet starts with a stride-2 3x3 convolution and pools three times. For
+32x32 inputs the first convolution has stride 1 and padding 1, and the three 3x3/2 max pools
+become 2x2/2 pools, so the feature maps are 32 -> 16 -> 8 -> 4. The fire modules and the
+classifier (dropout 0.5, 1x1 conv to the classes, ReLU, global average pool) are those of
+torchvision. About 745k parameters with 43 classes, 728k with 10.
+"""
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from compax.models.layers import Conv, scaled
+
+# (squeeze, expand) channels of the eight fire modules; a 2x2 max pool follows fires 2 and 4.
+FIRES = ((16, 64), (16, 64), (32, 128), (32, 128), (48, 192), (48, 192), (64, 256), (64, 256))
+POOL_AFTER = (1, 3)
+
+
+class Fire(nn.Module):
+    """Fire module: 1x1 squeeze, then 1x1 and 3x3 expands concatenated, each followed by ReLU."""
+
+    squeeze: int
+    expand: int
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        s = nn.relu(Conv(self.squeeze, (1, 1), name="squeeze")(x))
+        e1 = nn.relu(Conv(self.expand, (1, 1), name="expand1x1")(s))
+        e3 = nn.relu(Conv(self.expand, (3, 3), padding=1, name="expand3x3")(s))
+        return jnp.concatenate([e1, e3], axis=-1)
+
+
+class SqueezeNet(nn.Module):
+    """SqueezeNet 1.1 for 32x32 NHWC images; `width` scales every convolution."""
+
+    num_classes: int
+    width: float = 1.0
+    dropout_rate: float = 0.5
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+        x = nn.relu(Conv(scaled(64, self.width), (3, 3), padding=1, name="conv1")(x))
+        x = nn.max_pool(x, (2, 2), (2, 2))
+        for i, (squeeze, expand) in enumerate(FIRES):
+            x = Fire(scaled(squeeze, self.width), scaled(expand, self.width), name=f"fire{i + 1}")(x)
+            if i in POOL_AFTER:
+                x = nn.max_pool(x, (2, 2), (2, 2))
+        x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+        x = nn.relu(Conv(self.num_classes, (1, 1), name="classifier")(x))
+        return jnp.mean(x, axis=(1, 2))

@@ -1,0 +1,34 @@
+"""VGG-6, the small VGG-style network of Zee, Lakshmana and Nwogu.
+
+Six 3x3 convolutions (32, 32, 64, 64, 128, 128 channels) each with BatchNorm and ReLU, a 2x2 max
+pool after every second one, then FC 2048 -> 1024 -> 512 -> classes with ReLU between. On 32x32
+inputs the last feature map is 4x4x128 = 2048 values. About 2.9M parameters.
+"""
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from compax.models.layers import Conv, Dense, batch_norm, scaled
+
+CONV_CHANNELS = (32, 32, 64, 64, 128, 128)
+HIDDEN = (1024, 512)
+
+
+class VGG6(nn.Module):
+    """VGG-6 for 32x32 NHWC images; `width` scales every convolution and hidden layer."""
+
+    num_classes: int
+    width: float = 1.0
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+        for i, channels in enumerate(CONV_CHANNELS):
+            x = Conv(scaled(channels, self.width), (3, 3), padding=1, use_bias=False,
+                     name=f"conv{i + 1}")(x)
+            x = nn.relu(batch_norm(train, f"bn{i + 1}")(x))
+            if i % 2 == 1:
+                x = nn.max_pool(x, (2, 2), (2, 2))
+        x = x.reshape(x.shape[0], -1)
+        for i, hidden in enumerate(HIDDEN):
+            x = nn.relu(Dense(scaled(hidden, self.width), name=f"fc{i + 1}")(x))
+        return Dense(self.num_classes, name=f"fc{len(HIDDEN) + 1}")(x)

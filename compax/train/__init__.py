@@ -1,0 +1,10 @@
+"""Training of single models and populations of seeds (one code path: a population of one)."""
+
+from compax.train.loop import TrainingDiverged, TrainResult, fit, make_optimizer, population_seeds
+from compax.train.population import PopulationState, best_variables, init_population
+from compax.train.steps import loss_and_accuracy, make_predict
+
+__all__ = [
+    "PopulationState", "TrainResult", "TrainingDiverged", "best_variables", "fit",
+    "init_population", "loss_and_accuracy", "make_optimizer", "make_predict", "population_seeds",
+]

@@ -1,0 +1,162 @@
+"""The training loop: a population trained with Adam, early stopping, checkpoints and metrics.
+
+One loop serves one seed and many: a run trains `config.population` members with seeds
+`config.seed + i` in one program (`jax.vmap`), stops each member on its own validation loss, and
+ends with every member's best-validation weights. Each epoch ends with an orbax checkpoint and a
+line in `metrics.jsonl`; a killed run started again with the same workdir resumes from the last
+checkpoint and ends with the same parameters as an uninterrupted run.
+"""
+
+import dataclasses
+import json
+import pathlib
+import time
+
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from tqdm import tqdm
+
+from compax.data import Dataset
+from compax.errors import UserError
+from compax.models import get_model
+from compax.train.checkpoint import PopulationCheckpoints
+from compax.train.early_stopping import update_early_stopping
+from compax.train.population import (
+    AUGMENT,
+    DATA,
+    DROPOUT,
+    PopulationState,
+    best_variables,
+    init_population,
+    member_keys,
+    variables_of,
+)
+from compax.train.steps import epoch_order, loss_and_accuracy, make_predict, make_train_step
+
+
+class TrainingDiverged(UserError):
+    """The loss became NaN or infinite."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """The trained population: `variables` hold every member's best-validation weights."""
+
+    model: object
+    state: PopulationState
+    variables: dict
+    seeds: np.ndarray
+    history: list[dict]
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    """Adam (Kingma & Ba 2015) with PyTorch's defaults (b1 0.9, b2 0.999, eps 1e-8), as in the study."""
+    return optax.adam(config.learning_rate)
+
+
+def population_seeds(config: ml_collections.ConfigDict) -> np.ndarray:
+    """Seeds of the members: config.seed, config.seed + 1, ..."""
+    if config.population < 1:
+        raise UserError(f"population must be >= 1, got {config.population}: set --config.population")
+    return np.arange(config.population, dtype=np.int32) + config.seed
+
+
+def _read_history(path: pathlib.Path, up_to_epoch: int) -> list[dict]:
+    """Metric lines of epochs <= up_to_epoch (a killed run may have written one more)."""
+    if not path.exists():
+        return []
+    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [line for line in lines if line["epoch"] <= up_to_epoch]
+
+
+def _check_finite(losses: np.ndarray, active: np.ndarray, epoch: int, seeds: np.ndarray) -> None:
+    """Raises TrainingDiverged naming the first step whose loss is not finite for an active member."""
+    bad = ~np.isfinite(losses) & active[None, :]
+    if bad.any():
+        step, member = np.argwhere(bad)[0]
+        raise TrainingDiverged(
+            f"training loss became {losses[step, member]} at epoch {epoch}, step {step} (seed"
+            f" {seeds[member]}): lower --config.learning_rate or check the data; the checkpoint of"
+            f" epoch {epoch - 1} is kept")
+
+
+def fit(config: ml_collections.ConfigDict, dataset: Dataset, workdir: str | pathlib.Path,
+        progress: bool = True) -> TrainResult:
+    """Trains the population described by `config` on `dataset`, resuming from `workdir`."""
+    workdir = pathlib.Path(workdir)
+    model = get_model(config.model, dataset.num_classes, config.model_width)
+    tx = make_optimizer(config)
+    seeds = population_seeds(config)
+    batch_size = config.batch_size
+    steps = len(dataset.train) // batch_size
+    if steps == 0:
+        raise UserError(f"batch_size {batch_size} exceeds the {len(dataset.train)} training images:"
+                        " lower --config.batch_size")
+
+    state = init_population(model, tx, jnp.asarray(seeds))
+    checkpoints = PopulationCheckpoints(workdir / "checkpoints")
+    if checkpoints.latest_epoch() is not None:
+        state = checkpoints.restore(state)
+        logging.info("Resuming from the checkpoint of epoch %d in %s", int(state.epoch), workdir)
+    metrics_path = workdir / "metrics.jsonl"
+    history = _read_history(metrics_path, int(state.epoch))
+    metrics_path.write_text("".join(json.dumps(h) + "\n" for h in history))
+
+    train_step = make_train_step(model, tx, dataset.mean, dataset.std, config.augment)
+    predict = make_predict(model, dataset.mean, dataset.std, config.eval_batch_size)
+    images, labels = jnp.asarray(dataset.train.images), jnp.asarray(dataset.train.labels)
+    data_keys = member_keys(jnp.asarray(seeds), DATA)
+    aug_keys = member_keys(jnp.asarray(seeds), AUGMENT)
+    dropout_keys = member_keys(jnp.asarray(seeds), DROPOUT)
+
+    bar = tqdm(total=config.max_epochs, initial=int(state.epoch), disable=not progress,
+               desc=f"train {config.model} x{len(seeds)}", unit="epoch", dynamic_ncols=True)
+    while int(state.epoch) < config.max_epochs and not bool(state.stopped.all()):
+        epoch = int(state.epoch) + 1
+        active = ~np.asarray(state.stopped)
+        start = time.perf_counter()
+        order = epoch_order(data_keys, jnp.int32(epoch), len(dataset.train), steps, batch_size)
+        losses, accuracies = [], []
+        for step in range(steps):
+            state, loss, accuracy = train_step(state, images, labels, order, aug_keys,
+                                               dropout_keys, jnp.int32(epoch), jnp.int32(step))
+            losses.append(loss)
+            accuracies.append(accuracy)
+        losses = np.asarray(jnp.stack(losses))
+        _check_finite(losses, active, epoch, seeds)
+        val_loss, val_accuracy = loss_and_accuracy(
+            predict(variables_of(state.params, state.batch_stats), dataset.val.images),
+            dataset.val.labels)
+        state = update_early_stopping(state, jnp.asarray(val_loss), jnp.int32(config.patience))
+        checkpoints.save(state)
+        record = {
+            "epoch": epoch,
+            "seconds": round(time.perf_counter() - start, 3),
+            "active": active.tolist(),
+            "train_loss": np.where(active, losses.mean(0), np.nan).tolist(),
+            "train_accuracy": np.where(active, np.asarray(jnp.stack(accuracies)).mean(0),
+                                       np.nan).tolist(),
+            "val_loss": np.where(active, val_loss, np.nan).tolist(),
+            "val_accuracy": np.where(active, val_accuracy, np.nan).tolist(),
+            "best_epoch": np.asarray(state.best_epoch).tolist(),
+        }
+        history.append(record)
+        with metrics_path.open("a") as f:
+            f.write(json.dumps(record).replace("NaN", "null") + "\n")
+        bar.update(1)
+        bar.set_postfix(loss=f"{np.nanmean(record['train_loss']):.3f}",
+                        acc=f"{np.nanmean(record['train_accuracy']):.3f}",
+                        val_loss=f"{np.nanmean(record['val_loss']):.3f}",
+                        val_acc=f"{np.nanmean(record['val_accuracy']):.3f}",
+                        active=int(active.sum()))
+        logging.info("epoch %d: train loss %.4f acc %.4f, val loss %.4f acc %.4f, %d active, %.1fs",
+                     epoch, np.nanmean(record["train_loss"]), np.nanmean(record["train_accuracy"]),
+                     np.nanmean(record["val_loss"]), np.nanmean(record["val_accuracy"]),
+                     active.sum(), record["seconds"])
+    bar.close()
+    checkpoints.close()
+    return TrainResult(model=model, state=state, variables=best_variables(state), seeds=seeds,
+                       history=history)

@@ -1,0 +1,106 @@
+"""Training: learning, early stopping per member, populations vs separate runs, resume, NaN."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from compax.models import get_model
+from compax.train import TrainingDiverged, fit, init_population
+from compax.train.early_stopping import update_early_stopping
+from tests.helpers import tiny_config, tiny_dataset
+
+
+@pytest.fixture(scope="module")
+def data():
+    return tiny_dataset()
+
+
+def leaves(tree):
+    return [np.asarray(x) for x in jax.tree_util.tree_leaves(tree)]
+
+
+def test_training_lowers_the_loss_and_learns(data, tmp_path):
+    result = fit(tiny_config(max_epochs=4), data, tmp_path)
+    history = result.history
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4]
+    assert history[-1]["train_loss"][0] < history[0]["train_loss"][0]
+    assert history[-1]["val_loss"][0] < history[0]["val_loss"][0]
+    assert max(h["val_accuracy"][0] for h in history) > 0.5  # chance is 0.25
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3, 4]
+
+
+def test_early_stopping_keeps_best_weights_and_freezes_each_member_on_its_own():
+    model = get_model("lenet5", 4, width=0.25)
+    state = init_population(model, optax.adam(1e-3), jnp.arange(2))
+    patience = jnp.int32(2)
+    # Member 0 improves at epochs 1 and 2 then stalls; member 1 improves only at epoch 1.
+    val_losses = [(1.0, 1.0), (0.5, 2.0), (0.7, 3.0), (0.9, 0.1), (0.8, 0.1)]
+    snapshots = []
+    for epoch, losses in enumerate(val_losses, start=1):
+        # Mark the weights with the epoch so that "best weights" can be read back.
+        stopped = state.stopped
+
+        def mark(p, e=epoch, stopped=stopped):
+            return jnp.where(stopped.reshape((-1,) + (1,) * (p.ndim - 1)), p, jnp.full_like(p, e))
+
+        state = state.replace(params=jax.tree_util.tree_map(mark, state.params))
+        state = update_early_stopping(state, jnp.asarray(losses, jnp.float32), patience)
+        snapshots.append((np.asarray(state.best_epoch), np.asarray(state.stopped)))
+    assert snapshots[1][0].tolist() == [2, 1]
+    assert snapshots[2][1].tolist() == [False, True]  # member 1: two epochs without improvement
+    assert snapshots[3][0].tolist() == [2, 1]  # the stopped member ignores its later 0.1
+    assert snapshots[3][1].tolist() == [True, True]
+    best = np.asarray(state.best_params["fc1"]["kernel"])
+    assert np.all(best[0] == 2) and np.all(best[1] == 1)
+
+
+def test_stopped_member_is_frozen_while_the_other_trains(data, tmp_path):
+    # patience 1: members stop after their first epoch without improvement, at different times.
+    result = fit(tiny_config(population=3, max_epochs=6, patience=1, learning_rate=3e-3), data,
+                 tmp_path)
+    active = np.array([h["active"] for h in result.history])
+    assert active.shape[1] == 3
+    assert (active[:-1] >= active[1:]).all()  # once stopped, never active again
+    stopped_members = ~active[-1]
+    for member in np.flatnonzero(stopped_members):
+        stop_epoch = np.flatnonzero(~active[:, member])[0]  # first epoch it sat out
+        assert np.isnan(result.history[stop_epoch]["train_loss"][member])
+    best_epoch = np.asarray(result.state.best_epoch)
+    assert (best_epoch >= 1).all()
+
+
+def test_population_members_equal_separate_runs(data, tmp_path):
+    population = fit(tiny_config(population=2, seed=5), data, tmp_path / "pop")
+    alone = fit(tiny_config(population=1, seed=6), data, tmp_path / "alone")
+    member = jax.tree_util.tree_map(lambda x: x[1], population.variables)
+    single = jax.tree_util.tree_map(lambda x: x[0], alone.variables)
+    for a, b in zip(leaves(member), leaves(single), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    assert population.history[-1]["val_loss"][1] == pytest.approx(
+        alone.history[-1]["val_loss"][0], rel=1e-4)
+
+
+def test_resumed_run_ends_with_the_same_parameters(data, tmp_path):
+    config = tiny_config(population=2, max_epochs=4, augment=True)
+    straight = fit(config, data, tmp_path / "straight")
+    config.max_epochs = 2  # a run stopped after its second epoch's checkpoint ...
+    fit(config, data, tmp_path / "resumed")
+    with (tmp_path / "resumed" / "metrics.jsonl").open("a") as f:
+        f.write(json.dumps({"epoch": 3, "partial": True}) + "\n")  # ... killed mid-epoch 3
+    config.max_epochs = 4
+    resumed = fit(config, data, tmp_path / "resumed")
+    for a, b in zip(leaves(straight.state), leaves(resumed.state), strict=True):
+        np.testing.assert_array_equal(a, b)
+    epochs = [json.loads(line)["epoch"]
+              for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [1, 2, 3, 4]
+
+
+def test_nan_loss_stops_with_epoch_and_step(data, tmp_path):
+    with pytest.raises(TrainingDiverged, match=r"epoch 1, step \d+ .*learning_rate"):
+        fit(tiny_config(learning_rate=1e38), data, tmp_path)
