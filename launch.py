@@ -70,4 +70,6 @@ def main(argv):
 
 if __name__ == "__main__":
     logging.set_verbosity(logging.INFO)
+    # Orbax reports every checkpoint step at INFO through absl; keep compax's own lines readable.
+    logging.get_absl_handler().addFilter(lambda record: "/orbax/" not in record.pathname)
     app.run(main, flags_parser=parse_flags)

@@ -22,9 +22,11 @@ from compax.data import load_dataset
 from compax.errors import UserError
 from compax.models import count_params
 from compax.train import fit, loss_and_accuracy, make_predict
+from compax.train.population import population_chunk
 
 # Keys that may change between a run and its resumption without invalidating its checkpoints.
-RESUMABLE_KEYS = ("progress", "max_epochs", "eval_batch_size", "data_dir", "download")
+RESUMABLE_KEYS = ("progress", "max_epochs", "eval_batch_size", "data_dir", "download",
+                  "population_chunk")
 
 
 def write_json_atomic(path: pathlib.Path, payload: dict) -> None:
@@ -67,7 +69,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
     logging.info("%s: %d train / %d val / %d test images, %d classes", dataset.name,
                  len(dataset.train), len(dataset.val), len(dataset.test), dataset.num_classes)
     trained = fit(config, dataset, workdir, progress=config.progress)
-    predict = make_predict(trained.model, dataset.mean, dataset.std, config.eval_batch_size)
+    chunk = population_chunk(config.population_chunk, len(trained.seeds))
+    predict = make_predict(trained.model, dataset.mean, dataset.std, config.eval_batch_size, chunk)
     _, test_accuracy = loss_and_accuracy(predict(trained.variables, dataset.test.images),
                                          dataset.test.labels)
     state = trained.state

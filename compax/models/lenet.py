@@ -9,7 +9,7 @@ pooling, as in the PyTorch tutorials the study follows). The feature map is flat
 import flax.linen as nn
 import jax.numpy as jnp
 
-from compax.models.layers import Conv, Dense, scaled
+from compax.models.layers import Conv, Dense, max_pool_2x2, scaled
 
 
 class LeNet5(nn.Module):
@@ -23,9 +23,9 @@ class LeNet5(nn.Module):
         del train  # No dropout or BatchNorm.
         w = self.width
         x = nn.relu(Conv(scaled(6, w), (5, 5), padding="VALID", name="conv1")(x))
-        x = nn.max_pool(x, (2, 2), (2, 2))
+        x = max_pool_2x2(x)
         x = nn.relu(Conv(scaled(16, w), (5, 5), padding="VALID", name="conv2")(x))
-        x = nn.max_pool(x, (2, 2), (2, 2))
+        x = max_pool_2x2(x)
         x = jnp.transpose(x, (0, 3, 1, 2)).reshape(x.shape[0], -1)
         x = nn.relu(Dense(scaled(120, w), name="fc1")(x))
         x = nn.relu(Dense(scaled(84, w), name="fc2")(x))

@@ -10,7 +10,7 @@ torchvision. About 745k parameters with 43 classes, 728k with 10.
 import flax.linen as nn
 import jax.numpy as jnp
 
-from compax.models.layers import Conv, scaled
+from compax.models.layers import Conv, max_pool_2x2, scaled
 
 # (squeeze, expand) channels of the eight fire modules; a 2x2 max pool follows fires 2 and 4.
 FIRES = ((16, 64), (16, 64), (32, 128), (32, 128), (48, 192), (48, 192), (64, 256), (64, 256))
@@ -41,11 +41,11 @@ class SqueezeNet(nn.Module):
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
         x = nn.relu(Conv(scaled(64, self.width), (3, 3), padding=1, name="conv1")(x))
-        x = nn.max_pool(x, (2, 2), (2, 2))
+        x = max_pool_2x2(x)
         for i, (squeeze, expand) in enumerate(FIRES):
             x = Fire(scaled(squeeze, self.width), scaled(expand, self.width), name=f"fire{i + 1}")(x)
             if i in POOL_AFTER:
-                x = nn.max_pool(x, (2, 2), (2, 2))
+                x = max_pool_2x2(x)
         x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
         x = nn.relu(Conv(self.num_classes, (1, 1), name="classifier")(x))
         return jnp.mean(x, axis=(1, 2))

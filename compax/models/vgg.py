@@ -8,7 +8,7 @@ inputs the last feature map is 4x4x128 = 2048 values. About 2.9M parameters.
 import flax.linen as nn
 import jax.numpy as jnp
 
-from compax.models.layers import Conv, Dense, batch_norm, scaled
+from compax.models.layers import Conv, Dense, batch_norm, max_pool_2x2, scaled
 
 CONV_CHANNELS = (32, 32, 64, 64, 128, 128)
 HIDDEN = (1024, 512)
@@ -27,7 +27,7 @@ class VGG6(nn.Module):
                      name=f"conv{i + 1}")(x)
             x = nn.relu(batch_norm(train, f"bn{i + 1}")(x))
             if i % 2 == 1:
-                x = nn.max_pool(x, (2, 2), (2, 2))
+                x = max_pool_2x2(x)
         x = x.reshape(x.shape[0], -1)
         for i, hidden in enumerate(HIDDEN):
             x = nn.relu(Dense(scaled(hidden, self.width), name=f"fc{i + 1}")(x))

@@ -32,6 +32,7 @@ from compax.train.population import (
     best_variables,
     init_population,
     member_keys,
+    population_chunk,
     variables_of,
 )
 from compax.train.steps import epoch_order, loss_and_accuracy, make_predict, make_train_step
@@ -105,8 +106,9 @@ def fit(config: ml_collections.ConfigDict, dataset: Dataset, workdir: str | path
     history = _read_history(metrics_path, int(state.epoch))
     metrics_path.write_text("".join(json.dumps(h) + "\n" for h in history))
 
-    train_step = make_train_step(model, tx, dataset.mean, dataset.std, config.augment)
-    predict = make_predict(model, dataset.mean, dataset.std, config.eval_batch_size)
+    chunk = population_chunk(config.population_chunk, len(seeds))
+    train_step = make_train_step(model, tx, dataset.mean, dataset.std, config.augment, chunk)
+    predict = make_predict(model, dataset.mean, dataset.std, config.eval_batch_size, chunk)
     images, labels = jnp.asarray(dataset.train.images), jnp.asarray(dataset.train.labels)
     data_keys = member_keys(jnp.asarray(seeds), DATA)
     aug_keys = member_keys(jnp.asarray(seeds), AUGMENT)

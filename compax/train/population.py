@@ -18,6 +18,29 @@ from compax.models import init_variables
 INIT, DATA, AUGMENT, DROPOUT = range(4)
 
 
+def population_chunk(requested: int, size: int) -> int:
+    """How many members one vmap holds; the chunks run one after another (`map_members`).
+
+    `requested` 0 means automatic: the whole population on accelerators, one member at a time on
+    the CPU, where vmapping convolutions over members turns them into grouped convolutions that
+    XLA:CPU runs ~4x slower per member than separate ones (experiments/bench_train.py).
+    """
+    if requested < 0:
+        raise ValueError(f"population_chunk must be >= 0, got {requested}")
+    if requested == 0:
+        return 1 if jax.default_backend() == "cpu" else size
+    return min(requested, size)
+
+
+def map_members(fn, args: tuple, chunk: int):
+    """`fn(*member_args)` for every member of `args` (pytrees with a leading member axis).
+
+    `chunk` members at a time run under one `jax.vmap`, the chunks sequentially (`lax.map`); the
+    result is the same for every chunk size, and chunk = population size is a plain vmap.
+    """
+    return jax.lax.map(lambda a: fn(*a), args, batch_size=chunk)
+
+
 def member_keys(seeds: jax.Array, stream: int) -> jax.Array:
     """One PRNG key per member for `stream` (INIT, DATA, AUGMENT or DROPOUT): fold_in(key(seed), stream)."""
     return jax.vmap(lambda s: jax.random.fold_in(jax.random.key(s), stream))(seeds)

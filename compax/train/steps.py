@@ -14,7 +14,7 @@ import optax
 
 from compax.data import augment_flip_crop, normalize
 from compax.train.early_stopping import freeze_stopped
-from compax.train.population import PopulationState, variables_of
+from compax.train.population import PopulationState, map_members, variables_of
 
 
 def epoch_order(data_keys: jax.Array, epoch: jax.Array, num_examples: int, steps: int,
@@ -30,12 +30,13 @@ def epoch_order(data_keys: jax.Array, epoch: jax.Array, num_examples: int, steps
 
 
 def make_train_step(model, tx: optax.GradientTransformation, mean: np.ndarray, std: np.ndarray,
-                    augment: bool) -> Callable:
+                    augment: bool, chunk: int) -> Callable:
     """`train_step(state, images, labels, order, aug_keys, dropout_keys, epoch, step)`.
 
     `images` (N, H, W, C) uint8 and `labels` (N,) are the whole training set, `order` the output
     of `epoch_order`, the keys one per member. Returns the new state and the per-member loss and
-    accuracy of the batch; members that stopped early keep their weights.
+    accuracy of the batch; members that stopped early keep their weights. `chunk` members at a
+    time are vmapped (`map_members`).
     """
     def member_step(params, batch_stats, opt_state, images, labels, aug_key, dropout_key):
         if augment:
@@ -58,23 +59,25 @@ def make_train_step(model, tx: optax.GradientTransformation, mean: np.ndarray, s
                    step):
         index = order[:, step]  # (P, B)
         step_keys = jax.vmap(lambda k: jax.random.fold_in(jax.random.fold_in(k, epoch), step))
-        params, batch_stats, opt_state, loss, accuracy = jax.vmap(member_step)(
+        params, batch_stats, opt_state, loss, accuracy = map_members(member_step, (
             state.params, state.batch_stats, state.opt_state, images[index], labels[index],
-            step_keys(aug_keys), step_keys(dropout_keys))
+            step_keys(aug_keys), step_keys(dropout_keys)), chunk)
         return freeze_stopped(state, params, batch_stats, opt_state), loss, accuracy
 
     return train_step
 
 
-def make_predict(model, mean: np.ndarray, std: np.ndarray, batch_size: int) -> Callable:
+def make_predict(model, mean: np.ndarray, std: np.ndarray, batch_size: int, chunk: int) -> Callable:
     """`predict(variables, images) -> logits (P, N, classes)` for a population's variables.
+
+    `chunk` members at a time are vmapped (`map_members`).
 
     Runs in fixed-size batches (the last one padded) so that one compiled program serves any N.
     """
     @jax.jit
     def predict_batch(variables, images):
         x = normalize(images, mean, std)
-        return jax.vmap(lambda v: model.apply(v, x, train=False))(variables)
+        return map_members(lambda v: model.apply(v, x, train=False), (variables,), chunk)
 
     def predict(variables, images: np.ndarray) -> np.ndarray:
         num = images.shape[0]

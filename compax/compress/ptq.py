@@ -1,0 +1,223 @@
+"""Post-training static quantization as PyTorch eager mode does it with the fbgemm engine.
+
+`torch.ao.quantization` with `get_default_qconfig('fbgemm')`: fuse conv+bn(+relu) and linear(+relu)
+(BatchNorm folded, `fold.py`), observe activations on calibration images with the float model, then
+quantize
+
+- weights per output channel, symmetric: PerChannelMinMaxObserver, qint8 [-128, 127], scale
+  max|w| / 127.5 (4-bit: [-8, 7], max|w| / 7.5);
+- activations per tensor, affine, at the input and after every fused group and add (placement in
+  `interpret.py`): HistogramObserver (2048 bins, L2 search) or MinMaxObserver. With
+  reduce_range=True (fbgemm's default, for its int16-accumulating AVX2 kernels) the scale and zero
+  point are computed for [0, 127]; values are stored as quint8 and clipped to [0, 255], exactly as
+  PyTorch's quantized tensors (so values up to about twice the calibrated range survive).
+
+`ptq` returns fake-quantized weights (float values on the int grid, BatchNorm folded) and a
+`QuantState`; `quantized_apply` runs the model with activations fake-quantized at every point.
+Everything is a pure function of arrays: jit and vmap (over a population of models) work, and so
+does `jax.grad` through the straight-through estimator. Models are called as
+`model.apply(variables, x, train=False)`.
+"""
+
+import dataclasses
+import functools
+
+import flax
+import jax
+import jax.numpy as jnp
+
+from compax.compress import interpret
+from compax.compress.fold import BatchNormFold, conv_bn_pairs, fold_batchnorm, skip_folded_batchnorm
+from compax.compress.observers import (
+    affine_qparams,
+    histogram,
+    histogram_range,
+    per_channel_minmax,
+    symmetric_qparams,
+)
+from compax.compress.paths import is_weight, path_str
+from compax.compress.quant import fake_quant
+from compax.errors import UserError
+
+OBSERVERS = ("histogram", "minmax")
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantConfig:
+    """Bit widths and observers; the defaults are PyTorch's fbgemm default qconfig at 8 bits.
+
+    activation_bits=None keeps activations in float (weight-only quantization).
+    """
+
+    weight_bits: int = 8
+    activation_bits: int | None = 8
+    reduce_range: bool = True
+    observer: str = "histogram"
+    batch_size: int = 256
+
+    def __post_init__(self):
+        bits = [self.weight_bits] + ([self.activation_bits] if self.activation_bits else [])
+        if any(not 2 <= b <= 8 for b in bits) or self.activation_bits == 0:
+            raise UserError(f"bit widths {bits} outside 2..8: choose weight and activation bits "
+                            "between 2 and 8 (activation_bits=None for float activations)")
+        if self.observer not in OBSERVERS:
+            raise UserError(f"unknown observer {self.observer!r}: choose one of {OBSERVERS}")
+
+    @property
+    def weight_range(self) -> tuple[int, int]:
+        """Signed integer range of the weights, e.g. (-128, 127)."""
+        return -(2 ** (self.weight_bits - 1)), 2 ** (self.weight_bits - 1) - 1
+
+    @property
+    def activation_range(self) -> tuple[int, int]:
+        """Unsigned range activations are stored in and clipped to, e.g. (0, 255)."""
+        return 0, 2 ** self.activation_bits - 1
+
+    @property
+    def observer_range(self) -> tuple[int, int]:
+        """Range the activation scale is computed for: (0, 127) with reduce_range at 8 bits."""
+        return (0, 2 ** (self.activation_bits - 1) - 1) if self.reduce_range else self.activation_range
+
+
+@flax.struct.dataclass
+class QuantState:
+    """Quantization parameters: activation points (in `interpret.py` order) and weight scales."""
+
+    activation_scale: jax.Array  # (points,) float32
+    activation_zero_point: jax.Array  # (points,) int32
+    weight_scale: dict  # params path of each kernel -> (out channels,) float32; zero points are 0
+    config: QuantConfig = flax.struct.field(pytree_node=False)
+    folds: tuple[BatchNormFold, ...] = flax.struct.field(pytree_node=False)
+
+
+def quantize_weights(params, config: QuantConfig):
+    """(params with every conv/dense kernel fake-quantized per output channel, {path: scale})."""
+    qmin, qmax = config.weight_range
+    scales = {}
+
+    def quantize(path, w):
+        if not is_weight(path, w):
+            return w
+        scale, zero_point = symmetric_qparams(*per_channel_minmax(w, -1), qmin, qmax)
+        scales[path_str(path)] = scale
+        return fake_quant(w, scale, zero_point, qmin, qmax, axis=w.ndim - 1)
+
+    return jax.tree_util.tree_map_with_path(quantize, params), scales
+
+
+def folded_apply(model, folds):
+    """fn(variables, x) = model.apply(variables, x, train=False) with the folded BatchNorms skipped."""
+    def fn(variables, x):
+        with skip_folded_batchnorm(folds):
+            return model.apply(variables, x, train=False)
+    return fn
+
+
+class _RangeObserver(interpret.Backend):
+    """Records [min, max] at every quantization point."""
+
+    def __init__(self):
+        self.stats = []
+
+    def quantize(self, x, point):
+        self.stats.append(jnp.stack([jnp.min(x), jnp.max(x)]).astype(jnp.float32))
+        return x
+
+
+class _HistogramObserver(interpret.Backend):
+    """Records the histogram of every quantization point over its [min, max]."""
+
+    def __init__(self, ranges):
+        self.ranges, self.stats = ranges, []
+
+    def quantize(self, x, point):
+        self.stats.append(histogram(x, self.ranges[point, 0], self.ranges[point, 1]))
+        return x
+
+
+def _observe(fn, variables, images, batch_size, make_backend, combine):
+    """Statistics of `make_backend()` over `images` in batches, combined with `combine`."""
+    def stats(x):
+        backend = make_backend()
+        interpret.run(fn, backend, variables, x)
+        return jnp.stack(backend.stats)
+
+    full = images.shape[0] // batch_size * batch_size
+    if full == 0:
+        return stats(images)
+    batches = images[:full].reshape(-1, batch_size, *images.shape[1:])
+    total, _ = jax.lax.scan(lambda acc, x: (combine(acc, stats(x)), None), stats(batches[0]),
+                            batches[1:])
+    return total if full == images.shape[0] else combine(total, stats(images[full:]))
+
+
+def calibrate(model, variables, images, config: QuantConfig, folds=()):
+    """(scale, zero point) per activation point, observed on `images` with the float model.
+
+    `variables` are the float (BatchNorm-folded, for `folds`) weights, as PyTorch calibrates the
+    prepared float model. HistogramObserver statistics are exact over all images: a first pass finds
+    each point's [min, max], a second fills its 2048-bin histogram over that range (PyTorch merges
+    per-batch histograms approximately; both agree when PyTorch sees the images in one batch).
+    """
+    fn = folded_apply(model, folds)
+    images = jnp.asarray(images, jnp.float32)
+
+    def min_max(a, b):
+        return jnp.stack([jnp.minimum(a[:, 0], b[:, 0]), jnp.maximum(a[:, 1], b[:, 1])], axis=1)
+
+    ranges = _observe(fn, variables, images, config.batch_size, _RangeObserver, min_max)
+    lo, hi = ranges[:, 0], ranges[:, 1]
+    if config.observer == "histogram":
+        hists = _observe(fn, variables, images, config.batch_size,
+                         lambda: _HistogramObserver(ranges), jnp.add)
+        search = jax.vmap(lambda h, a, b: histogram_range(h.astype(jnp.float32), a, b,
+                                                          2 ** config.activation_bits))
+        lo, hi = search(hists, lo, hi)
+    return affine_qparams(lo, hi, *config.observer_range)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "config"))
+def ptq(model, variables, calib_images, config: QuantConfig = QuantConfig()):
+    """(quantized variables, QuantState): fold BatchNorm, calibrate activations, quantize weights.
+
+    Jitted (model and config are static); vmap it over a population of variables.
+    """
+    folds = conv_bn_pairs(model, variables, calib_images[:1])
+    folded = fold_batchnorm(variables, folds)
+    if config.activation_bits is None:
+        scale, zero_point = jnp.zeros(0, jnp.float32), jnp.zeros(0, jnp.int32)
+    else:
+        scale, zero_point = calibrate(model, folded, calib_images, config, folds)
+    params, weight_scale = quantize_weights(folded["params"], config)
+    return {**folded, "params": params}, QuantState(scale, zero_point, weight_scale, config, folds)
+
+
+class FakeQuant(interpret.Backend):
+    """Fake-quantizes the activation at every point with the calibrated parameters."""
+
+    def __init__(self, qstate: QuantState):
+        self.qstate = qstate
+
+    def quantize(self, x, point):
+        qmin, qmax = self.qstate.config.activation_range
+        return fake_quant(x, self.qstate.activation_scale[point],
+                          self.qstate.activation_zero_point[point], qmin, qmax)
+
+    requantize = quantize
+
+
+def run_quantized(model, variables_q, qstate: QuantState, x, backend: interpret.Backend):
+    """The model on `x` with quantization points handled by `backend` (see `quantized_apply`)."""
+    fn = folded_apply(model, qstate.folds)
+    if qstate.config.activation_bits is None:
+        return fn(variables_q, x)
+    out, points = interpret.run(fn, backend, variables_q, x)
+    if points != qstate.activation_scale.shape[0]:
+        raise UserError(f"the model has {points} quantization points but the QuantState "
+                        f"{qstate.activation_scale.shape[0]}: calibrate this model with `ptq`")
+    return out
+
+
+def quantized_apply(model, variables_q, qstate: QuantState, x):
+    """Logits of the quantized model: weights as in `variables_q`, activations fake-quantized."""
+    return run_quantized(model, variables_q, qstate, x, FakeQuant(qstate))

@@ -1,0 +1,136 @@
+"""compax's PTQ against PyTorch's on the same LeNet-5 weights (PyTorch is imported only here).
+
+The reference is what Schwaiger et al. (2022) ran: `torch.ao.quantization` eager-mode static PTQ with
+the fbgemm engine and `get_default_qconfig('fbgemm')` (HistogramObserver with reduce_range=True for
+activations, PerChannelMinMaxObserver qint8 per_channel_symmetric for weights), conv+relu and
+linear+relu fused, QuantStub / DeQuantStub around the network, calibrated on the same images in one
+batch (so that its histograms are exact, as compax's are). Weights port one to one from
+`compax.models.LeNet5`: conv kernels HWIO -> OIHW, dense kernels (in, out) -> (out, in), the
+feature map flattened in (C, H, W) order by both.
+"""
+
+import contextlib
+
+import jax.numpy as jnp
+import numpy as np
+
+from compax.compress.observers import affine_qparams, histogram_range
+from compax.compress.ptq import QuantConfig, ptq, quantized_apply
+from compax.errors import UserError
+
+LENET_LAYERS = ("conv1", "conv2", "fc1", "fc2", "fc3")
+
+
+def _lenet_module(params):
+    """A float torch LeNet-5 with QuantStub/DeQuantStub holding `params` (a compax LeNet5's)."""
+    import torch
+    from torch import nn
+    from torch.ao import quantization as tq
+
+    missing = [name for name in LENET_LAYERS if name not in params]
+    if missing:
+        raise UserError(f"params lack LeNet-5 layers {missing}: pass the variables of "
+                        "get_model('lenet5', ...)")
+
+    class LeNet5(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.quant, self.dequant = tq.QuantStub(), tq.DeQuantStub()
+            for name in LENET_LAYERS:
+                kernel = np.asarray(params[name]["kernel"], np.float32)
+                if kernel.ndim == 4:
+                    layer = nn.Conv2d(kernel.shape[2], kernel.shape[3], kernel.shape[:2])
+                    weight = kernel.transpose(3, 2, 0, 1)
+                else:
+                    layer = nn.Linear(*kernel.shape)
+                    weight = kernel.T
+                layer.weight.data = torch.from_numpy(np.ascontiguousarray(weight))
+                layer.bias.data = torch.from_numpy(np.asarray(params[name]["bias"], np.float32))
+                setattr(self, name, layer)
+            self.relu1, self.relu2, self.relu3, self.relu4 = (nn.ReLU() for _ in range(4))
+            self.pool = nn.MaxPool2d(2)
+
+        def forward(self, x):
+            x = self.pool(self.relu1(self.conv1(self.quant(x))))
+            x = torch.flatten(self.pool(self.relu2(self.conv2(x))), 1)
+            x = self.relu4(self.fc2(self.relu3(self.fc1(x))))
+            return self.dequant(self.fc3(x))
+
+    return LeNet5().eval()
+
+
+@contextlib.contextmanager
+def _engine(name: str):
+    import torch
+
+    previous = torch.backends.quantized.engine
+    torch.backends.quantized.engine = name
+    try:
+        yield
+    finally:
+        torch.backends.quantized.engine = previous
+
+
+def torch_ptq(params, calib_images, images):
+    """PyTorch's fbgemm PTQ of LeNet-5 on NHWC float images (as compax takes them).
+
+    Returns (float logits, int8 logits, {point: (scale, zero point)}, {point: (histogram, min,
+    max)} of its observers after calibration), points in order input, conv1, ..., fc3.
+    """
+    import torch
+    from torch.ao import quantization as tq
+
+    def nchw(a):
+        return torch.from_numpy(np.ascontiguousarray(np.asarray(a, np.float32).transpose(0, 3, 1, 2)))
+
+    model = _lenet_module(params)
+    points = ("quant",) + LENET_LAYERS
+    with torch.no_grad(), _engine("fbgemm"):
+        float_logits = model(nchw(images)).numpy()
+        model.qconfig = tq.get_default_qconfig("fbgemm")
+        tq.fuse_modules(model, [["conv1", "relu1"], ["conv2", "relu2"], ["fc1", "relu3"],
+                                ["fc2", "relu4"]], inplace=True)
+        prepared = tq.prepare(model)
+        prepared(nchw(calib_images))
+        observed = {name: tuple(getattr(getattr(prepared, name).activation_post_process, a).numpy()
+                                for a in ("histogram", "min_val", "max_val")) for name in points}
+        quantized = tq.convert(prepared)
+        int8_logits = quantized(nchw(images)).numpy()
+    qparams = {name: (float(getattr(quantized, name).scale), int(getattr(quantized, name).zero_point))
+               for name in points}
+    return float_logits, int8_logits, qparams, observed
+
+
+def compare_with_torch_ptq(model, variables, calib_images, images, labels) -> dict:
+    """Accuracy and agreement of compax's w8a8 PTQ and PyTorch's on the same LeNet-5 weights.
+
+    Returns accuracies (float model, compax, torch), the share of images both predict alike, the
+    largest logit difference in units of the output scale, the largest relative difference of the
+    activation scales, whether all activation zero points are equal, and whether compax's observer
+    gives exactly PyTorch's (scale, zero point) from PyTorch's own calibration histograms. End to
+    end the scales can differ slightly: XLA's and PyTorch's float convolutions round differently, so
+    the calibration histograms differ in a few counts and the L2 search can stop elsewhere.
+    """
+    labels = np.asarray(labels)
+    config = QuantConfig(batch_size=len(calib_images))
+    variables_q, qstate = ptq(model, variables, jnp.asarray(calib_images, jnp.float32), config)
+    ours = np.asarray(quantized_apply(model, variables_q, qstate, jnp.asarray(images, jnp.float32)))
+    float_logits, theirs, qparams, observed = torch_ptq(variables["params"], calib_images, images)
+    scales = np.asarray(qstate.activation_scale, np.float64)
+    torch_scales, torch_zero_points = map(np.asarray, zip(*qparams.values(), strict=True))
+    from_their_histograms = [
+        affine_qparams(*histogram_range(hist, lo, hi, 2 ** config.activation_bits),
+                       *config.observer_range) for hist, lo, hi in observed.values()]
+    return {
+        "float_accuracy": float(np.mean(float_logits.argmax(1) == labels)),
+        "compax_accuracy": float(np.mean(ours.argmax(1) == labels)),
+        "torch_accuracy": float(np.mean(theirs.argmax(1) == labels)),
+        "same_prediction": float(np.mean(ours.argmax(1) == theirs.argmax(1))),
+        "max_logit_diff_steps": float(np.max(np.abs(ours - theirs)) / scales[-1]),
+        "max_scale_rel_diff": float(np.max(np.abs(scales - torch_scales) / torch_scales)),
+        "same_zero_points": bool(np.all(np.asarray(qstate.activation_zero_point)
+                                        == torch_zero_points)),
+        "observer_exact": all(float(s) == want[0] and int(z) == want[1]
+                              for (s, z), want in zip(from_their_histograms, qparams.values(),
+                                                      strict=True)),
+    }

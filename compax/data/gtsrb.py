@@ -1,0 +1,98 @@
+"""GTSRB (German Traffic Sign Recognition Benchmark) at 32x32: 43 classes, 39,209 train and 12,630
+test images with the sign's box.
+
+Read from the offline copy `<data_dir>/gtsrb/{train,test}.npz`, or built online with the
+tensorflow-datasets builder in `compax.data.tfds_gtsrb`. Validation holds out whole tracks (the ~30
+frames of one physical sign) per class, so near-duplicates never leak from train into val.
+"""
+
+import numpy as np
+
+from compax.data import files, splits
+from compax.data.dataset import Dataset, Split
+
+NAME = "gtsrb"
+CLASS_NAMES = (
+    "speed limit 20",
+    "speed limit 30",
+    "speed limit 50",
+    "speed limit 60",
+    "speed limit 70",
+    "speed limit 80",
+    "end of speed limit 80",
+    "speed limit 100",
+    "speed limit 120",
+    "no passing",
+    "no passing for vehicles over 3.5 t",
+    "right-of-way at next intersection",
+    "priority road",
+    "yield",
+    "stop",
+    "no vehicles",
+    "vehicles over 3.5 t prohibited",
+    "no entry",
+    "general caution",
+    "dangerous curve left",
+    "dangerous curve right",
+    "double curve",
+    "bumpy road",
+    "slippery road",
+    "road narrows on the right",
+    "road work",
+    "traffic signals",
+    "pedestrians",
+    "children crossing",
+    "bicycles crossing",
+    "beware of ice/snow",
+    "wild animals crossing",
+    "end of all speed and passing limits",
+    "turn right ahead",
+    "turn left ahead",
+    "ahead only",
+    "go straight or right",
+    "go straight or left",
+    "keep right",
+    "keep left",
+    "roundabout mandatory",
+    "end of no passing",
+    "end of no passing by vehicles over 3.5 t",
+)
+TRAIN_KEYS = ("image", "label", "track", "frame", "roi")
+TEST_KEYS = ("image", "label", "roi")
+_WHAT = "GTSRB"
+
+
+def _read_offline(data_dir: str | None) -> dict[str, dict[str, np.ndarray]]:
+    """The arrays of both splits of the offline copy, checked against SHA256SUMS."""
+    root = files.find_data_dir(data_dir)
+    return {
+        split: files.read_npz(files.verified_file(root, f"{NAME}/{split}.npz", _WHAT), keys, _WHAT)
+        for split, keys in (("train", TRAIN_KEYS), ("test", TEST_KEYS))
+    }
+
+
+def _split(arrays: dict[str, np.ndarray]) -> Split:
+    """The `Split` of one split's arrays (image, label, roi)."""
+    return Split(
+        images=arrays["image"],
+        labels=arrays["label"].astype(np.int32),
+        boxes=arrays["roi"].astype(np.float32),
+    )
+
+
+def load(data_dir: str | None, *, split_seed: int, val_fraction: float, download: bool) -> Dataset:
+    """GTSRB with `val_fraction` of each class's tracks held out of train as val (seeded)."""
+    if download:
+        from compax.data import online
+
+        arrays = online.gtsrb_arrays()
+    else:
+        arrays = _read_offline(data_dir)
+    train = arrays["train"]
+    train_index, val_index = splits.group_split(
+        train["label"], train["track"], val_fraction, split_seed
+    )
+    full = _split(train)
+    return Dataset.create(
+        NAME, CLASS_NAMES, full.take(train_index), full.take(val_index), _split(arrays["test"])
+    )

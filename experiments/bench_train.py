@@ -1,0 +1,148 @@
+"""LeNet-5 training throughput: compax (one model, a population of 8) against PyTorch, in one run.
+
+python experiments/bench_train.py [--batch_size=128] [--steps=60]
+
+Every variant trains the study's LeNet-5 (43 classes) with Adam and cross-entropy on batches of
+GTSRB training images (uint8 on the device, normalised inside the step), timed over `steps`
+steps after warm-up, best of `repeats`. The last line is one JSON object: compax_img_s,
+compax_pop8_img_model_s, torch_img_s (null without torch), ratio_compax_vs_torch, ...
+"""
+
+import json
+import os
+import platform
+import time
+
+from absl import app, flags
+
+_BATCH = flags.DEFINE_integer("batch_size", 128, "Images per step and model.")
+_STEPS = flags.DEFINE_integer("steps", 60, "Timed steps per repeat.")
+_REPEATS = flags.DEFINE_integer("repeats", 3, "Repeats; the fastest counts.")
+
+
+def training_images(num: int):
+    """GTSRB training images and labels when the offline copy exists, else synthetic_signs."""
+    from compax.data import load_dataset
+    from compax.errors import UserError
+    try:
+        data = load_dataset("gtsrb")
+    except UserError:
+        data = load_dataset("synthetic_signs")
+    return data.train.images[:num], data.train.labels[:num], data.mean, data.std, data.name
+
+
+def time_steps(run_steps, steps: int, repeats: int) -> float:
+    """Seconds per step, fastest of `repeats` timings of `steps` steps (after one warm-up call)."""
+    run_steps(2)
+    return min(_timed(run_steps, steps) for _ in range(repeats)) / steps
+
+
+def _timed(fn, *args) -> float:
+    start = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - start
+
+
+def compax_seconds_per_step(population: int, chunk: int, images, labels, mean, std, batch: int,
+                            steps: int, repeats: int) -> float:
+    """One compax train step of `population` members, `chunk` of them vmapped together (0: auto)."""
+    import jax
+    import jax.numpy as jnp
+    import ml_collections
+
+    from compax.models import get_model
+    from compax.train import init_population, make_optimizer
+    from compax.train.population import AUGMENT, DATA, DROPOUT, member_keys, population_chunk
+    from compax.train.steps import epoch_order, make_train_step
+
+    model = get_model("lenet5", 43)
+    tx = make_optimizer(ml_collections.ConfigDict({"learning_rate": 1e-3}))
+    seeds = jnp.arange(population)
+    state = init_population(model, tx, seeds)
+    step_fn = make_train_step(model, tx, mean, std, augment=False,
+                              chunk=population_chunk(chunk, population))
+    num_steps = len(images) // batch
+    order = epoch_order(member_keys(seeds, DATA), jnp.int32(1), len(images), num_steps, batch)
+    images, labels = jnp.asarray(images), jnp.asarray(labels)
+    keys = member_keys(seeds, AUGMENT), member_keys(seeds, DROPOUT)
+
+    def run(n):
+        nonlocal state
+        for i in range(n):
+            state, loss, _ = step_fn(state, images, labels, order, *keys, jnp.int32(1),
+                                     jnp.int32(i % num_steps))
+        jax.block_until_ready(loss)
+
+    return time_steps(run, steps, repeats)
+
+
+def torch_seconds_per_step(images, labels, mean, std, batch: int, steps: int,
+                           repeats: int) -> float | None:
+    try:
+        import torch
+    except ImportError:
+        return None
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 6, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(6, 16, 5), nn.ReLU(),
+        nn.MaxPool2d(2), nn.Flatten(), nn.Linear(400, 120), nn.ReLU(), nn.Linear(120, 84),
+        nn.ReLU(), nn.Linear(84, 43))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    images = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()  # NCHW uint8, as a loader
+    labels = torch.from_numpy(labels).long()
+    mean = torch.tensor(mean).view(1, 3, 1, 1)
+    std = torch.tensor(std).view(1, 3, 1, 1)
+    order = torch.randperm(len(images))
+    num_steps = len(images) // batch
+
+    def run(n):
+        for i in range(n):
+            index = order[(i % num_steps) * batch:(i % num_steps + 1) * batch]
+            x = (images[index].float() / 255 - mean) / std
+            loss = nn.functional.cross_entropy(model(x), labels[index])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+
+    return time_steps(run, steps, repeats)
+
+
+def main(argv):
+    del argv
+    import jax
+
+    batch, steps, repeats = _BATCH.value, _STEPS.value, _REPEATS.value
+    images, labels, mean, std, data_name = training_images(20 * batch)
+    data = (images, labels, mean, std, batch)
+    single = compax_seconds_per_step(1, 0, *data, steps, repeats)
+    pop_steps = max(3, steps // 8)  # as many images per model-step as the single model
+    pop8 = compax_seconds_per_step(8, 0, *data, pop_steps, repeats)  # automatic chunk
+    pop8_one_vmap = compax_seconds_per_step(8, 8, *data, pop_steps, repeats)
+    torch_step = torch_seconds_per_step(images, labels, mean, std, batch, steps, repeats)
+    result = {
+        "data": data_name,
+        "batch_size": batch,
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "jax_backend": jax.default_backend(),
+        "compax_img_s": batch / single,
+        "compax_pop8_img_model_s": 8 * batch / pop8,
+        "compax_pop8_one_vmap_img_model_s": 8 * batch / pop8_one_vmap,
+        "torch_img_s": None if torch_step is None else batch / torch_step,
+    }
+    result["ratio_compax_vs_torch"] = (None if torch_step is None
+                                       else result["compax_img_s"] / result["torch_img_s"])
+    result["ratio_pop8_vs_single"] = result["compax_pop8_img_model_s"] / result["compax_img_s"]
+    print(f"compax, one model:        {result['compax_img_s']:9.0f} images/s")
+    print(f"compax, population of 8:  {result['compax_pop8_img_model_s']:9.0f} images x models/s"
+          f"  ({result['ratio_pop8_vs_single']:.2f}x one model)")
+    print(f"  the 8 in one vmap:       {result['compax_pop8_one_vmap_img_model_s']:9.0f} images x models/s")
+    if torch_step is not None:
+        print(f"PyTorch {__import__('torch').__version__}:            {result['torch_img_s']:9.0f}"
+              f" images/s  (compax / PyTorch = {result['ratio_compax_vs_torch']:.2f})")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    app.run(main)
