@@ -33,6 +33,19 @@ def base_config() -> ml_collections.ConfigDict:
     c.patience = 40
     c.augment = False
     c.progress = True
+    # Compression (compax.compress_population): the variants made of every member, the pruning
+    # level search (largest multiple of sparsity_step within sparsity_tolerance_pp of the
+    # uncompressed validation accuracy), layers kept dense (regex on 'conv1/kernel'-like paths),
+    # and the activation observers of post-training quantization, calibrated on training images.
+    c.compress = ml_collections.ConfigDict()
+    c.compress.variants = ("pruned", "w8a8", "w4a8", "pruned_w8a8", "float16", "bfloat16",
+                           "dynamic_int8")
+    c.compress.sparsity_step = 0.01
+    c.compress.sparsity_tolerance_pp = 1.0
+    c.compress.prune_exclude = config_dict.placeholder(str)
+    c.compress.calibration_images = 1000
+    c.compress.observer = "histogram"  # or "minmax"
+    c.compress.reduce_range = True  # fbgemm's 7-bit activation range, as PyTorch's default qconfig
     c.lock()
     return c
 

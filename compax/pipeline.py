@@ -1,12 +1,18 @@
-"""What `launch.py` runs: load the data, train the population, evaluate it, write results.json.
+"""What `launch.py` runs: load the data, train the population, compress it, evaluate every variant.
 
 The workdir holds `config.json` (the config the run was started with), `checkpoints/` (orbax, per
 epoch), `metrics.jsonl` (per epoch and member) and `results.json`:
 
-    {"dataset": {...}, "model": {...}, "seeds": [...],
-     "variants": {"baseline": {"params": int, "accuracy": mean test accuracy, "accuracy_std": ...,
-                               "members": [{"seed", "accuracy", "val_accuracy", "val_loss",
-                                            "best_epoch"}, ...]}}}
+    {"dataset": {...}, "model": {...}, "epochs_trained": int,
+     "members": [{"seed", "best_epoch", "val_loss", "val_accuracy"}, ...],
+     "sparsity_search": {"levels", "val_accuracy" (population mean per level),
+                         "baseline_val_accuracy", "tolerance_pp", "chosen"},
+     "variants": {"baseline" | "pruned" | "w8a8" | "w4a8" | "pruned_w8a8" | "float16" |
+                  "bfloat16" | "dynamic_int8": {
+         "accuracy": mean test accuracy over members, "accuracy_std", "member_accuracy": [...],
+         "accuracy_diff_pp": mean over members of (variant - baseline) in percentage points,
+         "sparsity": {"amount", "fraction_of_weights", "fraction_of_params", "layers"} or None,
+         "weight_bits", "activation_bits", "bytes" (as stored), "compression_ratio"}}}
 """
 
 import json
@@ -14,19 +20,23 @@ import os
 import pathlib
 import tempfile
 
+import jax
 import ml_collections
 import numpy as np
 from absl import logging
 
+from compax.compress import storage_bytes
+from compax.compress_population import compress_population
 from compax.data import load_dataset
 from compax.errors import UserError
 from compax.models import count_params
-from compax.train import fit, loss_and_accuracy, make_predict
+from compax.train import fit, loss_and_accuracy, make_predict, model_apply
 from compax.train.population import population_chunk
 
-# Keys that may change between a run and its resumption without invalidating its checkpoints.
+# Keys that may change between a run and its resumption without invalidating its training
+# checkpoints (compression and evaluation are recomputed from the trained weights).
 RESUMABLE_KEYS = ("progress", "max_epochs", "eval_batch_size", "data_dir", "download",
-                  "population_chunk")
+                  "population_chunk", "compress")
 
 
 def write_json_atomic(path: pathlib.Path, payload: dict) -> None:
@@ -46,7 +56,8 @@ def prepare_workdir(config: ml_collections.ConfigDict, workdir: pathlib.Path) ->
     except OSError as e:
         raise UserError(f"workdir {workdir} is not writable ({e.strerror}): pass another"
                         " --workdir") from e
-    wanted = {k: v for k, v in config.to_dict().items() if k not in RESUMABLE_KEYS}
+    as_json = json.loads(json.dumps(config.to_dict()))  # tuples become lists, as when read back
+    wanted = {k: v for k, v in as_json.items() if k not in RESUMABLE_KEYS}
     recorded_path = workdir / "config.json"
     if recorded_path.exists():
         recorded = {k: v for k, v in json.loads(recorded_path.read_text()).items()
@@ -61,7 +72,7 @@ def prepare_workdir(config: ml_collections.ConfigDict, workdir: pathlib.Path) ->
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
-    """Trains and evaluates the population of `config` in `workdir`; returns results.json's content."""
+    """Trains, compresses and evaluates the population of `config` in `workdir`; returns results."""
     workdir = pathlib.Path(workdir)
     prepare_workdir(config, workdir)
     dataset = load_dataset(config.dataset, data_dir=config.data_dir, split_seed=config.split_seed,
@@ -70,32 +81,47 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
                  len(dataset.train), len(dataset.val), len(dataset.test), dataset.num_classes)
     trained = fit(config, dataset, workdir, progress=config.progress)
     chunk = population_chunk(config.population_chunk, len(trained.seeds))
-    predict = make_predict(trained.model, dataset.mean, dataset.std, config.eval_batch_size, chunk)
+    predict = make_predict(model_apply(trained.model), dataset.mean, dataset.std,
+                           config.eval_batch_size, chunk)
     _, test_accuracy = loss_and_accuracy(predict(trained.variables, dataset.test.images),
                                          dataset.test.labels)
     state = trained.state
-    params = count_params(trained.variables["params"]) // len(trained.seeds)
-    members = [
-        {"seed": int(seed), "accuracy": float(test_accuracy[i]),
-         "val_loss": float(state.best_val_loss[i]), "best_epoch": int(state.best_epoch[i]),
-         "val_accuracy": next(float(h["val_accuracy"][i]) for h in trained.history
-                              if h["epoch"] == int(state.best_epoch[i]))}
-        for i, seed in enumerate(trained.seeds)]
+    first = jax.tree.map(lambda x: x[0], trained.variables)
+    params = count_params(first["params"])
+    baseline = {
+        "params": params,
+        "accuracy": float(np.mean(test_accuracy)),
+        "accuracy_std": float(np.std(test_accuracy)),
+        "member_accuracy": test_accuracy.tolist(),
+        "weight_bits": 32,
+        "activation_bits": 32,
+        "bytes": int(storage_bytes(first)),
+        "compression_ratio": 1.0,
+    }
     results = {
         "dataset": {"name": dataset.name, "train": len(dataset.train), "val": len(dataset.val),
                     "test": len(dataset.test), "classes": dataset.num_classes},
         "model": {"name": config.model, "width": config.model_width, "params": params},
-        "seeds": [int(s) for s in trained.seeds],
         "epochs_trained": int(state.epoch),
-        "variants": {"baseline": {
-            "params": params,
-            "accuracy": float(np.mean(test_accuracy)),
-            "accuracy_std": float(np.std(test_accuracy)),
-            "members": members,
-        }},
+        "members": [
+            {"seed": int(seed), "best_epoch": int(state.best_epoch[i]),
+             "val_loss": float(state.best_val_loss[i]),
+             "val_accuracy": next(float(h["val_accuracy"][i]) for h in trained.history
+                                  if h["epoch"] == int(state.best_epoch[i]))}
+            for i, seed in enumerate(trained.seeds)],
+        "variants": {"baseline": baseline},
     }
+    logging.info("baseline: test accuracy %.4f (std %.4f over %d members)", baseline["accuracy"],
+                 baseline["accuracy_std"], len(trained.seeds))
+    if config.compress.variants:
+        compressed = compress_population(config, trained.model, trained.variables, dataset, chunk)
+        results["sparsity_search"] = compressed["sparsity_search"]
+        for name, variant in compressed["variants"].items():
+            variant["accuracy_diff_pp"] = float(
+                100 * np.mean(np.asarray(variant["member_accuracy"]) - test_accuracy))
+            results["variants"][name] = variant
+            logging.info("%s: test accuracy %.4f (%+.2f pp), %d bytes (%.2fx smaller)", name,
+                         variant["accuracy"], variant["accuracy_diff_pp"], variant["bytes"],
+                         variant["compression_ratio"])
     write_json_atomic(workdir / "results.json", results)
-    logging.info("baseline test accuracy %.4f (std %.4f over %d members)",
-                 results["variants"]["baseline"]["accuracy"],
-                 results["variants"]["baseline"]["accuracy_std"], len(members))
     return results

@@ -104,3 +104,12 @@ def test_resumed_run_ends_with_the_same_parameters(data, tmp_path):
 def test_nan_loss_stops_with_epoch_and_step(data, tmp_path):
     with pytest.raises(TrainingDiverged, match=r"epoch 1, step \d+ .*learning_rate"):
         fit(tiny_config(learning_rate=1e38), data, tmp_path)
+
+
+def test_chunked_population_equals_one_vmap(data, tmp_path):
+    one_vmap = fit(tiny_config(population=3, population_chunk=3, max_epochs=2), data,
+                   tmp_path / "vmap")
+    chunked = fit(tiny_config(population=3, population_chunk=2, max_epochs=2), data,
+                  tmp_path / "chunks")
+    for a, b in zip(leaves(one_vmap.state), leaves(chunked.state), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)

@@ -18,16 +18,6 @@ def _select(condition: jax.Array, new, old):
     return jax.tree_util.tree_map(pick, new, old)
 
 
-def freeze_stopped(state: PopulationState, new_params, new_batch_stats, new_opt_state):
-    """The state after a train step in which stopped members keep their weights unchanged."""
-    active = ~state.stopped
-    return state.replace(
-        params=_select(active, new_params, state.params),
-        batch_stats=_select(active, new_batch_stats, state.batch_stats),
-        opt_state=_select(active, new_opt_state, state.opt_state),
-    )
-
-
 @jax.jit
 def update_early_stopping(state: PopulationState, val_loss: jax.Array, patience: jax.Array):
     """The state after an epoch whose per-member validation loss is `val_loss` (P,)."""

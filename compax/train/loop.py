@@ -35,7 +35,13 @@ from compax.train.population import (
     population_chunk,
     variables_of,
 )
-from compax.train.steps import epoch_order, loss_and_accuracy, make_predict, make_train_step
+from compax.train.steps import (
+    epoch_order,
+    loss_and_accuracy,
+    make_predict,
+    make_train_step,
+    model_apply,
+)
 
 
 class TrainingDiverged(UserError):
@@ -108,7 +114,7 @@ def fit(config: ml_collections.ConfigDict, dataset: Dataset, workdir: str | path
 
     chunk = population_chunk(config.population_chunk, len(seeds))
     train_step = make_train_step(model, tx, dataset.mean, dataset.std, config.augment, chunk)
-    predict = make_predict(model, dataset.mean, dataset.std, config.eval_batch_size, chunk)
+    predict = make_predict(model_apply(model), dataset.mean, dataset.std, config.eval_batch_size, chunk)
     images, labels = jnp.asarray(dataset.train.images), jnp.asarray(dataset.train.labels)
     data_keys = member_keys(jnp.asarray(seeds), DATA)
     aug_keys = member_keys(jnp.asarray(seeds), AUGMENT)
@@ -123,8 +129,10 @@ def fit(config: ml_collections.ConfigDict, dataset: Dataset, workdir: str | path
         order = epoch_order(data_keys, jnp.int32(epoch), len(dataset.train), steps, batch_size)
         losses, accuracies = [], []
         for step in range(steps):
-            state, loss, accuracy = train_step(state, images, labels, order, aug_keys,
-                                               dropout_keys, jnp.int32(epoch), jnp.int32(step))
+            params, batch_stats, opt_state, loss, accuracy = train_step(
+                state.params, state.batch_stats, state.opt_state, state.stopped, order, aug_keys,
+                dropout_keys, images, labels, jnp.int32(epoch), jnp.int32(step))
+            state = state.replace(params=params, batch_stats=batch_stats, opt_state=opt_state)
             losses.append(loss)
             accuracies.append(accuracy)
         losses = np.asarray(jnp.stack(losses))

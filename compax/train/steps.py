@@ -13,8 +13,7 @@ import numpy as np
 import optax
 
 from compax.data import augment_flip_crop, normalize
-from compax.train.early_stopping import freeze_stopped
-from compax.train.population import PopulationState, map_members, variables_of
+from compax.train.population import chunked_vmap, variables_of
 
 
 def epoch_order(data_keys: jax.Array, epoch: jax.Array, num_examples: int, steps: int,
@@ -31,14 +30,21 @@ def epoch_order(data_keys: jax.Array, epoch: jax.Array, num_examples: int, steps
 
 def make_train_step(model, tx: optax.GradientTransformation, mean: np.ndarray, std: np.ndarray,
                     augment: bool, chunk: int) -> Callable:
-    """`train_step(state, images, labels, order, aug_keys, dropout_keys, epoch, step)`.
+    """`train_step(params, batch_stats, opt_state, stopped, order, aug_keys, dropout_keys, images,
+    labels, epoch, step) -> (params, batch_stats, opt_state, loss, accuracy)`.
 
-    `images` (N, H, W, C) uint8 and `labels` (N,) are the whole training set, `order` the output
-    of `epoch_order`, the keys one per member. Returns the new state and the per-member loss and
-    accuracy of the batch; members that stopped early keep their weights. `chunk` members at a
-    time are vmapped (`map_members`).
+    The first seven arguments have a leading member axis (`order` from `epoch_order`, one key
+    per member); `images` (N, H, W, C) uint8 and `labels` (N,) are the whole training set, shared.
+    A member that stopped early keeps its weights. `chunk` members at a time are vmapped
+    (`chunked_vmap`).
     """
-    def member_step(params, batch_stats, opt_state, images, labels, aug_key, dropout_key):
+    def member_step(params, batch_stats, opt_state, stopped, order, aug_key, dropout_key, images,
+                    labels, epoch, step):
+        index = order[step]
+        labels = labels[index]
+        images = images[index]
+        aug_key, dropout_key = (jax.random.fold_in(jax.random.fold_in(k, epoch), step)
+                                for k in (aug_key, dropout_key))
         if augment:
             images = augment_flip_crop(aug_key, images)
         x = normalize(images, mean, std)
@@ -51,44 +57,41 @@ def make_train_step(model, tx: optax.GradientTransformation, mean: np.ndarray, s
 
         (loss, (logits, new_batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         updates, new_opt_state = tx.update(grads, opt_state, params)
-        accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
-        return optax.apply_updates(params, updates), new_batch_stats, new_opt_state, loss, accuracy
+        new = optax.apply_updates(params, updates), new_batch_stats, new_opt_state
+        old = params, batch_stats, opt_state
+        params, batch_stats, opt_state = jax.tree.map(lambda o, n: jnp.where(stopped, o, n), old, new)
+        return params, batch_stats, opt_state, loss, jnp.mean(jnp.argmax(logits, -1) == labels)
 
-    @jax.jit
-    def train_step(state: PopulationState, images, labels, order, aug_keys, dropout_keys, epoch,
-                   step):
-        index = order[:, step]  # (P, B)
-        step_keys = jax.vmap(lambda k: jax.random.fold_in(jax.random.fold_in(k, epoch), step))
-        params, batch_stats, opt_state, loss, accuracy = map_members(member_step, (
-            state.params, state.batch_stats, state.opt_state, images[index], labels[index],
-            step_keys(aug_keys), step_keys(dropout_keys)), chunk)
-        return freeze_stopped(state, params, batch_stats, opt_state), loss, accuracy
-
-    return train_step
+    return chunked_vmap(member_step, chunk, num_member_args=7)
 
 
-def make_predict(model, mean: np.ndarray, std: np.ndarray, batch_size: int, chunk: int) -> Callable:
-    """`predict(variables, images) -> logits (P, N, classes)` for a population's variables.
+def make_predict(apply_fn: Callable, mean: np.ndarray, std: np.ndarray, batch_size: int,
+                 chunk: int) -> Callable:
+    """`predict(population, images) -> logits (P, N, classes)`.
 
-    `chunk` members at a time are vmapped (`map_members`).
-
-    Runs in fixed-size batches (the last one padded) so that one compiled program serves any N.
+    `apply_fn(member, x)` gives one member's logits for normalised images `x`; `population` is
+    whatever it takes (variables, a compressed variant, ...) with a leading member axis. Runs in
+    fixed-size batches (the last one padded) so that one compiled program serves any N, `chunk`
+    members at a time vmapped (`chunked_vmap`).
     """
-    @jax.jit
-    def predict_batch(variables, images):
-        x = normalize(images, mean, std)
-        return map_members(lambda v: model.apply(v, x, train=False), (variables,), chunk)
+    predict_batch = chunked_vmap(lambda member, images: apply_fn(member, normalize(images, mean, std)),
+                                 chunk, num_member_args=1)
 
-    def predict(variables, images: np.ndarray) -> np.ndarray:
+    def predict(population, images: np.ndarray) -> np.ndarray:
         num = images.shape[0]
         pad = (-num) % batch_size
         if pad:
             images = np.concatenate([images, np.zeros((pad, *images.shape[1:]), images.dtype)])
-        batches = [predict_batch(variables, images[i:i + batch_size])
+        batches = [predict_batch(population, images[i:i + batch_size])
                    for i in range(0, images.shape[0], batch_size)]
         return np.concatenate([np.asarray(b) for b in batches], axis=1)[:, :num]
 
     return predict
+
+
+def model_apply(model) -> Callable:
+    """`apply_fn(variables, x)` of a float model in evaluation mode, for `make_predict`."""
+    return lambda variables, x: model.apply(variables, x, train=False)
 
 
 def loss_and_accuracy(logits: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

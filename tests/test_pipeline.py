@@ -1,0 +1,76 @@
+"""The run behind launch.py: results.json's schema, and bad input through the command line."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from compax import pipeline
+from compax.errors import UserError
+from tests.helpers import tiny_config, tiny_dataset
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+VARIANTS = ("pruned", "w8a8", "w4a8", "pruned_w8a8", "float16", "bfloat16", "dynamic_int8")
+
+
+def test_run_trains_compresses_and_writes_results(tmp_path, monkeypatch):
+    monkeypatch.setattr(pipeline, "load_dataset", lambda *a, **k: tiny_dataset())
+    config = tiny_config(population=2, max_epochs=2)
+    config.compress.sparsity_step = 0.1
+    config.compress.calibration_images = 64
+    results = pipeline.run(config, tmp_path)
+    assert json.loads((tmp_path / "results.json").read_text()) == results
+    variants = results["variants"]
+    assert set(variants) == {"baseline", *VARIANTS}
+    base = variants["baseline"]
+    assert base["params"] == 62_006 - 6 * 84 - 6  # LeNet-5 with 4 classes
+    assert len(base["member_accuracy"]) == 2 and 0 <= base["accuracy"] <= 1
+    for name in VARIANTS:
+        v = variants[name]
+        assert {"accuracy", "accuracy_diff_pp", "weight_bits", "activation_bits", "bytes",
+                "compression_ratio", "sparsity", "member_accuracy"} <= set(v)
+        assert v["bytes"] < base["bytes"] and v["compression_ratio"] > 1
+    assert (variants["w8a8"]["weight_bits"], variants["w4a8"]["weight_bits"]) == (8, 4)
+    search = results["sparsity_search"]
+    assert variants["pruned"]["sparsity"]["amount"] == search["chosen"]
+    chosen = search["levels"].index(search["chosen"]) if search["chosen"] else None
+    if chosen is not None:  # the choice keeps validation accuracy within the tolerance
+        assert search["val_accuracy"][chosen] >= search["baseline_val_accuracy"] - 0.01 - 1e-9
+    assert results["members"][0]["seed"] == 0 and results["members"][1]["seed"] == 1
+
+
+def test_workdir_of_another_run_is_refused(tmp_path):
+    pipeline.prepare_workdir(tiny_config(), tmp_path)
+    with pytest.raises(UserError, match="holds a run with seed=0, not 3"):
+        pipeline.prepare_workdir(tiny_config(seed=3), tmp_path)
+    pipeline.prepare_workdir(tiny_config(max_epochs=9), tmp_path)  # may grow on resume
+
+
+def launch(*args, env=None):
+    return subprocess.run([sys.executable, str(ROOT / "launch.py"), *args], capture_output=True,
+                          text=True, cwd=ROOT, env={**os.environ, **(env or {})}, timeout=300)
+
+
+@pytest.mark.parametrize("args, env, message", [
+    (["--config=configs/quickstart.py", "--config.nonexistent=1"], None,
+     "unknown config key nonexistent"),
+    (["--config=configs/quickstart.py", "--config.population=many"], None, "population"),
+    (["--config=configs/nothere.py"], None, "config file configs/nothere.py does not exist"),
+    (["--config=configs/gtsrb_lenet.py:huge"], None, "unknown config size 'huge'"),
+    (["--config=configs/quickstart.py", "--config.model=alexnet"], None, "unknown model"),
+    (["--config=configs/quickstart.py", "--config.dataset=mnist"], None, "mnist"),
+    (["--config=configs/gtsrb_lenet.py"], {"COMPAX_DATA_DIR": "/nonexistent/data"},
+     "COMPAX_DATA_DIR"),
+    (["--config=configs/quickstart.py", "--workdir=/proc/compax"], None, "not writable"),
+])
+def test_bad_input_is_one_line_and_exit_status_2(args, env, message, tmp_path):
+    if not any(a.startswith("--workdir") for a in args):
+        args = [*args, f"--workdir={tmp_path / 'run'}"]
+    result = launch(*args, env=env)
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and message in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
