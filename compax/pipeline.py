@@ -93,6 +93,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
         "accuracy": float(np.mean(test_accuracy)),
         "accuracy_std": float(np.std(test_accuracy)),
         "member_accuracy": test_accuracy.tolist(),
+        "sparsity": None,
         "weight_bits": 32,
         "activation_bits": 32,
         "bytes": int(storage_bytes(first)),
