@@ -5,6 +5,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -74,3 +75,30 @@ def test_bad_input_is_one_line_and_exit_status_2(args, env, message, tmp_path):
     lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and message in lines[0], result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_run_killed_mid_training_resumes_to_the_same_results(tmp_path):
+    args = ["--config=configs/quickstart.py", "--config.population=1", "--config.max_epochs=3",
+            "--config.compress.sparsity_step=0.25", "--config.progress=False"]
+    straight = launch(*args, f"--workdir={tmp_path / 'straight'}")
+    assert straight.returncode == 0, straight.stderr
+    workdir = tmp_path / "killed"
+    process = subprocess.Popen([sys.executable, str(ROOT / "launch.py"), *args,
+                                f"--workdir={workdir}"], cwd=ROOT, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 600
+        while not (workdir / "checkpoints" / "1").exists() and process.poll() is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+    finally:
+        process.kill()  # SIGKILL, mid-epoch 2
+        process.wait()
+    assert not (workdir / "results.json").exists()
+    resumed = launch(*args, f"--workdir={workdir}")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "Resuming from the checkpoint of epoch" in resumed.stderr
+    first = json.loads((tmp_path / "straight" / "results.json").read_text())
+    second = json.loads((workdir / "results.json").read_text())
+    assert first["variants"] == second["variants"] and first["members"] == second["members"]
