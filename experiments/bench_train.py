@@ -70,7 +70,7 @@ def compax_seconds_per_step(population: int, chunk: int, images, labels, mean, s
         nonlocal state
         for i in range(n):
             params, batch_stats, opt_state, loss, _ = step_fn(
-                state.params, state.batch_stats, state.opt_state, state.stopped, order, *keys,
+                state.params, state.batch_stats, state.opt_state, order, *keys,
                 images, labels, jnp.int32(1), jnp.int32(i % num_steps))
             state = state.replace(params=params, batch_stats=batch_stats, opt_state=opt_state)
         jax.block_until_ready(loss)

@@ -33,6 +33,8 @@ from compax.train.population import (
     init_population,
     member_keys,
     population_chunk,
+    put_members,
+    take_members,
     variables_of,
 )
 from compax.train.steps import (
@@ -126,16 +128,26 @@ def fit(config: ml_collections.ConfigDict, dataset: Dataset, workdir: str | path
         epoch = int(state.epoch) + 1
         active = ~np.asarray(state.stopped)
         start = time.perf_counter()
-        order = epoch_order(data_keys, jnp.int32(epoch), len(dataset.train), steps, batch_size)
-        losses, accuracies = [], []
+        # Only members that have not stopped train; the others keep their weights untouched.
+        members = np.flatnonzero(active)
+        order = epoch_order(data_keys[members], jnp.int32(epoch), len(dataset.train), steps,
+                            batch_size)
+        params, batch_stats, opt_state = take_members(
+            (state.params, state.batch_stats, state.opt_state), members)
+        step_losses, step_accuracies = [], []
         for step in range(steps):
             params, batch_stats, opt_state, loss, accuracy = train_step(
-                state.params, state.batch_stats, state.opt_state, state.stopped, order, aug_keys,
-                dropout_keys, images, labels, jnp.int32(epoch), jnp.int32(step))
-            state = state.replace(params=params, batch_stats=batch_stats, opt_state=opt_state)
-            losses.append(loss)
-            accuracies.append(accuracy)
-        losses = np.asarray(jnp.stack(losses))
+                params, batch_stats, opt_state, order, aug_keys[members], dropout_keys[members],
+                images, labels, jnp.int32(epoch), jnp.int32(step))
+            step_losses.append(loss)
+            step_accuracies.append(accuracy)
+        state = state.replace(params=put_members(state.params, members, params),
+                              batch_stats=put_members(state.batch_stats, members, batch_stats),
+                              opt_state=put_members(state.opt_state, members, opt_state))
+        losses = np.full((steps, len(seeds)), np.nan, np.float32)
+        losses[:, members] = np.asarray(jnp.stack(step_losses))
+        accuracies = np.full((steps, len(seeds)), np.nan, np.float32)
+        accuracies[:, members] = np.asarray(jnp.stack(step_accuracies))
         _check_finite(losses, active, epoch, seeds)
         val_loss, val_accuracy = loss_and_accuracy(
             predict(variables_of(state.params, state.batch_stats), dataset.val.images),
@@ -146,9 +158,8 @@ def fit(config: ml_collections.ConfigDict, dataset: Dataset, workdir: str | path
             "epoch": epoch,
             "seconds": round(time.perf_counter() - start, 3),
             "active": active.tolist(),
-            "train_loss": np.where(active, losses.mean(0), np.nan).tolist(),
-            "train_accuracy": np.where(active, np.asarray(jnp.stack(accuracies)).mean(0),
-                                       np.nan).tolist(),
+            "train_loss": losses.mean(0).tolist(),
+            "train_accuracy": accuracies.mean(0).tolist(),
             "val_loss": np.where(active, val_loss, np.nan).tolist(),
             "val_accuracy": np.where(active, val_accuracy, np.nan).tolist(),
             "best_epoch": np.asarray(state.best_epoch).tolist(),

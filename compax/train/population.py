@@ -10,6 +10,7 @@ of its seed (Hooker et al. train 30 such models per variant). Every random choic
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from compax.models import init_variables
@@ -58,6 +59,16 @@ def chunked_vmap(fn, chunk: int, num_member_args: int):
         return jax.tree.map(lambda *xs: jnp.concatenate(xs), *outputs)
 
     return call
+
+
+def take_members(tree, index: np.ndarray):
+    """The members at `index` (integer array) of a pytree with a leading member axis."""
+    return jax.tree.map(lambda x: x[index], tree)
+
+
+def put_members(tree, index: np.ndarray, part):
+    """`tree` with the members at `index` replaced by those of `part` (as from `take_members`)."""
+    return jax.tree.map(lambda full, new: full.at[index].set(new), tree, part)
 
 
 def member_keys(seeds: jax.Array, stream: int) -> jax.Array:

@@ -30,16 +30,15 @@ def epoch_order(data_keys: jax.Array, epoch: jax.Array, num_examples: int, steps
 
 def make_train_step(model, tx: optax.GradientTransformation, mean: np.ndarray, std: np.ndarray,
                     augment: bool, chunk: int) -> Callable:
-    """`train_step(params, batch_stats, opt_state, stopped, order, aug_keys, dropout_keys, images,
-    labels, epoch, step) -> (params, batch_stats, opt_state, loss, accuracy)`.
+    """`train_step(params, batch_stats, opt_state, order, aug_keys, dropout_keys, images, labels,
+    epoch, step) -> (params, batch_stats, opt_state, loss, accuracy)`.
 
-    The first seven arguments have a leading member axis (`order` from `epoch_order`, one key
-    per member); `images` (N, H, W, C) uint8 and `labels` (N,) are the whole training set, shared.
-    A member that stopped early keeps its weights. `chunk` members at a time are vmapped
-    (`chunked_vmap`).
+    The first six arguments have a leading member axis (`order` from `epoch_order`, one key per
+    member); `images` (N, H, W, C) uint8 and `labels` (N,) are the whole training set, shared.
+    `chunk` members at a time are vmapped (`chunked_vmap`).
     """
-    def member_step(params, batch_stats, opt_state, stopped, order, aug_key, dropout_key, images,
-                    labels, epoch, step):
+    def member_step(params, batch_stats, opt_state, order, aug_key, dropout_key, images, labels,
+                    epoch, step):
         index = order[step]
         labels = labels[index]
         images = images[index]
@@ -57,12 +56,10 @@ def make_train_step(model, tx: optax.GradientTransformation, mean: np.ndarray, s
 
         (loss, (logits, new_batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         updates, new_opt_state = tx.update(grads, opt_state, params)
-        new = optax.apply_updates(params, updates), new_batch_stats, new_opt_state
-        old = params, batch_stats, opt_state
-        params, batch_stats, opt_state = jax.tree.map(lambda o, n: jnp.where(stopped, o, n), old, new)
-        return params, batch_stats, opt_state, loss, jnp.mean(jnp.argmax(logits, -1) == labels)
+        accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
+        return optax.apply_updates(params, updates), new_batch_stats, new_opt_state, loss, accuracy
 
-    return chunked_vmap(member_step, chunk, num_member_args=7)
+    return chunked_vmap(member_step, chunk, num_member_args=6)
 
 
 def make_predict(apply_fn: Callable, mean: np.ndarray, std: np.ndarray, batch_size: int,
