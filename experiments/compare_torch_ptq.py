@@ -1,4 +1,4 @@
-"""compax's w8a8 post-training quantization against PyTorch's (fbgemm) on a trained LeNet-5.
+"""compax's w8a8 and w4a8 post-training quantization against PyTorch's (fbgemm) on a trained LeNet-5.
 
 python experiments/compare_torch_ptq.py --workdir=runs/gtsrb_lenet
 
@@ -6,7 +6,8 @@ Restores the trained population of a finished `launch.py` run, quantizes member 
 compax and with `torch.ao.quantization` (eager static PTQ, fbgemm, per-channel weights,
 HistogramObserver activations with reduce_range) on the same calibration images as the run, and
 prints both test accuracies, the share of test images both predict alike, and the largest logit
-difference in output quantization steps. The last line is one JSON object. Needs torch.
+difference in output quantization steps, for 8-bit and 4-bit weights (PyTorch's int8 kernels with
+its weight observer limited to [-8, 7]). The last line is one JSON object. Needs torch.
 """
 
 import json
@@ -34,12 +35,15 @@ def main(argv):
                            val_fraction=config.val_fraction)
     trained = fit(config, dataset, workdir, progress=False)  # restores the finished run
     variables = member(trained.variables, _MEMBER.value)
-    report = compare_with_torch_ptq(
-        trained.model, jax.device_get(variables), calibration_images(config, dataset),
-        normalize(dataset.test.images, dataset.mean, dataset.std), dataset.test.labels)
-    report = {"workdir": str(workdir), "seed": int(trained.seeds[_MEMBER.value]), **report}
-    for key, value in report.items():
-        print(f"{key:>22}: {value}")
+    report = {"workdir": str(workdir), "seed": int(trained.seeds[_MEMBER.value])}
+    for bits in (8, 4):
+        report[f"w{bits}a8"] = compare_with_torch_ptq(
+            trained.model, jax.device_get(variables), calibration_images(config, dataset),
+            normalize(dataset.test.images, dataset.mean, dataset.std), dataset.test.labels,
+            weight_bits=bits)
+        print(f"w{bits}a8:")
+        for key, value in report[f"w{bits}a8"].items():
+            print(f"  {key:>22}: {value}")
     print(json.dumps(report))
 
 

@@ -258,14 +258,15 @@ def test_reduce_range_halves_the_activation_codes(lenet, images):
 
 
 @pytest.mark.torch
-def test_lenet_w8a8_agrees_with_torch_fbgemm_ptq(lenet, images):
+@pytest.mark.parametrize("weight_bits", [8, 4])
+def test_lenet_ptq_agrees_with_torch_fbgemm_ptq(lenet, images, weight_bits):
     pytest.importorskip("torch")
     from compax.compress.torch_ref import compare_with_torch_ptq
 
     model, variables = lenet
     labels = np.asarray(model.apply(variables, images[TEST:])).argmax(1)
     result = compare_with_torch_ptq(model, variables, np.asarray(images[:CALIB]),
-                                    np.asarray(images[TEST:]), labels)
+                                    np.asarray(images[TEST:]), labels, weight_bits=weight_bits)
     assert result["observer_exact"] and result["same_zero_points"]
     assert result["max_scale_rel_diff"] < 1e-2
     assert result["same_prediction"] >= 0.99
@@ -336,13 +337,14 @@ def test_trained_models_int8_agrees_with_fake_quant(trained_models, name):
 
 @pytest.mark.slow
 @pytest.mark.torch
-def test_trained_lenet_agrees_with_torch_fbgemm_ptq(trained_models):
+@pytest.mark.parametrize("weight_bits", [8, 4])
+def test_trained_lenet_agrees_with_torch_fbgemm_ptq(trained_models, weight_bits):
     pytest.importorskip("torch")
     from compax.compress.torch_ref import compare_with_torch_ptq
 
     models, (x, _), (test_x, test_y) = trained_models
     model, variables = models["lenet5"]
     result = compare_with_torch_ptq(model, variables, np.asarray(x[:512]), np.asarray(test_x),
-                                    test_y)
+                                    test_y, weight_bits=weight_bits)
     assert result["observer_exact"] and result["same_prediction"] >= 0.99
     assert abs(result["compax_accuracy"] - result["torch_accuracy"]) <= 0.003

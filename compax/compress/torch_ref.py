@@ -71,7 +71,23 @@ def _engine(name: str):
         torch.backends.quantized.engine = previous
 
 
-def torch_ptq(params, calib_images, images):
+def torch_qconfig(weight_bits: int):
+    """fbgemm's default qconfig; below 8 bits its per-channel symmetric weight observer is limited
+    to [-2^(b-1), 2^(b-1) - 1], so the int8 kernels run on weights of a b-bit grid (scale
+    max|w| / ((2^b - 1) / 2)), PyTorch's way to evaluate 4-bit weights without int4 kernels."""
+    import torch
+    from torch.ao import quantization as tq
+
+    qconfig = tq.get_default_qconfig("fbgemm")
+    if weight_bits == 8:
+        return qconfig
+    weight = tq.PerChannelMinMaxObserver.with_args(
+        dtype=torch.qint8, qscheme=torch.per_channel_symmetric,
+        quant_min=-(2 ** (weight_bits - 1)), quant_max=2 ** (weight_bits - 1) - 1)
+    return tq.QConfig(activation=qconfig.activation, weight=weight)
+
+
+def torch_ptq(params, calib_images, images, weight_bits: int = 8):
     """PyTorch's fbgemm PTQ of LeNet-5 on NHWC float images (as compax takes them).
 
     Returns (float logits, int8 logits, {point: (scale, zero point)}, {point: (histogram, min,
@@ -87,7 +103,7 @@ def torch_ptq(params, calib_images, images):
     points = ("quant",) + LENET_LAYERS
     with torch.no_grad(), _engine("fbgemm"):
         float_logits = model(nchw(images)).numpy()
-        model.qconfig = tq.get_default_qconfig("fbgemm")
+        model.qconfig = torch_qconfig(weight_bits)
         tq.fuse_modules(model, [["conv1", "relu1"], ["conv2", "relu2"], ["fc1", "relu3"],
                                 ["fc2", "relu4"]], inplace=True)
         prepared = tq.prepare(model)
@@ -101,8 +117,10 @@ def torch_ptq(params, calib_images, images):
     return float_logits, int8_logits, qparams, observed
 
 
-def compare_with_torch_ptq(model, variables, calib_images, images, labels) -> dict:
-    """Accuracy and agreement of compax's w8a8 PTQ and PyTorch's on the same LeNet-5 weights.
+def compare_with_torch_ptq(model, variables, calib_images, images, labels,
+                           weight_bits: int = 8) -> dict:
+    """Accuracy and agreement of compax's PTQ (w8a8, or w4a8 with weight_bits=4) and PyTorch's on
+    the same LeNet-5 weights.
 
     Returns accuracies (float model, compax, torch), the share of images both predict alike, the
     largest logit difference in units of the output scale, the largest relative difference of the
@@ -112,10 +130,11 @@ def compare_with_torch_ptq(model, variables, calib_images, images, labels) -> di
     the calibration histograms differ in a few counts and the L2 search can stop elsewhere.
     """
     labels = np.asarray(labels)
-    config = QuantConfig(batch_size=len(calib_images))
+    config = QuantConfig(weight_bits=weight_bits, batch_size=len(calib_images))
     variables_q, qstate = ptq(model, variables, jnp.asarray(calib_images, jnp.float32), config)
     ours = np.asarray(quantized_apply(model, variables_q, qstate, jnp.asarray(images, jnp.float32)))
-    float_logits, theirs, qparams, observed = torch_ptq(variables["params"], calib_images, images)
+    float_logits, theirs, qparams, observed = torch_ptq(variables["params"], calib_images, images,
+                                                         weight_bits)
     scales = np.asarray(qstate.activation_scale, np.float64)
     torch_scales, torch_zero_points = map(np.asarray, zip(*qparams.values(), strict=True))
     from_their_histograms = [
