@@ -54,15 +54,15 @@ def chunked_vmap(fn, chunk: int, num_member_args: int):
         size = jax.tree.leaves(members)[0].shape[0]
         if chunk >= size:
             return batched(*members, *rest)
-        outputs = [batched(*jax.tree.map(lambda x, i=i: x[i:i + chunk], members), *rest)
+        outputs = [batched(*take_members(members, slice(i, i + chunk)), *rest)
                    for i in range(0, size, chunk)]
         return jax.tree.map(lambda *xs: jnp.concatenate(xs), *outputs)
 
     return call
 
 
-def take_members(tree, index: np.ndarray):
-    """The members at `index` (integer array) of a pytree with a leading member axis."""
+def take_members(tree, index: np.ndarray | slice):
+    """The members at `index` (integer array or slice) of a pytree with a leading member axis."""
     return jax.tree.map(lambda x: x[index], tree)
 
 
