@@ -25,13 +25,8 @@ from compax.compress import (
 )
 from compax.compress.sweep import level_counts, sparsity_sweep
 from compax.data import Dataset, normalize
-from compax.train.population import chunked_vmap
-from compax.train.steps import loss_and_accuracy, make_predict
-
-
-def member(tree, i: int):
-    """Member `i` of a pytree with a leading member axis."""
-    return jax.tree.map(lambda x: x[i], tree)
+from compax.train.population import chunked_vmap, take_members
+from compax.train.steps import loss_and_accuracy, make_predict, model_apply
 
 
 def batched_accuracy(apply, x: jax.Array, labels: jax.Array, batch_size: int) -> jax.Array:
@@ -80,16 +75,16 @@ def compress_population(config: ml_collections.ConfigDict, model, variables, dat
     sweep = sweep_validation_accuracy(model, variables, dataset, levels, settings.prune_exclude,
                                       config.eval_batch_size, chunk)
     baseline_val = loss_and_accuracy(
-        make_predict(lambda v, x: model.apply(v, x, train=False), dataset.mean, dataset.std,
-                     config.eval_batch_size, chunk)(variables, dataset.val.images),
+        make_predict(model_apply(model), dataset.mean, dataset.std, config.eval_batch_size,
+                     chunk)(variables, dataset.val.images),
         dataset.val.labels)[1]
     amount = select_max_sparsity(levels, sweep.mean(0), float(baseline_val.mean()),
                                  settings.sparsity_tolerance_pp)
-    count = int(level_counts(member(variables, 0)["params"], [amount],
+    count = int(level_counts(take_members(variables, 0)["params"], [amount],
                              exclude=settings.prune_exclude)[0])
     masks = jax.vmap(lambda p: global_l1_masks(p, count, exclude=settings.prune_exclude))(
         variables["params"])
-    reports = [sparsity_report(member(variables, i)["params"], member(masks, i))
+    reports = [sparsity_report(take_members(variables, i)["params"], take_members(masks, i))
                for i in range(size)]
     sparsity = {
         "amount": amount,
@@ -114,7 +109,7 @@ def compress_population(config: ml_collections.ConfigDict, model, variables, dat
         compressed = chunked_vmap(compress_member, chunk, num_member_args=2)(variables, masks)
         _, accuracy = loss_and_accuracy(predict(compressed, dataset.test.images),
                                         dataset.test.labels)
-        first = member(compressed, 0)
+        first = take_members(compressed, 0)
         results[variant] = {
             "accuracy": float(accuracy.mean()),
             "accuracy_std": float(accuracy.std()),
@@ -123,6 +118,6 @@ def compress_population(config: ml_collections.ConfigDict, model, variables, dat
             "weight_bits": first.weight_bits,
             "activation_bits": first.activation_bits,
             "bytes": int(size_bytes(first)),
-            "compression_ratio": float(compression_ratio(first, member(variables, 0))),
+            "compression_ratio": float(compression_ratio(first, take_members(variables, 0))),
         }
     return {"variants": results, "sparsity_search": search}

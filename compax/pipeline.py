@@ -20,7 +20,6 @@ import os
 import pathlib
 import tempfile
 
-import jax
 import ml_collections
 import numpy as np
 from absl import logging
@@ -31,7 +30,7 @@ from compax.data import load_dataset
 from compax.errors import UserError
 from compax.models import count_params
 from compax.train import fit, loss_and_accuracy, make_predict, model_apply
-from compax.train.population import population_chunk
+from compax.train.population import population_chunk, take_members
 
 # Keys that may change between a run and its resumption without invalidating its training
 # checkpoints (compression and evaluation are recomputed from the trained weights).
@@ -86,7 +85,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
     _, test_accuracy = loss_and_accuracy(predict(trained.variables, dataset.test.images),
                                          dataset.test.labels)
     state = trained.state
-    first = jax.tree.map(lambda x: x[0], trained.variables)
+    first = take_members(trained.variables, 0)
     params = count_params(first["params"])
     baseline = {
         "params": params,

@@ -18,9 +18,10 @@ import ml_collections
 from absl import app, flags
 
 from compax.compress.torch_ref import compare_with_torch_ptq
-from compax.compress_population import calibration_images, member
+from compax.compress_population import calibration_images
 from compax.data import load_dataset, normalize
 from compax.train import fit
+from compax.train.population import take_members
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Workdir of a finished LeNet-5 run.", required=True)
 _MEMBER = flags.DEFINE_integer("member", 0, "Population member to quantize.")
@@ -34,7 +35,7 @@ def main(argv):
     dataset = load_dataset(config.dataset, data_dir=config.data_dir, split_seed=config.split_seed,
                            val_fraction=config.val_fraction)
     trained = fit(config, dataset, workdir, progress=False)  # restores the finished run
-    variables = member(trained.variables, _MEMBER.value)
+    variables = take_members(trained.variables, _MEMBER.value)
     report = {"workdir": str(workdir), "seed": int(trained.seeds[_MEMBER.value])}
     for bits in (8, 4):
         report[f"w{bits}a8"] = compare_with_torch_ptq(

@@ -61,8 +61,9 @@ def chunked_vmap(fn, chunk: int, num_member_args: int):
     return call
 
 
-def take_members(tree, index: np.ndarray | slice):
-    """The members at `index` (integer array or slice) of a pytree with a leading member axis."""
+def take_members(tree, index: int | np.ndarray | slice):
+    """The members at `index` (an int: one member; an integer array or slice: several) of a pytree
+    with a leading member axis."""
     return jax.tree.map(lambda x: x[index], tree)
 
 
