@@ -1,0 +1,325 @@
+"""Hooker et al. population statistics against NumPy loops and SciPy (`compax/analysis/hooker.py`)."""
+
+import json
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy import stats
+
+from compax.analysis import hooker
+from compax.errors import UserError
+
+CLASSES = 43
+PER_CLASS = 46  # 1,978 test samples, about GTSRB's smallest test classes
+
+
+def _labels(per_class=PER_CLASS, num_classes=CLASSES):
+    return np.repeat(np.arange(num_classes, dtype=np.int32), per_class)
+
+
+def _population(rng, labels, members, num_classes=CLASSES, accuracy=0.9, degraded=None):
+    """Predictions of `members` models: correct with probability accuracy (+- 1 pp per member), else a
+    uniformly drawn wrong class; `degraded = (class, accuracy)` lowers one class's accuracy."""
+    member_accuracy = accuracy + rng.normal(0.0, 0.01, (members, 1))
+    correct_probability = np.broadcast_to(member_accuracy, (members, len(labels))).copy()
+    if degraded is not None:
+        correct_probability[:, labels == degraded[0]] = degraded[1]
+    correct = rng.random((members, len(labels))) < correct_probability
+    wrong = (labels + rng.integers(1, num_classes, (members, len(labels)))) % num_classes
+    return np.where(correct, labels, wrong).astype(np.int32)
+
+
+def _class_accuracy_reference(labels, preds, num_classes):
+    result = np.full((len(preds), num_classes), np.nan)
+    for m, pred in enumerate(preds):
+        for c in range(num_classes):
+            in_class = labels == c
+            if in_class.any():
+                result[m, c] = np.mean(pred[in_class] == c)
+    return result
+
+
+def test_class_accuracy_and_normalisation_match_numpy_loops():
+    rng = np.random.default_rng(0)
+    labels = _labels(per_class=12, num_classes=10)
+    labels[labels == 3] = 4  # class 3 has no samples: NaN
+    preds = _population(rng, labels, 6, num_classes=10)
+    expected = _class_accuracy_reference(labels, preds, 10)
+    np.testing.assert_allclose(hooker.class_accuracy(labels, preds, 10), expected, rtol=1e-6)
+    overall = np.array([np.mean(pred == labels) for pred in preds])
+    np.testing.assert_allclose(hooker.normalized_class_accuracy(labels, preds, 10),
+                               expected / overall[:, None], rtol=1e-6)
+    assert np.isnan(hooker.class_accuracy(labels, preds, 10)[:, 3]).all()
+
+
+def test_welch_matches_scipy_per_class_and_a_hand_computed_t():
+    rng = np.random.default_rng(1)
+    sample_a = rng.normal(1.0, 0.05, (7, CLASSES))
+    sample_b = rng.normal(1.0, 0.12, (12, CLASSES)) + np.linspace(0, 0.2, CLASSES)
+    t, p = hooker.welch_t_test(sample_a, sample_b)
+    for c in range(CLASSES):
+        reference = stats.ttest_ind(sample_a[:, c], sample_b[:, c], equal_var=False)
+        np.testing.assert_allclose([t[c], p[c]], [reference.statistic, reference.pvalue], rtol=1e-10)
+    a, b = sample_a[:, 5], sample_b[:, 5]
+    hand_t = (a.sum() / 7 - b.sum() / 12) / np.sqrt(np.sum((a - a.mean()) ** 2) / 6 / 7
+                                                    + np.sum((b - b.mean()) ** 2) / 11 / 12)
+    np.testing.assert_allclose(t[5], hand_t, rtol=1e-10)
+    assert (p[-5:] < 0.05).all() and p[0] > 0.05
+
+
+@pytest.mark.filterwarnings("ignore:Precision loss occurred")  # SciPy's reference on a constant sample
+def test_zero_variance_classes_get_p_one_when_equal_and_zero_when_different():
+    # Every member of a population predicts the same, so every class has zero variance. The compressed
+    # model loses one correct image of class 1 and gains one of class 2: equal overall accuracy, so the
+    # normalised accuracy changes in classes 1 and 2 only.
+    labels = _labels(per_class=10, num_classes=5)
+    base = labels.copy()
+    base[labels == 2] = np.where(np.arange(10) < 3, 0, 2)  # class 2: 7 of 10 correct
+    changed = base.copy()
+    changed[np.flatnonzero(labels == 1)[0]] = 0
+    changed[np.flatnonzero(labels == 2)[0]] = 2
+    result = hooker.impacted_classes(labels, np.tile(base, (4, 1)), np.tile(changed, (3, 1)), 5)
+    np.testing.assert_array_equal(result["p"], [1, 0, 0, 1, 1])
+    np.testing.assert_array_equal(result["t"], [0, -np.inf, np.inf, 0, 0])
+    assert result["significant_classes"] == [1, 2]
+    # one population constant, the other not: the ordinary formula, as SciPy
+    t, p = hooker.welch_t_test(np.array([[1.0], [1.0], [1.0]]), np.array([[0.9], [1.1], [1.3]]))
+    reference = stats.ttest_ind([1.0, 1.0, 1.0], [0.9, 1.1, 1.3], equal_var=False)
+    np.testing.assert_allclose([t[0], p[0]], [reference.statistic, reference.pvalue], rtol=1e-10)
+
+
+def test_impacted_classes_tests_the_normalised_accuracies_like_scipy():
+    rng = np.random.default_rng(2)
+    labels = _labels()
+    original, compressed = _population(rng, labels, 6), _population(rng, labels, 9, accuracy=0.85)
+    result = hooker.impacted_classes(labels, original, compressed, CLASSES)
+
+    def normalised(preds):
+        overall = np.mean(preds == labels, axis=1, keepdims=True)
+        return _class_accuracy_reference(labels, preds, CLASSES) / overall
+
+    for c in range(CLASSES):
+        reference = stats.ttest_ind(normalised(compressed)[:, c], normalised(original)[:, c], equal_var=False)
+        np.testing.assert_allclose([result["t"][c], result["p"][c]], [reference.statistic, reference.pvalue],
+                                   rtol=1e-4)
+    np.testing.assert_array_equal(result["p_adjusted"], result["p"])
+    np.testing.assert_allclose(result["mean_original"], normalised(original).mean(axis=0), rtol=1e-6)
+
+
+# Degrading a class lowers the overall accuracy and so raises every other class's normalised accuracy
+# a little (the support-weighted mean of a_c / A is 1); the degradation shrinks with the population so
+# that this shift stays far below what the population can resolve. Holm and Bonferroni bound the chance
+# of any false positive by 5% per draw only for exact nulls (over seeds 0-29, 0-6 draws per setting had
+# a false positive or a miss), hence the fixed seed (clear margins: adjusted p of class 7 <= 0.003, of
+# the others >= 0.23).
+@pytest.mark.parametrize("members, degraded_accuracy", [((5, 5), 0.45), ((20, 15), 0.7), ((30, 30), 0.8)])
+@pytest.mark.parametrize("correction", ["holm", "fdr_bh", "bonferroni"])
+def test_a_deliberately_degraded_class_is_the_only_significant_one(members, degraded_accuracy, correction):
+    rng = np.random.default_rng(0)
+    labels = _labels()
+    original = _population(rng, labels, members[0])
+    compressed = _population(rng, labels, members[1], degraded=(7, degraded_accuracy))
+    result = hooker.impacted_classes(labels, original, compressed, CLASSES, correction=correction)
+    assert result["significant_classes"] == [7]
+    assert result["count"] == 1 and result["t"][7] < 0
+    assert result["significant"].tolist() == [c == 7 for c in range(CLASSES)]
+
+
+def test_identical_populations_give_no_impacted_classes_and_no_exemplars():
+    rng = np.random.default_rng(4)
+    labels = _labels()
+    preds = _population(rng, labels, 8)
+    summary = hooker.population_summary(labels, preds, preds.copy(), CLASSES, correction="fdr_bh")
+    assert summary["significant_classes"] == [] and summary["count"] == 0
+    assert summary["p"] == [1.0] * CLASSES
+    assert summary["pies"] == 0 and summary["pie_share"] == 0.0 and summary["pies_per_class"] == [0] * CLASSES
+    assert summary["band"]["crossed"] == 0.0 and summary["band"]["impacted_images"] == 0.0
+
+
+def test_one_member_populations_are_refused_with_the_fix():
+    rng = np.random.default_rng(5)
+    labels = _labels(per_class=4)
+    preds = _population(rng, labels, 3)
+    for original, compressed in ((preds[:1], preds), (preds, preds[:1])):
+        with pytest.raises(UserError, match="at least 2 members.*--config.population=2"):
+            hooker.impacted_classes(labels, original, compressed, CLASSES)
+
+
+def test_bad_inputs_are_refused():
+    labels = _labels(per_class=2, num_classes=4)
+    preds = np.tile(labels, (3, 1))
+    with pytest.raises(UserError, match="outside"):
+        hooker.impacted_classes(labels, preds, preds + 1, 4)
+    with pytest.raises(UserError, match="samples"):
+        hooker.compression_identified_exemplars(preds, preds[:, 1:], 4)
+    with pytest.raises(UserError, match="shape"):
+        hooker.compression_identified_exemplars(preds[0], preds, 4)
+    with pytest.raises(UserError, match="correction"):
+        hooker.impacted_classes(labels, preds, preds, 4, correction="bh")
+    with pytest.raises(UserError, match="compressed versions of the same members"):
+        hooker.band_impacted_classes(labels, preds, preds[:2], 4)
+
+
+def test_corrections_match_hand_computed_values_and_scipy_for_fdr_bh():
+    p = np.array([0.01, 0.04, 0.03, 0.005])
+    np.testing.assert_allclose(hooker.adjust_p_values(p, "bonferroni"), [0.04, 0.16, 0.12, 0.02])
+    # Holm: sorted 0.005*4 = 0.02, 0.01*3 = 0.03, 0.03*2 = 0.06, max(0.04*1, 0.06) = 0.06
+    np.testing.assert_allclose(hooker.adjust_p_values(p, "holm"), [0.03, 0.06, 0.06, 0.02])
+    # Benjamini-Hochberg: sorted 0.005*4/1, 0.01*4/2, 0.03*4/3, 0.04*4/4, then running minima from the top
+    np.testing.assert_allclose(hooker.adjust_p_values(p, "fdr_bh"), [0.02, 0.04, 0.04, 0.02])
+    np.testing.assert_allclose(hooker.adjust_p_values([0.3, 0.9], "bonferroni"), [0.6, 1.0])
+    np.testing.assert_array_equal(hooker.adjust_p_values(p, None), p)
+    rng = np.random.default_rng(6)
+    for _ in range(20):
+        p = np.concatenate([rng.random(30), rng.random(13) * 1e-3])
+        p[rng.integers(0, 43, 5)] = p[0]  # ties
+        np.testing.assert_allclose(hooker.adjust_p_values(p, "fdr_bh"), stats.false_discovery_control(p),
+                                   rtol=1e-12)
+        holm = hooker.adjust_p_values(p, "holm")
+        assert (holm >= p).all() and (holm <= hooker.adjust_p_values(p, "bonferroni")).all()
+
+
+def test_untested_classes_are_left_out_of_the_correction():
+    rng = np.random.default_rng(7)
+    labels = _labels(per_class=20, num_classes=10)
+    labels[labels == 9] = 0  # class 9 has no samples
+    original = _population(rng, labels, 5, num_classes=10)
+    compressed = _population(rng, labels, 5, num_classes=10, degraded=(2, 0.5))
+    result = hooker.impacted_classes(labels, original, compressed, 10, correction="bonferroni")
+    assert np.isnan(result["p"][9]) and np.isnan(result["p_adjusted"][9]) and not result["significant"][9]
+    np.testing.assert_allclose(result["p_adjusted"][:9], np.minimum(1, 9 * result["p"][:9]))
+    summary = hooker.population_summary(labels, original, compressed, 10, correction="bonferroni")
+    assert summary["p"][9] is None and summary["normalized_accuracy_change"][9] is None
+
+
+def _modal_reference(preds, num_classes):
+    modes, agreement = [], []
+    for column in preds.T:
+        counts = np.bincount(column, minlength=num_classes)
+        modes.append(int(np.argmax(counts)))  # the first maximum: the smallest label
+        agreement.append(counts.max() / len(column))
+    return np.array(modes), np.array(agreement)
+
+
+def test_modal_labels_match_scipy_mode_and_a_bincount_loop():
+    rng = np.random.default_rng(8)
+    preds = rng.integers(0, 4, (6, 500)).astype(np.int32)  # few classes, many ties
+    modes, agreement = hooker.modal_labels(preds, 4)
+    reference_modes, reference_agreement = _modal_reference(preds, 4)
+    np.testing.assert_array_equal(modes, reference_modes)
+    np.testing.assert_array_equal(modes, stats.mode(preds, axis=0).mode)
+    np.testing.assert_allclose(agreement, reference_agreement, rtol=1e-6)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.sampled_from([1, 2, 3, 4, 7]).flatmap(lambda members: st.lists(
+    st.lists(st.integers(0, 5), min_size=members, max_size=members), min_size=16, max_size=16)))
+def test_modal_label_property(columns):
+    preds = np.array(columns, np.int32).T  # (members, 16 samples); few shapes, few compilations
+    modes, agreement = hooker.modal_labels(preds, 6)
+    np.testing.assert_array_equal(modes, stats.mode(preds, axis=0).mode)
+    for i, column in enumerate(preds.T):
+        counts = np.bincount(column, minlength=6)
+        assert counts[modes[i]] == counts.max() and (counts[:modes[i]] < counts.max()).all()
+        assert agreement[i] == pytest.approx(counts.max() / len(column))
+
+
+def test_compression_identified_exemplars_match_a_numpy_reference():
+    rng = np.random.default_rng(9)
+    labels = _labels()
+    original = _population(rng, labels, 9)
+    compressed = _population(rng, labels, 7, degraded=(7, 0.3))
+    result = hooker.compression_identified_exemplars(original, compressed, CLASSES, labels)
+    mode_original, agreement_original = _modal_reference(original, CLASSES)
+    mode_compressed, agreement_compressed = _modal_reference(compressed, CLASSES)
+    mask = mode_original != mode_compressed
+    np.testing.assert_array_equal(result["mask"], mask)
+    np.testing.assert_array_equal(result["modal_original"], mode_original)
+    assert result["count"] == mask.sum() > 0 and result["share"] == pytest.approx(mask.mean())
+    assert result["indices"] == np.flatnonzero(mask).tolist()
+    np.testing.assert_array_equal(result["per_class"], np.bincount(labels[mask], minlength=CLASSES))
+    assert result["per_class"][7] == result["per_class"].max()
+    for exemplar in result["exemplars"]:
+        i = exemplar["index"]
+        assert exemplar["label"] == labels[i]
+        assert exemplar["modal_original"] == mode_original[i]
+        assert exemplar["modal_compressed"] == mode_compressed[i]
+        assert exemplar["agreement_original"] == pytest.approx(agreement_original[i])
+        assert exemplar["agreement_compressed"] == pytest.approx(agreement_compressed[i])
+    unlabelled = hooker.compression_identified_exemplars(original, compressed, CLASSES)
+    assert unlabelled["per_class"] is None and "label" not in unlabelled["exemplars"][0]
+
+
+def _band_reference(labels, pred_original, pred_compressed, num_classes, width):
+    result = {}
+    distances = {}
+    support = np.bincount(labels, minlength=num_classes)
+    for side, pred in (("original", pred_original), ("compressed", pred_compressed)):
+        accuracy = _class_accuracy_reference(labels, pred[None], num_classes)[0]
+        overall = np.mean(pred == labels)
+        present = ~np.isnan(accuracy)
+        spread = np.std(accuracy[present])
+        distances[side] = np.abs(accuracy - overall)
+        result[f"overall_{side}"] = overall
+        result[f"class_std_{side}"] = spread
+        result[f"class_mean_{side}"] = np.mean(accuracy[present])
+        result[f"outside_{side}"] = present & (np.abs(accuracy - overall) > width * spread)
+    change = distances["compressed"] - distances["original"]
+    result["crossed"] = result["outside_original"] != result["outside_compressed"]
+    result["impacted_images"] = sum(support[c] * abs(change[c]) for c in range(num_classes) if support[c])
+    return result
+
+
+@pytest.mark.parametrize("width", [1.0, 0.5])
+def test_band_rule_matches_a_numpy_reference(width):
+    rng = np.random.default_rng(10)
+    labels = _labels()
+    labels[labels == 42] = 0  # a class without samples takes no part
+    original = _population(rng, labels, 1)[0]
+    compressed = _population(rng, labels, 1, degraded=(7, 0.6))[0]
+    result = hooker.band_rule(labels, original, compressed, CLASSES, width)
+    expected = _band_reference(labels, original, compressed, CLASSES, width)
+    for key, value in expected.items():
+        if value.dtype == bool:
+            np.testing.assert_array_equal(result[key], value, err_msg=key)
+        else:
+            np.testing.assert_allclose(result[key], value, rtol=1e-5, err_msg=key)
+    assert result["outside_compressed"][7] and result["crossed"].any()
+
+
+def test_band_vmapped_over_members_equals_a_loop():
+    rng = np.random.default_rng(11)
+    labels = _labels()
+    original = _population(rng, labels, 5)
+    compressed = _population(rng, labels, 5, degraded=(3, 0.7))
+    batched = hooker.band_impacted_classes(labels, original, compressed, CLASSES)
+    for m in range(5):
+        single = hooker.band_rule(labels, original[m], compressed[m], CLASSES)
+        assert batched.keys() == single.keys()
+        for key, value in single.items():
+            np.testing.assert_allclose(batched[key][m], value, rtol=1e-5, atol=1e-6, err_msg=key)
+
+
+def test_population_summary_gathers_the_parts_as_json():
+    rng = np.random.default_rng(12)
+    labels = _labels()
+    original = _population(rng, labels, 6)
+    compressed = _population(rng, labels, 6, degraded=(11, 0.5))
+    summary = hooker.population_summary(labels, original, compressed, CLASSES, correction="holm")
+    summary = json.loads(json.dumps(summary, allow_nan=False))
+    classes = hooker.impacted_classes(labels, original, compressed, CLASSES, correction="holm")
+    exemplars = hooker.compression_identified_exemplars(original, compressed, CLASSES, labels)
+    band = hooker.band_impacted_classes(labels, original, compressed, CLASSES)
+    assert summary["significant_classes"] == [11] and summary["count"] == 1
+    assert (summary["correction"], summary["alpha"]) == ("holm", 0.05)
+    assert summary["pies"] == exemplars["count"] and summary["pie_share"] == exemplars["share"]
+    assert summary["pies_per_class"] == exemplars["per_class"].tolist()
+    np.testing.assert_allclose(summary["p_adjusted"], classes["p_adjusted"])
+    assert summary["band"]["crossed"] == pytest.approx(np.asarray(band["crossed"]).sum(axis=1).mean())
+    assert summary["band"]["impacted_images"] == pytest.approx(float(np.mean(band["impacted_images"])))
+    assert summary["band"]["crossing_share"][11] == pytest.approx(np.mean(band["crossed"][:, 11]))
+    unpaired = hooker.population_summary(labels, original, compressed[:4], CLASSES, correction="holm")
+    assert unpaired["band"] is None
+    assert unpaired["p"] == hooker.impacted_classes(labels, original, compressed[:4], CLASSES)["p"].tolist()
