@@ -17,6 +17,7 @@ class LeNet5(nn.Module):
 
     num_classes: int
     width: float = 1.0
+    drop_last_block: bool = False  # layer ablation (Zee et al.): no conv2, fc1 takes the pooled conv1 map
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
@@ -24,8 +25,9 @@ class LeNet5(nn.Module):
         w = self.width
         x = nn.relu(Conv(scaled(6, w), (5, 5), padding="VALID", name="conv1")(x))
         x = max_pool_2x2(x)
-        x = nn.relu(Conv(scaled(16, w), (5, 5), padding="VALID", name="conv2")(x))
-        x = max_pool_2x2(x)
+        if not self.drop_last_block:
+            x = nn.relu(Conv(scaled(16, w), (5, 5), padding="VALID", name="conv2")(x))
+            x = max_pool_2x2(x)
         x = jnp.transpose(x, (0, 3, 1, 2)).reshape(x.shape[0], -1)
         x = nn.relu(Dense(scaled(120, w), name="fc1")(x))
         x = nn.relu(Dense(scaled(84, w), name="fc2")(x))

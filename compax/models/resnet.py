@@ -37,12 +37,13 @@ class ResNet18(nn.Module):
 
     num_classes: int
     width: float = 1.0
+    drop_last_block: bool = False  # layer ablation (Zee et al.): no layer4_*, fc takes 256*width channels
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
         x = Conv(scaled(64, self.width), (3, 3), padding=1, use_bias=False, name="conv1")(x)
         x = nn.relu(batch_norm(train, "bn1")(x))
-        for stage, (channels, stride) in enumerate(STAGES):
+        for stage, (channels, stride) in enumerate(STAGES[:-1] if self.drop_last_block else STAGES):
             for block in range(2):
                 x = BasicBlock(scaled(channels, self.width), stride if block == 0 else 1,
                                name=f"layer{stage + 1}_{block}")(x, train)

@@ -19,10 +19,11 @@ class VGG6(nn.Module):
 
     num_classes: int
     width: float = 1.0
+    drop_last_block: bool = False  # layer ablation (Zee et al.): no conv6 and its pool, fc1 takes 8x8 maps
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
-        for i, channels in enumerate(CONV_CHANNELS):
+        for i, channels in enumerate(CONV_CHANNELS[:-1] if self.drop_last_block else CONV_CHANNELS):
             x = Conv(scaled(channels, self.width), (3, 3), padding=1, use_bias=False,
                      name=f"conv{i + 1}")(x)
             x = nn.relu(batch_norm(train, f"bn{i + 1}")(x))
