@@ -62,9 +62,37 @@ def calibration_images(config: ml_collections.ConfigDict, dataset: Dataset) -> j
     return normalize(dataset.train.images[index], dataset.mean, dataset.std)
 
 
+def member_compressor(config: ml_collections.ConfigDict, model, variant: str):
+    """`fn(variables, masks, calib_images) -> Compressed`: one member's `variant` (the masks are
+    used by the pruned variants, the calibration images by the quantized ones)."""
+    settings = config.compress
+    pruned = variant.startswith("pruned")
+
+    def compress_member(v, m, calib):
+        return compress(variant, model, v, calib, m if pruned else None,
+                        reduce_range=settings.reduce_range, observer=settings.observer)
+
+    return compress_member
+
+
+def abstract_population(config: ml_collections.ConfigDict, model, variables, dataset: Dataset,
+                        variant: str):
+    """Shapes and static data of the compressed population of `variant` (for restoring it)."""
+    calib = jax.ShapeDtypeStruct(calibration_images(config, dataset).shape, jnp.float32)
+    masks = jax.eval_shape(
+        jax.vmap(lambda p: global_l1_masks(p, 1, exclude=config.compress.prune_exclude)),
+        variables["params"])
+    return jax.eval_shape(jax.vmap(member_compressor(config, model, variant), in_axes=(0, 0, None)),
+                          variables, masks, calib)
+
+
 def compress_population(config: ml_collections.ConfigDict, model, variables, dataset: Dataset,
                         chunk: int) -> dict:
-    """Results of every variant in `config.compress.variants` (see pipeline.py for the schema)."""
+    """Every variant in `config.compress.variants` of the population `variables`.
+
+    Returns {"variants": {name: results (schema in pipeline.py)}, "sparsity_search": ...,
+    "populations": {name: Compressed with a leading member axis}}.
+    """
     settings = config.compress
     size = jax.tree.leaves(variables)[0].shape[0]
     predict = make_predict(lambda c, x: apply_compressed(model, c, x), dataset.mean, dataset.std,
@@ -98,15 +126,11 @@ def compress_population(config: ml_collections.ConfigDict, model, variables, dat
               "tolerance_pp": settings.sparsity_tolerance_pp, "chosen": amount}
 
     calib = calibration_images(config, dataset)
-    results = {}
+    results, populations = {}, {}
     for variant in settings.variants:
-        pruned = variant.startswith("pruned")
-
-        def compress_member(v, m, variant=variant, pruned=pruned):
-            return compress(variant, model, v, calib, m if pruned else None,
-                            reduce_range=settings.reduce_range, observer=settings.observer)
-
-        compressed = chunked_vmap(compress_member, chunk, num_member_args=2)(variables, masks)
+        compressed = chunked_vmap(member_compressor(config, model, variant), chunk,
+                                  num_member_args=2)(variables, masks, calib)
+        populations[variant] = compressed
         _, accuracy = loss_and_accuracy(predict(compressed, dataset.test.images),
                                         dataset.test.labels)
         first = take_members(compressed, 0)
@@ -114,10 +138,10 @@ def compress_population(config: ml_collections.ConfigDict, model, variables, dat
             "accuracy": float(accuracy.mean()),
             "accuracy_std": float(accuracy.std()),
             "member_accuracy": accuracy.tolist(),
-            "sparsity": sparsity if pruned else None,
+            "sparsity": sparsity if variant.startswith("pruned") else None,
             "weight_bits": first.weight_bits,
             "activation_bits": first.activation_bits,
             "bytes": int(size_bytes(first)),
             "compression_ratio": float(compression_ratio(first, take_members(variables, 0))),
         }
-    return {"variants": results, "sparsity_search": search}
+    return {"variants": results, "sparsity_search": search, "populations": populations}

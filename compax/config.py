@@ -46,6 +46,27 @@ def base_config() -> ml_collections.ConfigDict:
     c.compress.calibration_images = 1000
     c.compress.observer = "histogram"  # or "minmax"
     c.compress.reduce_range = True  # fbgemm's 7-bit activation range, as PyTorch's default qconfig
+    # Layer ablation (Zee et al.): the variant "ablated" drops the last conv block, freezes the rest
+    # and retrains the head for this many epochs; 0 leaves it out.
+    c.compress.ablation_epochs = 0
+    # Analyses (compax.analysis) of every variant against the uncompressed population; a
+    # comma-separated subset of ANALYSES. Image counts of 0 mean the whole test set.
+    c.analysis = ml_collections.ConfigDict()
+    c.analysis.analyses = "classes,calibration,saliency,gradcam,hooker,embeddings,attacks"
+    c.analysis.ece_bins = 15
+    c.analysis.saliency_images = 0
+    c.analysis.most_changed = 20
+    c.analysis.alpha = 0.05
+    c.analysis.correction = "holm"  # multiple-testing correction of the Welch tests, or "none"
+    c.analysis.tsne_classes = 10  # the classes with the most test images
+    c.analysis.tsne_per_class = 60
+    c.analysis.attack_images = 64
+    c.analysis.attack_iterations = 100
+    c.analysis.attack_search_steps = 5
+    c.analysis.attack_confidence = 0.0
+    # Stages run (comma-separated, in this order): train, compress, analyse, report. A finished
+    # stage whose config and inputs have not changed is skipped.
+    c.stages = "train,compress,analyse,report"
     c.lock()
     return c
 

@@ -1,52 +1,64 @@
-"""What `launch.py` runs: load the data, train the population, compress it, evaluate every variant.
+"""What `launch.py` runs: the stages train -> compress -> analyse -> report of one config.
 
-The workdir holds `config.json` (the config the run was started with), `checkpoints/` (orbax, per
-epoch), `metrics.jsonl` (per epoch and member) and `results.json`:
+The workdir holds:
+
+    config.json            the config the run was started with
+    checkpoints/           orbax checkpoints of the training population (per epoch, newest 2)
+    metrics.jsonl          training metrics per epoch and member
+    variants/<name>/       orbax checkpoint of each compressed population
+    stages/<stage>.json    each stage's record (compax/stages.py) with the results it measured
+    analysis/arrays.npz    the arrays behind the figures (written by `analyse`)
+    results.json           everything measured, merged from the stage records (schema below)
+    report/                index.html, summary.md and the figures (written by `report`)
+
+A rerun with the same workdir skips the stages whose config and inputs have not changed and runs
+the others (`compax/stages.py`); `--config.stages=compress,analyse` runs a subset.
+
+results.json:
 
     {"dataset": {...}, "model": {...}, "epochs_trained": int,
      "members": [{"seed", "best_epoch", "val_loss", "val_accuracy"}, ...],
      "sparsity_search": {"levels", "val_accuracy" (population mean per level),
                          "baseline_val_accuracy", "tolerance_pp", "chosen"},
      "variants": {"baseline" | "pruned" | "w8a8" | "w4a8" | "pruned_w8a8" | "float16" |
-                  "bfloat16" | "dynamic_int8": {
+                  "bfloat16" | "dynamic_int8" | "ablated": {
          "accuracy": mean test accuracy over members, "accuracy_std", "member_accuracy": [...],
          "accuracy_diff_pp": mean over members of (variant - baseline) in percentage points,
          "sparsity": {"amount", "fraction_of_weights", "fraction_of_params", "layers"} or None,
-         "weight_bits", "activation_bits", "bytes" (as stored), "compression_ratio"}}}
+         "weight_bits", "activation_bits", "bytes" (as stored), "compression_ratio",
+         ... and the analyses of compax/analyse_population.py}},
+     "stages": {stage: {"finished", "wall_seconds", "code_version", "machine"}}}
 """
 
 import json
-import os
 import pathlib
-import tempfile
+import time
 
+import jax
 import ml_collections
 import numpy as np
 from absl import logging
 
-from compax.compress import storage_bytes
-from compax.compress_population import compress_population
+from compax import stages as stage_records
+from compax.analyse_population import analyse_population
+from compax.compress import compress, storage_bytes
+from compax.compress.store import restore_compressed, save_compressed
+from compax.compress_population import abstract_population, compress_population
 from compax.data import load_dataset
 from compax.errors import UserError
-from compax.models import count_params
+from compax.models import count_params, init_variables
+from compax.report import write_report
+from compax.stages import STAGES, StageRecords, parse_stages, write_json_atomic
 from compax.train import fit, loss_and_accuracy, make_predict, model_apply
 from compax.train.population import population_chunk, take_members
 
-# Keys that may change between a run and its resumption without invalidating its training
-# checkpoints (compression and evaluation are recomputed from the trained weights).
-RESUMABLE_KEYS = ("progress", "max_epochs", "eval_batch_size", "data_dir", "download",
-                  "population_chunk", "compress")
-
-
-def write_json_atomic(path: pathlib.Path, payload: dict) -> None:
-    """Writes JSON to a temporary file beside `path`, then renames it, so a kill leaves no half file."""
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
-        json.dump(payload, f, indent=1)
-    os.replace(f.name, path)
+# Training keys that may change between a run and its resumption: training continues from the
+# checkpoints (and the later stages run again).
+EXTENDABLE_KEYS = ("max_epochs",)
 
 
 def prepare_workdir(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
-    """Creates the workdir and records the config; refuses a workdir of a different run."""
+    """Creates the workdir and records the config; refuses a workdir trained with another config."""
     try:
         workdir.mkdir(parents=True, exist_ok=True)
         probe = workdir / ".write_test"
@@ -55,73 +67,210 @@ def prepare_workdir(config: ml_collections.ConfigDict, workdir: pathlib.Path) ->
     except OSError as e:
         raise UserError(f"workdir {workdir} is not writable ({e.strerror}): pass another"
                         " --workdir") from e
-    as_json = json.loads(json.dumps(config.to_dict()))  # tuples become lists, as when read back
-    wanted = {k: v for k, v in as_json.items() if k not in RESUMABLE_KEYS}
+    wanted = {k: v for k, v in stage_records.stage_config(config, "train").items()
+              if k not in EXTENDABLE_KEYS}
     recorded_path = workdir / "config.json"
     if recorded_path.exists():
-        recorded = {k: v for k, v in json.loads(recorded_path.read_text()).items()
-                    if k not in RESUMABLE_KEYS}
+        recorded_config = ml_collections.ConfigDict(json.loads(recorded_path.read_text()))
+        recorded = {k: v for k, v in stage_records.stage_config(recorded_config, "train").items()
+                    if k not in EXTENDABLE_KEYS}
         changed = sorted(k for k in wanted.keys() | recorded.keys()
                          if wanted.get(k) != recorded.get(k))
         if changed:
             k = changed[0]
-            raise UserError(f"workdir {workdir} holds a run with {k}={recorded.get(k)!r}, not"
-                            f" {wanted.get(k)!r}: use a new --workdir or delete the old one")
+            raise UserError(f"workdir {workdir} holds a population trained with {k}="
+                            f"{recorded.get(k)!r}, not {wanted.get(k)!r}: use a new --workdir or"
+                            " delete the old one")
     write_json_atomic(recorded_path, config.to_dict())
 
 
-def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
-    """Trains, compresses and evaluates the population of `config` in `workdir`; returns results."""
-    workdir = pathlib.Path(workdir)
-    prepare_workdir(config, workdir)
-    dataset = load_dataset(config.dataset, data_dir=config.data_dir, split_seed=config.split_seed,
-                           val_fraction=config.val_fraction, download=config.download)
-    logging.info("%s: %d train / %d val / %d test images, %d classes", dataset.name,
-                 len(dataset.train), len(dataset.val), len(dataset.test), dataset.num_classes)
-    trained = fit(config, dataset, workdir, progress=config.progress)
-    chunk = population_chunk(config.population_chunk, len(trained.seeds))
-    predict = make_predict(model_apply(trained.model), dataset.mean, dataset.std,
-                           config.eval_batch_size, chunk)
-    _, test_accuracy = loss_and_accuracy(predict(trained.variables, dataset.test.images),
-                                         dataset.test.labels)
-    state = trained.state
-    first = take_members(trained.variables, 0)
-    params = count_params(first["params"])
-    baseline = {
-        "params": params,
-        "accuracy": float(np.mean(test_accuracy)),
-        "accuracy_std": float(np.std(test_accuracy)),
-        "member_accuracy": test_accuracy.tolist(),
-        "sparsity": None,
-        "weight_bits": 32,
-        "activation_bits": 32,
-        "bytes": int(storage_bytes(first)),
-        "compression_ratio": 1.0,
-    }
-    results = {
-        "dataset": {"name": dataset.name, "train": len(dataset.train), "val": len(dataset.val),
-                    "test": len(dataset.test), "classes": dataset.num_classes},
-        "model": {"name": config.model, "width": config.model_width, "params": params},
-        "epochs_trained": int(state.epoch),
-        "members": [
-            {"seed": int(seed), "best_epoch": int(state.best_epoch[i]),
-             "val_loss": float(state.best_val_loss[i]),
-             "val_accuracy": next(float(h["val_accuracy"][i]) for h in trained.history
-                                  if h["epoch"] == int(state.best_epoch[i]))}
-            for i, seed in enumerate(trained.seeds)],
-        "variants": {"baseline": baseline},
-    }
-    logging.info("baseline: test accuracy %.4f (std %.4f over %d members)", baseline["accuracy"],
-                 baseline["accuracy_std"], len(trained.seeds))
-    if config.compress.variants:
-        compressed = compress_population(config, trained.model, trained.variables, dataset, chunk)
-        results["sparsity_search"] = compressed["sparsity_search"]
-        for name, variant in compressed["variants"].items():
-            variant["accuracy_diff_pp"] = float(
-                100 * np.mean(np.asarray(variant["member_accuracy"]) - test_accuracy))
-            results["variants"][name] = variant
+class Run:
+    """The stages of one config in one workdir, and what they pass on to each other."""
+
+    def __init__(self, config: ml_collections.ConfigDict, workdir: pathlib.Path):
+        self.config, self.workdir = config, workdir
+        self.records = StageRecords(workdir, config)
+        self.dataset = load_dataset(config.dataset, data_dir=config.data_dir,
+                                    split_seed=config.split_seed, val_fraction=config.val_fraction,
+                                    download=config.download)
+        logging.info("%s: %d train / %d val / %d test images, %d classes", self.dataset.name,
+                     len(self.dataset.train), len(self.dataset.val), len(self.dataset.test),
+                     self.dataset.num_classes)
+        self._trained = None
+
+    @property
+    def trained(self):
+        """The trained population (restored from the checkpoints when training is finished)."""
+        if self._trained is None:
+            self._trained = fit(self.config, self.dataset, self.workdir, progress=self.config.progress)
+        return self._trained
+
+    @property
+    def chunk(self) -> int:
+        return population_chunk(self.config.population_chunk, self.config.population)
+
+    def variant_models(self) -> dict:
+        """The flax module of every compressed variant (the ablated one has its own)."""
+        model = self.trained.model
+        names = list(self.config.compress.variants)
+        models = dict.fromkeys(names, model)
+        if self.config.compress.ablation_epochs:
+            models["ablated"] = model.clone(drop_last_block=True)
+        return models
+
+    # The stages. Each returns (results for results.json, output paths relative to the workdir).
+
+    def train(self) -> tuple[dict, list[str]]:
+        trained = self.trained
+        predict = make_predict(model_apply(trained.model), self.dataset.mean, self.dataset.std,
+                               self.config.eval_batch_size, self.chunk)
+        _, accuracy = loss_and_accuracy(predict(trained.variables, self.dataset.test.images),
+                                        self.dataset.test.labels)
+        first = take_members(trained.variables, 0)
+        params = count_params(first["params"])
+        state = trained.state
+        dataset = self.dataset
+        results = {
+            "dataset": {"name": dataset.name, "train": len(dataset.train), "val": len(dataset.val),
+                        "test": len(dataset.test), "classes": dataset.num_classes},
+            "model": {"name": self.config.model, "width": self.config.model_width, "params": params},
+            "epochs_trained": int(state.epoch),
+            "members": [
+                {"seed": int(seed), "best_epoch": int(state.best_epoch[i]),
+                 "val_loss": float(state.best_val_loss[i]),
+                 "val_accuracy": next(float(h["val_accuracy"][i]) for h in trained.history
+                                      if h["epoch"] == int(state.best_epoch[i]))}
+                for i, seed in enumerate(trained.seeds)],
+            "variants": {"baseline": {
+                "params": params, "accuracy": float(np.mean(accuracy)),
+                "accuracy_std": float(np.std(accuracy)), "member_accuracy": accuracy.tolist(),
+                "sparsity": None, "weight_bits": 32, "activation_bits": 32,
+                "bytes": int(storage_bytes(first)), "compression_ratio": 1.0}},
+        }
+        logging.info("baseline: test accuracy %.4f (std %.4f over %d members)",
+                     np.mean(accuracy), np.std(accuracy), len(trained.seeds))
+        return results, ["checkpoints", "metrics.jsonl"]
+
+    def compress(self) -> tuple[dict, list[str]]:
+        trained, config = self.trained, self.config
+        made = compress_population(config, trained.model, trained.variables, self.dataset,
+                                   self.chunk)
+        populations, variants = made["populations"], made["variants"]
+        if config.compress.ablation_epochs:
+            from compax.analysis.ablation import ablate
+
+            model, variables = ablate(
+                config.model, self.dataset.num_classes, config.model_width, trained.variables,
+                self.dataset, epochs=config.compress.ablation_epochs, batch_size=config.batch_size,
+                learning_rate=config.learning_rate, seed=config.seed, chunk=self.chunk,
+                augment=config.augment)
+            populations["ablated"] = jax.vmap(lambda v: compress("float32", model, v))(variables)
+            variants["ablated"] = self._ablated_results(model, populations["ablated"], variables)
+        baseline = self.records.read("train")["results"]["variants"]["baseline"]
+        for name, variant in variants.items():
+            variant["accuracy_diff_pp"] = float(100 * np.mean(
+                np.asarray(variant["member_accuracy"]) - np.asarray(baseline["member_accuracy"])))
             logging.info("%s: test accuracy %.4f (%+.2f pp), %d bytes (%.2fx smaller)", name,
                          variant["accuracy"], variant["accuracy_diff_pp"], variant["bytes"],
                          variant["compression_ratio"])
+        for name, population in populations.items():
+            save_compressed(self.workdir / "variants" / name, population)
+        return ({"sparsity_search": made["sparsity_search"], "variants": variants},
+                [f"variants/{name}" for name in populations])
+
+    def _ablated_results(self, model, population, variables) -> dict:
+        from compax.compress import apply_compressed
+
+        predict = make_predict(lambda c, x: apply_compressed(model, c, x), self.dataset.mean,
+                               self.dataset.std, self.config.eval_batch_size, self.chunk)
+        _, accuracy = loss_and_accuracy(predict(population, self.dataset.test.images),
+                                        self.dataset.test.labels)
+        first = take_members(variables, 0)
+        return {"accuracy": float(accuracy.mean()), "accuracy_std": float(accuracy.std()),
+                "member_accuracy": accuracy.tolist(), "sparsity": None, "weight_bits": 32,
+                "activation_bits": 32, "bytes": int(storage_bytes(first)),
+                "compression_ratio": float(storage_bytes(take_members(self.trained.variables, 0))
+                                           / storage_bytes(first)),
+                "params": count_params(first["params"])}
+
+    def load_populations(self) -> dict:
+        """The compressed populations written by the compress stage."""
+        trained, populations = self.trained, {}
+        for name, model in self.variant_models().items():
+            if name == "ablated":
+                keys = jax.random.split(jax.random.key(0), self.config.population)
+                like = jax.eval_shape(jax.vmap(lambda k, m=model: compress(
+                    "float32", m, init_variables(m, k))), keys)
+            else:
+                like = abstract_population(self.config, model, trained.variables, self.dataset,
+                                           name)
+            populations[name] = restore_compressed(self.workdir / "variants" / name, like)
+        return populations
+
+    def analyse(self) -> tuple[dict, list[str]]:
+        trained = self.trained
+        original = jax.vmap(lambda v: compress("float32", trained.model, v))(trained.variables)
+        summary, arrays = analyse_population(self.config, self.dataset, trained.model, original,
+                                             self.variant_models(), self.load_populations(),
+                                             self.chunk)
+        path = self.workdir / "analysis" / "arrays.npz"
+        path.parent.mkdir(exist_ok=True)
+        tmp = path.with_suffix(".tmp.npz")
+        np.savez_compressed(tmp, **arrays)
+        tmp.replace(path)
+        return summary, ["analysis/arrays.npz"]
+
+    def report(self) -> tuple[dict, list[str]]:
+        results = self.merged_results()
+        with np.load(self.workdir / "analysis" / "arrays.npz") as arrays:
+            outputs = write_report(self.workdir / "report", self.config, results, dict(arrays),
+                                   self.dataset)
+        return {}, outputs
+
+    def merged_results(self) -> dict:
+        """results.json: the results of every stage with a record, merged."""
+        merged = {"variants": {}, "stages": {}}
+        for stage in STAGES:
+            record = self.records.read(stage)
+            if record is None:
+                continue
+            for key, value in record.get("results", {}).items():
+                if key == "variants":
+                    for name, fields in value.items():
+                        merged["variants"].setdefault(name, {}).update(fields)
+                else:
+                    merged[key] = value
+            merged["stages"][stage] = {k: record[k] for k in
+                                       ("finished", "wall_seconds", "code_version", "machine")}
+        return merged
+
+
+def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
+    """Runs the stages of `config` in `workdir` (skipping those up to date); returns results.json."""
+    workdir = pathlib.Path(workdir)
+    wanted = parse_stages(config.stages)
+    prepare_workdir(config, workdir)
+    pipeline = Run(config, workdir)
+    records = pipeline.records
+    for stage in STAGES:
+        if stage not in wanted:
+            continue
+        missing = next((s for s in STAGES[:STAGES.index(stage)]
+                        if s not in wanted and not records.is_current(s)), None)
+        if missing:
+            needed = ",".join(STAGES[STAGES.index(missing):STAGES.index(stage) + 1])
+            raise UserError(f"stage {stage} needs the outputs of stage {missing}, which is"
+                            f" {records.why_stale(missing)}: run --config.stages={needed}")
+        if records.is_current(stage):
+            logging.info("stage %s: up to date (finished %s), skipped", stage,
+                         records.read(stage)["finished"])
+            continue
+        logging.info("stage %s: running (%s)", stage, records.why_stale(stage))
+        started = time.time()
+        results, outputs = getattr(pipeline, stage)()
+        records.finish(stage, started, outputs, results=results)
+        write_json_atomic(workdir / "results.json", pipeline.merged_results())
+        logging.info("stage %s: done in %.0f s", stage, time.time() - started)
+    results = pipeline.merged_results()
     write_json_atomic(workdir / "results.json", results)
     return results

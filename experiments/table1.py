@@ -14,17 +14,7 @@ import sys
 
 import numpy as np
 
-# Schwaiger et al. (2022), Table 1 (../shared/paper_table1.md): % pruned, accuracy, and the
-# differences (pp) of pruning, 4-bit, 8-bit and pruning + 8-bit.
-PAPER = {
-    ("lenet5", "gtsrb"): (54.8, 92.3, -0.4, -0.4, -0.2, -0.7),
-    ("lenet5", "cifar10"): (39.8, 74.8, -0.5, -7.9, -0.1, -0.6),
-    ("squeezenet", "gtsrb"): (49.4, 93.0, -0.8, -2.2, -0.2, -0.8),
-    ("squeezenet", "cifar10"): (49.4, 84.5, -0.4, -4.0, 0.0, -0.4),
-    ("resnet18", "gtsrb"): (67.4, 95.4, 0.0, -0.2, -0.1, -0.1),
-    ("resnet18", "cifar10"): (72.4, 86.5, 0.0, -0.9, -0.1, -0.2),
-}
-DIFFS = ("pruned", "w4a8", "w8a8", "pruned_w8a8")
+from compax.paper import TABLE1_VARIANTS, table1_row
 
 
 def pooled(workdirs: list[pathlib.Path]) -> dict:
@@ -54,15 +44,15 @@ def main(paths: list[str]) -> None:
     print("|---|---|---|---|---|---|---|---|---|---|")
     for (model, dataset), row in pooled([pathlib.Path(p) for p in paths]).items():
         base = 100 * np.asarray(row["acc"]["baseline"])
-        diffs = [fmt(100 * np.asarray(row["acc"][v]) - base) for v in DIFFS]
-        paper = PAPER.get((model, dataset))
+        diffs = [fmt(100 * np.asarray(row["acc"][v]) - base) for v in TABLE1_VARIANTS]
+        paper = table1_row(model, dataset)
         width = ",".join(str(w) for w in sorted(row["width"]))
         print(f"| {model} | {dataset} | {width} | {base.size} | {np.mean(row['params']):.1f}"
               f" ({np.mean(row['weights']):.1f}) | {base.mean():.2f} ± {base.std():.2f} | "
               + " | ".join(diffs) + " |")
         if paper:
-            print(f"| *paper* | | 1.0 | 1 | {paper[0]} | {paper[1]} | "
-                  + " | ".join(f"{d:+.1f}" for d in paper[2:]) + " |")
+            print(f"| *paper* | | 1.0 | 1 | {paper['pruned_percent']} | {paper['accuracy']} | "
+                  + " | ".join(f"{paper['diff_pp'][v]:+.1f}" for v in TABLE1_VARIANTS) + " |")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 import time
@@ -11,18 +12,14 @@ import pytest
 
 from compax import pipeline
 from compax.errors import UserError
-from tests.helpers import tiny_config, tiny_dataset
+from tests.helpers import small_study, tiny_config, tiny_dataset
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-VARIANTS = ("pruned", "w8a8", "w4a8", "pruned_w8a8", "float16", "bfloat16", "dynamic_int8")
+VARIANTS = ("pruned", "w8a8", "pruned_w8a8")  # those of tests.helpers.small_study
 
 
-def test_run_trains_compresses_and_writes_results(tmp_path, monkeypatch):
-    monkeypatch.setattr(pipeline, "load_dataset", lambda *a, **k: tiny_dataset())
-    config = tiny_config(population=2, max_epochs=2)
-    config.compress.sparsity_step = 0.1
-    config.compress.calibration_images = 64
-    results = pipeline.run(config, tmp_path)
+def test_run_trains_compresses_analyses_and_reports(study_run):
+    tmp_path, results = study_run
     assert json.loads((tmp_path / "results.json").read_text()) == results
     variants = results["variants"]
     assert set(variants) == {"baseline", *VARIANTS}
@@ -34,18 +31,64 @@ def test_run_trains_compresses_and_writes_results(tmp_path, monkeypatch):
         assert {"accuracy", "accuracy_diff_pp", "weight_bits", "activation_bits", "bytes",
                 "compression_ratio", "sparsity", "member_accuracy"} <= set(v)
         assert v["bytes"] < base["bytes"] and v["compression_ratio"] > 1
-    assert (variants["w8a8"]["weight_bits"], variants["w4a8"]["weight_bits"]) == (8, 4)
+    assert (variants["w8a8"]["weight_bits"], variants["pruned_w8a8"]["activation_bits"]) == (8, 8)
     search = results["sparsity_search"]
     assert variants["pruned"]["sparsity"]["amount"] == search["chosen"]
     chosen = search["levels"].index(search["chosen"]) if search["chosen"] else None
     if chosen is not None:  # the choice keeps validation accuracy within the tolerance
         assert search["val_accuracy"][chosen] >= search["baseline_val_accuracy"] - 0.01 - 1e-9
     assert results["members"][0]["seed"] == 0 and results["members"][1]["seed"] == 1
+    for name in VARIANTS:  # the analyses' headline numbers
+        v = variants[name]
+        assert 0 <= v["disagreement"] <= 1 and 0 <= v["ece"] <= 1 and -1 <= v["hcc_mean"] <= 1 + 1e-6
+        assert {"max_class_acc_change_pp", "max_confusion_change_pp", "confidence_diff",
+                "delta_ece", "saliency_mad_mean", "roi_saliency_mass_change", "gradcam_mad_mean",
+                "tsne_silhouette", "cie", "band"} <= set(v)
+        assert isinstance(v["cie"]["significant_classes"], list) and v["cie"]["pies"] >= 0
+    assert set(results["stages"]) == {"train", "compress", "analyse", "report"}
+    page = (tmp_path / "report" / "index.html").read_text()
+    for image in re.findall(r"src='([^']+)'", page):
+        assert (tmp_path / "report" / image).is_file(), image
+    assert "Table 1" in (tmp_path / "report" / "summary.md").read_text()
+
+
+def test_stages_are_skipped_when_current_and_rerun_when_their_config_changes(tmp_path, monkeypatch,
+                                                                             caplog):
+    monkeypatch.setattr(pipeline, "load_dataset", lambda *a, **k: tiny_dataset())
+    config = small_study()
+    config.compress.variants = ("pruned", "w8a8")
+    config.analysis.analyses = "classes"
+    pipeline.run(config, tmp_path)
+    records = {s: json.loads((tmp_path / "stages" / f"{s}.json").read_text()) for s in
+               ("train", "compress", "analyse", "report")}
+    caplog.set_level("INFO")
+    pipeline.run(config, tmp_path)
+    assert all(f"stage {s}: up to date" in caplog.text for s in records)
+    caplog.clear()
+    config.compress.sparsity_tolerance_pp = 5.0
+    pipeline.run(config, tmp_path)
+    assert "stage train: up to date" in caplog.text
+    assert "stage compress: running (config changed (compress))" in caplog.text
+    assert "stage analyse: running (an earlier stage was run again)" in caplog.text
+    after = {s: json.loads((tmp_path / "stages" / f"{s}.json").read_text()) for s in records}
+    assert after["train"] == records["train"]
+    assert after["compress"]["fingerprint"] != records["compress"]["fingerprint"]
+    assert after["analyse"]["inputs"]["compress"] == after["compress"]["fingerprint"]
+
+
+def test_a_stage_without_its_inputs_names_the_stage_to_run_first(tmp_path, monkeypatch):
+    monkeypatch.setattr(pipeline, "load_dataset", lambda *a, **k: tiny_dataset())
+    config = small_study(stages="analyse,report")
+    with pytest.raises(UserError, match="stage analyse needs the outputs of stage train, which is"
+                                        " not run yet: run --config.stages=train,compress,analyse"):
+        pipeline.run(config, tmp_path)
+    with pytest.raises(UserError, match="unknown stage 'plot'"):
+        pipeline.run(small_study(stages="train,plot"), tmp_path)
 
 
 def test_workdir_of_another_run_is_refused(tmp_path):
     pipeline.prepare_workdir(tiny_config(), tmp_path)
-    with pytest.raises(UserError, match="holds a run with seed=0, not 3"):
+    with pytest.raises(UserError, match="holds a population trained with seed=0, not 3"):
         pipeline.prepare_workdir(tiny_config(seed=3), tmp_path)
     pipeline.prepare_workdir(tiny_config(max_epochs=9), tmp_path)  # may grow on resume
 
