@@ -46,10 +46,11 @@ from compax.compress.store import restore_compressed, save_compressed
 from compax.compress_population import abstract_population, compress_population
 from compax.data import load_dataset
 from compax.errors import UserError
-from compax.models import count_params, init_variables
+from compax.models import count_params, get_model, init_variables
 from compax.report import write_report
 from compax.stages import STAGES, StageRecords, parse_stages, write_json_atomic
 from compax.train import fit, loss_and_accuracy, make_predict, model_apply
+from compax.train.memory import check_population_fits
 from compax.train.population import population_chunk, take_members
 
 # Training keys that may change between a run and its resumption: training continues from the
@@ -96,6 +97,8 @@ class Run:
         logging.info("%s: %d train / %d val / %d test images, %d classes", self.dataset.name,
                      len(self.dataset.train), len(self.dataset.val), len(self.dataset.test),
                      self.dataset.num_classes)
+        check_population_fits(get_model(config.model, self.dataset.num_classes, config.model_width),
+                              config.population)
         self._trained = None
 
     @property

@@ -109,6 +109,11 @@ def launch(*args, env=None):
     (["--config=configs/gtsrb_lenet.py"], {"COMPAX_DATA_DIR": "/nonexistent/data"},
      "COMPAX_DATA_DIR"),
     (["--config=configs/quickstart.py", "--workdir=/proc/compax"], None, "not writable"),
+    (["--config=configs/quickstart.py", "--config.population=100000000"], None,
+     "lower --config.population"),
+    (["--config=configs/quickstart.py", "--config.stages=train,plot"], None, "unknown stage 'plot'"),
+    (["--config=configs/quickstart.py", "--config.analysis.analyses=classes,lime"], None,
+     "unknown analysis 'lime'"),
 ])
 def test_bad_input_is_one_line_and_exit_status_2(args, env, message, tmp_path):
     if not any(a.startswith("--workdir") for a in args):
@@ -118,6 +123,27 @@ def test_bad_input_is_one_line_and_exit_status_2(args, env, message, tmp_path):
     lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and message in lines[0], result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_nan_loss_stops_with_the_epoch_and_step_and_keeps_finished_work(tmp_path, monkeypatch):
+    monkeypatch.setattr(pipeline, "load_dataset", lambda *a, **k: tiny_dataset())
+    with pytest.raises(UserError, match=r"training loss became (nan|inf) at epoch 1, step \d+"):
+        pipeline.run(tiny_config(learning_rate=1e30, stages="train"), tmp_path)
+    assert not (tmp_path / "stages" / "train.json").exists()
+
+
+def test_corrupt_checkpoint_is_one_error_that_leaves_results_untouched(tmp_path, monkeypatch):
+    monkeypatch.setattr(pipeline, "load_dataset", lambda *a, **k: tiny_dataset())
+    config = tiny_config(max_epochs=1, stages="train")
+    pipeline.run(config, tmp_path)
+    before = (tmp_path / "results.json").read_bytes()
+    for path in (tmp_path / "checkpoints" / "1").rglob("*"):
+        if path.is_file() and path.stat().st_size > 100:
+            path.write_bytes(b"\0" * path.stat().st_size)
+    config.max_epochs = 2  # training goes on from the corrupt checkpoint
+    with pytest.raises(UserError, match="cannot be restored .*delete that folder"):
+        pipeline.run(config, tmp_path)
+    assert (tmp_path / "results.json").read_bytes() == before
 
 
 @pytest.mark.slow
