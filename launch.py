@@ -60,9 +60,11 @@ def main(argv):
         _fail("no config given: pass --config=configs/<name>.py (configs/quickstart.py needs no"
               " data files)")
     from compax import pipeline  # after flag parsing: importing jax is slow
+    from compax.distributed import initialize_distributed
 
     workdir = _WORKDIR.value or default_workdir(flags.FLAGS["config"].config_filename)
     try:
+        initialize_distributed()  # only where a cluster launcher (Slurm, mpirun, TPU pod) set it up
         pipeline.run(_CONFIG.value, workdir)
     except UserError as e:
         _fail(str(e))

@@ -30,6 +30,7 @@ from absl import logging
 from compax.analysis import attacks, calibration, classes, embeddings, gradcam, hooker, saliency
 from compax.compress import apply_compressed
 from compax.data import Dataset, normalize
+from compax.distributed import to_host
 from compax.errors import UserError
 from compax.train.population import chunked_vmap, take_members
 from compax.train.steps import make_predict
@@ -99,8 +100,7 @@ class PopulationAnalysis:
         """Maps (P, S, H, W) of `method` (saliency or Grad-CAM) on the saliency subset."""
         index = self.saliency_index
         fn = chunked_vmap(lambda c, x, y: method(model, c, x, y), self.chunk, num_member_args=1)
-        return np.asarray(fn(population, jnp.asarray(self.x[index]),
-                             jnp.asarray(self.labels[index])))
+        return to_host(fn(population, jnp.asarray(self.x[index]), jnp.asarray(self.labels[index])))
 
     def analyse(self, name: str, model, population) -> tuple[dict, dict]:
         """(results, arrays) of the variant `name` against the original population."""

@@ -25,6 +25,7 @@ from compax.compress import (
 )
 from compax.compress.sweep import level_counts, sparsity_sweep
 from compax.data import Dataset, normalize
+from compax.distributed import to_host
 from compax.train.population import chunked_vmap, take_members
 from compax.train.steps import loss_and_accuracy, make_predict, model_apply
 
@@ -51,7 +52,7 @@ def sweep_validation_accuracy(model, variables, dataset: Dataset, levels, exclud
                                     x, labels, batch_size)
         return sparsity_sweep(v["params"], levels, accuracy, exclude=exclude, batch_size=1)
 
-    return np.asarray(chunked_vmap(member_sweep, chunk, num_member_args=1)(variables))
+    return to_host(chunked_vmap(member_sweep, chunk, num_member_args=1)(variables))
 
 
 def calibration_images(config: ml_collections.ConfigDict, dataset: Dataset) -> jax.Array:

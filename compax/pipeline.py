@@ -45,6 +45,7 @@ from compax.compress import compress, storage_bytes
 from compax.compress.store import restore_compressed, save_compressed
 from compax.compress_population import abstract_population, compress_population
 from compax.data import load_dataset
+from compax.distributed import is_main_process
 from compax.errors import UserError
 from compax.models import count_params, get_model, init_variables
 from compax.report import write_report
@@ -217,13 +218,16 @@ class Run:
                                              self.variant_models(), self.load_populations(),
                                              self.chunk)
         path = self.workdir / "analysis" / "arrays.npz"
-        path.parent.mkdir(exist_ok=True)
-        tmp = path.with_suffix(".tmp.npz")
-        np.savez_compressed(tmp, **arrays)
-        tmp.replace(path)
+        if is_main_process():
+            path.parent.mkdir(exist_ok=True)
+            tmp = path.with_suffix(".tmp.npz")
+            np.savez_compressed(tmp, **arrays)
+            tmp.replace(path)
         return summary, ["analysis/arrays.npz"]
 
     def report(self) -> tuple[dict, list[str]]:
+        if not is_main_process():
+            return {}, []
         results = self.merged_results()
         with np.load(self.workdir / "analysis" / "arrays.npz") as arrays:
             outputs = write_report(self.workdir / "report", self.config, results, dict(arrays),
@@ -272,8 +276,10 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
         started = time.time()
         results, outputs = getattr(pipeline, stage)()
         records.finish(stage, started, outputs, results=results)
-        write_json_atomic(workdir / "results.json", pipeline.merged_results())
+        if is_main_process():
+            write_json_atomic(workdir / "results.json", pipeline.merged_results())
         logging.info("stage %s: done in %.0f s", stage, time.time() - started)
     results = pipeline.merged_results()
-    write_json_atomic(workdir / "results.json", results)
+    if is_main_process():
+        write_json_atomic(workdir / "results.json", results)
     return results

@@ -24,6 +24,7 @@ import time
 
 import ml_collections
 
+from compax.distributed import is_main_process
 from compax.errors import UserError
 
 STAGES = ("train", "compress", "analyse", "report")
@@ -147,7 +148,8 @@ class StageRecords:
             "outputs": outputs,
             **extra,
         }
-        write_json_atomic(self.path(stage), record)
+        if is_main_process():  # multi-host: one writer, on the shared workdir
+            write_json_atomic(self.path(stage), record)
         return record
 
 

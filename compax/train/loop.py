@@ -17,9 +17,11 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
+from jax.sharding import Mesh
 from tqdm import tqdm
 
 from compax.data import Dataset
+from compax.distributed import default_mesh, is_main_process, replicate, shard_members, to_host
 from compax.errors import UserError
 from compax.models import get_model
 from compax.train.checkpoint import PopulationCheckpoints
@@ -93,9 +95,14 @@ def _check_finite(losses: np.ndarray, active: np.ndarray, epoch: int, seeds: np.
 
 
 def fit(config: ml_collections.ConfigDict, dataset: Dataset, workdir: str | pathlib.Path,
-        progress: bool = True) -> TrainResult:
-    """Trains the population described by `config` on `dataset`, resuming from `workdir`."""
+        progress: bool = True, mesh: Mesh | None = None) -> TrainResult:
+    """Trains the population described by `config` on `dataset`, resuming from `workdir`.
+
+    The members are split over the devices of `mesh` (default: all of them, on every host); on a
+    multi-host run every process calls `fit` alike and only the main process writes metrics.
+    """
     workdir = pathlib.Path(workdir)
+    mesh = mesh or default_mesh()
     model = get_model(config.model, dataset.num_classes, config.model_width)
     tx = make_optimizer(config)
     seeds = population_seeds(config)
@@ -105,28 +112,31 @@ def fit(config: ml_collections.ConfigDict, dataset: Dataset, workdir: str | path
         raise UserError(f"batch_size {batch_size} exceeds the {len(dataset.train)} training images:"
                         " lower --config.batch_size")
 
-    state = init_population(model, tx, jnp.asarray(seeds))
+    state = shard_members(init_population(model, tx, jnp.asarray(seeds)), mesh)
     checkpoints = PopulationCheckpoints(workdir / "checkpoints")
     if checkpoints.latest_epoch() is not None:
         state = checkpoints.restore(state)
         logging.info("Resuming from the checkpoint of epoch %d in %s", int(state.epoch), workdir)
     metrics_path = workdir / "metrics.jsonl"
     history = _read_history(metrics_path, int(state.epoch))
-    metrics_path.write_text("".join(json.dumps(h) + "\n" for h in history))
+    if is_main_process():
+        metrics_path.write_text("".join(json.dumps(h) + "\n" for h in history))
 
-    chunk = population_chunk(config.population_chunk, len(seeds))
-    train_step = make_train_step(model, tx, dataset.mean, dataset.std, config.augment, chunk)
-    predict = make_predict(model_apply(model), dataset.mean, dataset.std, config.eval_batch_size, chunk)
-    images, labels = jnp.asarray(dataset.train.images), jnp.asarray(dataset.train.labels)
+    chunk = population_chunk(config.population_chunk, len(seeds), mesh)
+    train_step = make_train_step(model, tx, dataset.mean, dataset.std, config.augment, chunk, mesh)
+    predict = make_predict(model_apply(model), dataset.mean, dataset.std, config.eval_batch_size,
+                           chunk, mesh)
+    images, labels = replicate((dataset.train.images, dataset.train.labels), mesh)
     data_keys = member_keys(jnp.asarray(seeds), DATA)
     aug_keys = member_keys(jnp.asarray(seeds), AUGMENT)
     dropout_keys = member_keys(jnp.asarray(seeds), DROPOUT)
 
-    bar = tqdm(total=config.max_epochs, initial=int(state.epoch), disable=not progress,
+    bar = tqdm(total=config.max_epochs, initial=int(state.epoch),
+               disable=not (progress and is_main_process()),
                desc=f"train {config.model} x{len(seeds)}", unit="epoch", dynamic_ncols=True)
     while int(state.epoch) < config.max_epochs and not bool(state.stopped.all()):
         epoch = int(state.epoch) + 1
-        active = ~np.asarray(state.stopped)
+        active = ~to_host(state.stopped)
         start = time.perf_counter()
         # Only members that have not stopped train; the others keep their weights untouched.
         members = np.flatnonzero(active)
@@ -141,13 +151,14 @@ def fit(config: ml_collections.ConfigDict, dataset: Dataset, workdir: str | path
                 images, labels, jnp.int32(epoch), jnp.int32(step))
             step_losses.append(loss)
             step_accuracies.append(accuracy)
-        state = state.replace(params=put_members(state.params, members, params),
-                              batch_stats=put_members(state.batch_stats, members, batch_stats),
-                              opt_state=put_members(state.opt_state, members, opt_state))
+        state = shard_members(state.replace(
+            params=put_members(state.params, members, params),
+            batch_stats=put_members(state.batch_stats, members, batch_stats),
+            opt_state=put_members(state.opt_state, members, opt_state)), mesh)
         losses = np.full((steps, len(seeds)), np.nan, np.float32)
-        losses[:, members] = np.asarray(jnp.stack(step_losses))
+        losses[:, members] = to_host(jnp.stack(step_losses))
         accuracies = np.full((steps, len(seeds)), np.nan, np.float32)
-        accuracies[:, members] = np.asarray(jnp.stack(step_accuracies))
+        accuracies[:, members] = to_host(jnp.stack(step_accuracies))
         _check_finite(losses, active, epoch, seeds)
         val_loss, val_accuracy = loss_and_accuracy(
             predict(variables_of(state.params, state.batch_stats), dataset.val.images),
@@ -165,8 +176,9 @@ def fit(config: ml_collections.ConfigDict, dataset: Dataset, workdir: str | path
             "best_epoch": np.asarray(state.best_epoch).tolist(),
         }
         history.append(record)
-        with metrics_path.open("a") as f:
-            f.write(json.dumps(record).replace("NaN", "null") + "\n")
+        if is_main_process():
+            with metrics_path.open("a") as f:
+                f.write(json.dumps(record).replace("NaN", "null") + "\n")
         bar.update(1)
         bar.set_postfix(loss=f"{np.nanmean(record['train_loss']):.3f}",
                         acc=f"{np.nanmean(record['train_accuracy']):.3f}",

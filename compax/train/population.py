@@ -12,53 +12,129 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import logging
+from jax.sharding import Mesh
 
+from compax.distributed import (
+    POPULATION,
+    default_mesh,
+    free_device_bytes,
+    member_sharding,
+    members_per_device_that_fit,
+    pad_members,
+    population_devices,
+    replicate,
+    shard_members,
+)
 from compax.models import init_variables
 
 # Streams derived from a member's seed.
 INIT, DATA, AUGMENT, DROPOUT = range(4)
 
 
-def population_chunk(requested: int, size: int) -> int:
+def population_chunk(requested: int, size: int, mesh: Mesh | None = None) -> int:
     """How many members one vmap holds (`chunked_vmap`); 0 means automatic.
 
-    Automatic: the whole population on accelerators; one member at a time on the CPU, where a
-    LeNet-5 step runs at ~2,600 images/s per member alone but ~720 vmapped over 4 members (XLA:CPU
-    turns a vmapped convolution into a grouped one) or looped inside the program with `lax.map`.
+    Automatic: the whole population on accelerators (where `chunked_vmap` lowers it to what fits
+    the device memory); on the CPU one member per device of the mesh's population axis, i.e. one
+    at a time on a single CPU, where a LeNet-5 step runs at ~2,600 images/s per member alone but
+    ~720 vmapped over 4 members (XLA:CPU turns a vmapped convolution into a grouped one) or looped
+    inside the program with `lax.map`.
     """
     if requested < 0:
         raise ValueError(f"population_chunk must be >= 0, got {requested}")
     if requested == 0:
-        return 1 if jax.default_backend() == "cpu" else size
+        mesh = mesh or default_mesh()
+        return min(population_devices(mesh), size) if jax.default_backend() == "cpu" else size
     return min(requested, size)
 
 
-def chunked_vmap(fn, chunk: int, num_member_args: int):
-    """`fn` vmapped over the members of its first `num_member_args` arguments, in chunks.
+def chunked_vmap(fn, chunk: int, num_member_args: int, mesh: Mesh | None = None):
+    """`fn` vmapped over the members of its first `num_member_args` arguments, in chunks, sharded.
 
-    The other arguments are shared by all members. Each chunk of `chunk` members runs as one
-    jit-compiled vmap and the chunks are dispatched one after another from the host, so the result
-    is the same for every chunk size; a chunk as large as the population is one plain vmap. This
-    is how a population larger than memory, or a CPU that runs vmapped convolutions slowly, is
-    served without changing models or analyses.
+    The other arguments are shared by all members and copied to every device of `mesh` (default:
+    all devices, `compax.distributed.default_mesh`). Each chunk of `chunk` members is padded to a
+    multiple of the mesh's population axis by repeating its last member (the padded outputs are
+    dropped), split over that axis with a `NamedSharding` and run as one jit-compiled vmap;
+    the chunks are dispatched one after another from the host, so the result is the same for
+    every chunk size and every mesh, and a chunk as large as the population on a mesh of one
+    device is one plain vmap. Outputs keep the member sharding (`compax.distributed.to_host`
+    brings them to numpy on multi-host runs).
+
+    Where the devices report their memory (GPU, TPU), the first call for each argument shape
+    compiles the chunk's program and reads XLA's memory analysis of it; a chunk that would not
+    fit in the free device memory is lowered to the members that do
+    (`compax.distributed.members_per_device_that_fit`), so a population larger than the devices
+    runs in several chunks without setting `population_chunk`.
     """
+    mesh = mesh or default_mesh()
+    devices = population_devices(mesh)
     in_axes = (0,) * num_member_args
     compiled = {}  # one jitted vmap per number of shared arguments
+    fitted = {}  # the chunk that fits device memory, per argument signature
+    reports_memory = free_device_bytes(mesh) is not None
+    # `count` members from `start`, padded to a multiple of the devices and split over them, in
+    # one program per count.
+    member_chunk = jax.jit(lambda members, start, count: pad_members(jax.tree.map(
+        lambda x: jax.lax.dynamic_slice_in_dim(x, start, count), members), devices),
+        static_argnums=2, out_shardings=member_sharding(mesh))
+    first_members = jax.jit(lambda out, count: take_members(out, slice(0, count)),
+                            static_argnums=1)
 
     def call(*args):
-        shared = len(args) - num_member_args
-        if shared not in compiled:
-            compiled[shared] = jax.jit(jax.vmap(fn, in_axes=in_axes + (None,) * shared))
-        batched = compiled[shared]
-        members, rest = args[:num_member_args], args[num_member_args:]
+        members, shared = args[:num_member_args], replicate(args[num_member_args:], mesh)
+        if len(shared) not in compiled:
+            compiled[len(shared)] = jax.jit(jax.vmap(fn, in_axes=in_axes + (None,) * len(shared),
+                                                     spmd_axis_name=POPULATION))
+        batched = compiled[len(shared)]
         size = jax.tree.leaves(members)[0].shape[0]
-        if chunk >= size:
-            return batched(*members, *rest)
-        outputs = [batched(*take_members(members, slice(i, i + chunk)), *rest)
-                   for i in range(0, size, chunk)]
-        return jax.tree.map(lambda *xs: jnp.concatenate(xs), *outputs)
+        step = min(chunk, size)
+        if reports_memory:
+            signature = (jax.tree.structure(args),
+                         tuple((np.shape(x), getattr(x, "dtype", None)) for x in jax.tree.leaves(args)))
+            if signature not in fitted:
+                fitted[signature] = _chunk_that_fits(batched, members, shared, step, mesh)
+            step = fitted[signature]
+
+        def run(start, stop):
+            count = stop - start
+            if count == size and count % devices == 0:
+                part = shard_members(members, mesh)  # no copy when the members are placed already
+            else:
+                part = member_chunk(members, start, count)
+            out = batched(*part, *shared)
+            return out if count % devices == 0 else first_members(out, count)
+
+        if step >= size:
+            return run(0, size)
+        return _concatenate_members([run(i, min(i + step, size)) for i in range(0, size, step)])
 
     return call
+
+
+@jax.jit
+def _concatenate_members(parts: list):
+    """The populations in `parts` (pytrees of one structure) joined along the member axis."""
+    return jax.tree.map(lambda *xs: jnp.concatenate(xs), *parts)
+
+
+def _chunk_that_fits(batched, members, shared, chunk: int, mesh: Mesh) -> int:
+    """`chunk`, or the largest multiple of the population-axis size whose program fits in memory."""
+    devices = population_devices(mesh)
+    per_device = -(-chunk // devices)
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct((per_device * devices, *x.shape[1:]), x.dtype,
+                                       sharding=member_sharding(mesh)), members)
+    stats = batched.lower(*abstract, *shared).compile().memory_analysis()
+    need = (stats.argument_size_in_bytes + stats.output_size_in_bytes + stats.temp_size_in_bytes
+            - stats.alias_size_in_bytes)
+    shared_bytes = sum(x.nbytes for x in jax.tree.leaves(shared))
+    fit = members_per_device_that_fit(free_device_bytes(mesh), need, shared_bytes, per_device)
+    if fit >= per_device:
+        return chunk
+    logging.info("%d members per device need %.1f MiB, %.1f MiB free: chunks of %d members",
+                 per_device, need / 2**20, free_device_bytes(mesh) / 2**20, fit * devices)
+    return fit * devices
 
 
 def take_members(tree, index: int | np.ndarray | slice):

@@ -11,8 +11,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import Mesh
 
 from compax.data import augment_flip_crop, normalize
+from compax.distributed import default_mesh, shard_batch, to_host
 from compax.train.population import chunked_vmap, variables_of
 
 
@@ -29,14 +31,17 @@ def epoch_order(data_keys: jax.Array, epoch: jax.Array, num_examples: int, steps
 
 
 def make_train_step(model, tx: optax.GradientTransformation, mean: np.ndarray, std: np.ndarray,
-                    augment: bool, chunk: int) -> Callable:
+                    augment: bool, chunk: int, mesh: Mesh | None = None) -> Callable:
     """`train_step(params, batch_stats, opt_state, order, aug_keys, dropout_keys, images, labels,
     epoch, step) -> (params, batch_stats, opt_state, loss, accuracy)`.
 
     The first six arguments have a leading member axis (`order` from `epoch_order`, one key per
     member); `images` (N, H, W, C) uint8 and `labels` (N,) are the whole training set, shared.
-    `chunk` members at a time are vmapped (`chunked_vmap`).
+    `chunk` members at a time are vmapped and split over the devices of `mesh` (`chunked_vmap`),
+    each member's batch over the mesh's `data` axis (`shard_batch`).
     """
+    mesh = mesh or default_mesh()
+
     def member_step(params, batch_stats, opt_state, order, aug_key, dropout_key, images, labels,
                     epoch, step):
         index = order[step]
@@ -46,7 +51,7 @@ def make_train_step(model, tx: optax.GradientTransformation, mean: np.ndarray, s
                                 for k in (aug_key, dropout_key))
         if augment:
             images = augment_flip_crop(aug_key, images)
-        x = normalize(images, mean, std)
+        x = shard_batch(normalize(images, mean, std), mesh)
 
         def loss_fn(p):
             logits, updates = model.apply(variables_of(p, batch_stats), x, train=True,
@@ -59,20 +64,23 @@ def make_train_step(model, tx: optax.GradientTransformation, mean: np.ndarray, s
         accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
         return optax.apply_updates(params, updates), new_batch_stats, new_opt_state, loss, accuracy
 
-    return chunked_vmap(member_step, chunk, num_member_args=6)
+    return chunked_vmap(member_step, chunk, num_member_args=6, mesh=mesh)
 
 
 def make_predict(apply_fn: Callable, mean: np.ndarray, std: np.ndarray, batch_size: int,
-                 chunk: int) -> Callable:
+                 chunk: int, mesh: Mesh | None = None) -> Callable:
     """`predict(population, images) -> logits (P, N, classes)`.
 
     `apply_fn(member, x)` gives one member's logits for normalised images `x`; `population` is
     whatever it takes (variables, a compressed variant, ...) with a leading member axis. Runs in
     fixed-size batches (the last one padded) so that one compiled program serves any N, `chunk`
-    members at a time vmapped (`chunked_vmap`).
+    members at a time vmapped and split over the devices of `mesh` (`chunked_vmap`), each batch
+    over the mesh's `data` axis. The logits come back to this host (from every host, if several).
     """
-    predict_batch = chunked_vmap(lambda member, images: apply_fn(member, normalize(images, mean, std)),
-                                 chunk, num_member_args=1)
+    mesh = mesh or default_mesh()
+    predict_batch = chunked_vmap(
+        lambda member, images: apply_fn(member, shard_batch(normalize(images, mean, std), mesh)),
+        chunk, num_member_args=1, mesh=mesh)
 
     def predict(population, images: np.ndarray) -> np.ndarray:
         num = images.shape[0]
@@ -81,7 +89,7 @@ def make_predict(apply_fn: Callable, mean: np.ndarray, std: np.ndarray, batch_si
             images = np.concatenate([images, np.zeros((pad, *images.shape[1:]), images.dtype)])
         batches = [predict_batch(population, images[i:i + batch_size])
                    for i in range(0, images.shape[0], batch_size)]
-        return np.concatenate([np.asarray(b) for b in batches], axis=1)[:, :num]
+        return np.concatenate([to_host(b) for b in batches], axis=1)[:, :num]
 
     return predict
 
