@@ -16,7 +16,10 @@ Returns (summary, arrays): `summary["variants"][name]` adds to results.json (see
     gradcam_mad_mean, gradcam_hcc_mean, tsne_silhouette, attack {...},
     cie {significant_classes, count, pies, pie_share, ...}, band {...}
 
-and `arrays` (numpy, keyed "<variant>.<name>") are what the report draws.
+Scalars are means over members: max_class_acc_change_pp is the mean of each member's signed
+largest class change (members whose largest changes have opposite signs partly cancel), while
+largest_class_changes / largest_confusion_changes rank the member-mean changes. `arrays` (numpy,
+keyed "<variant>.<name>") are what the report draws.
 """
 
 import time
@@ -36,6 +39,7 @@ from compax.train.population import chunked_vmap, take_members
 from compax.train.steps import make_predict
 
 SHOWCASE = 8
+CORRECTIONS = ("none", "bonferroni", "holm", "fdr_bh")  # of the Welch tests' p-values
 ANALYSES = ("classes", "calibration", "saliency", "gradcam", "hooker", "embeddings", "attacks")
 
 

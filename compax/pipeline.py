@@ -40,7 +40,7 @@ import numpy as np
 from absl import logging
 
 from compax import stages as stage_records
-from compax.analyse_population import analyse_population
+from compax.analyse_population import CORRECTIONS, analyse_population, parse_analyses
 from compax.compress import compress, storage_bytes
 from compax.compress.store import restore_compressed, save_compressed
 from compax.compress_population import abstract_population, compress_population
@@ -256,6 +256,10 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
     """Runs the stages of `config` in `workdir` (skipping those up to date); returns results.json."""
     workdir = pathlib.Path(workdir)
     wanted = parse_stages(config.stages)
+    parse_analyses(config.analysis.analyses)  # bad names fail now, not after training
+    if config.analysis.correction not in CORRECTIONS:
+        raise UserError(f"unknown correction {config.analysis.correction!r} in"
+                        f" --config.analysis.correction: use one of {', '.join(CORRECTIONS)}")
     prepare_workdir(config, workdir)
     pipeline = Run(config, workdir)
     records = pipeline.records

@@ -49,7 +49,7 @@ def small_study(**overrides) -> ml_collections.ConfigDict:
     config.compress.sparsity_step = 0.1
     config.compress.calibration_images = 64
     config.compress.variants = ("pruned", "w8a8", "pruned_w8a8")
-    config.analysis.analyses = "classes,calibration,saliency,gradcam,hooker,embeddings"
+    config.analysis.analyses = "classes,calibration,saliency,gradcam,hooker"
     config.analysis.saliency_images = 48
     config.analysis.tsne_classes = 4
     config.analysis.tsne_per_class = 10

@@ -43,7 +43,7 @@ def test_run_trains_compresses_analyses_and_reports(study_run):
         assert 0 <= v["disagreement"] <= 1 and 0 <= v["ece"] <= 1 and -1 <= v["hcc_mean"] <= 1 + 1e-6
         assert {"max_class_acc_change_pp", "max_confusion_change_pp", "confidence_diff",
                 "delta_ece", "saliency_mad_mean", "roi_saliency_mass_change", "gradcam_mad_mean",
-                "tsne_silhouette", "cie", "band"} <= set(v)
+                "cie", "band"} <= set(v)
         assert isinstance(v["cie"]["significant_classes"], list) and v["cie"]["pies"] >= 0
     assert set(results["stages"]) == {"train", "compress", "analyse", "report"}
     page = (tmp_path / "report" / "index.html").read_text()
@@ -114,6 +114,8 @@ def launch(*args, env=None):
     (["--config=configs/quickstart.py", "--config.stages=train,plot"], None, "unknown stage 'plot'"),
     (["--config=configs/quickstart.py", "--config.analysis.analyses=classes,lime"], None,
      "unknown analysis 'lime'"),
+    (["--config=configs/quickstart.py", "--config.analysis.correction=sidak"], None,
+     "unknown correction 'sidak'"),
 ])
 def test_bad_input_is_one_line_and_exit_status_2(args, env, message, tmp_path):
     if not any(a.startswith("--workdir") for a in args):
