@@ -20,6 +20,7 @@ from compax.analysis.saliency import (
     saliency_maps,
 )
 from compax.compress import compress
+from compax.compress.torch_ref import torch_lenet
 from compax.errors import UserError
 from compax.models import get_model
 from compax.train.population import chunked_vmap
@@ -27,36 +28,6 @@ from tests.test_prune import random_variables
 
 CLASSES = 43
 N = 6
-
-
-def torch_lenet(params):
-    """A float torch LeNet-5 holding a compax LeNet5's params (conv HWIO -> OIHW, dense (in, out) ->
-    (out, in); both flatten the feature map in (C, H, W) order), with F.relu after each layer."""
-    import torch
-    from torch import nn
-
-    class LeNet5(nn.Module):
-        def __init__(self):
-            super().__init__()
-            for name in ("conv1", "conv2", "fc1", "fc2", "fc3"):
-                kernel = np.asarray(params[name]["kernel"], np.float32)
-                if kernel.ndim == 4:
-                    layer = nn.Conv2d(kernel.shape[2], kernel.shape[3], kernel.shape[:2])
-                    weight = kernel.transpose(3, 2, 0, 1)
-                else:
-                    layer = nn.Linear(*kernel.shape)
-                    weight = kernel.T
-                layer.weight.data = torch.from_numpy(np.ascontiguousarray(weight))
-                layer.bias.data = torch.from_numpy(np.asarray(params[name]["bias"], np.float32))
-                setattr(self, name, layer)
-
-        def forward(self, x):
-            relu, pool = torch.nn.functional.relu, torch.nn.functional.max_pool2d
-            x = pool(relu(self.conv1(x)), 2)
-            x = torch.flatten(pool(relu(self.conv2(x)), 2), 1)
-            return self.fc3(relu(self.fc2(relu(self.fc1(x)))))
-
-    return LeNet5().eval()
 
 
 def lenet_setup(seed: int = 0, num: int = N):

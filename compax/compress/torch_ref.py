@@ -21,8 +21,10 @@ from compax.errors import UserError
 LENET_LAYERS = ("conv1", "conv2", "fc1", "fc2", "fc3")
 
 
-def _lenet_module(params):
-    """A float torch LeNet-5 with QuantStub/DeQuantStub holding `params` (a compax LeNet5's)."""
+def torch_lenet(params):
+    """A float torch LeNet-5 with QuantStub/DeQuantStub holding `params` (a compax LeNet5's), in
+    eval mode; before `torch.ao.quantization.prepare` the stubs are identities, so it is also the
+    float reference of the analyses' tests (saliency, Grad-CAM)."""
     import torch
     from torch import nn
     from torch.ao import quantization as tq
@@ -99,7 +101,7 @@ def torch_ptq(params, calib_images, images, weight_bits: int = 8):
     def nchw(a):
         return torch.from_numpy(np.ascontiguousarray(np.asarray(a, np.float32).transpose(0, 3, 1, 2)))
 
-    model = _lenet_module(params)
+    model = torch_lenet(params)
     points = ("quant",) + LENET_LAYERS
     with torch.no_grad(), _engine("fbgemm"):
         float_logits = model(nchw(images)).numpy()

@@ -61,21 +61,27 @@ def confusion_change(directory, arrays, variant, class_names) -> str | None:
     return _save(fig, directory, f"confusion_change_{variant}.png")
 
 
-def class_accuracy_change(directory, results, arrays, class_names) -> str | None:
-    """Change of every class's accuracy, per variant (pp)."""
-    variants = [v for v in compressed_variants(results) if f"{v}.class_accuracy_change_pp" in arrays]
-    if not variants:
-        return None
-    fig, ax = plt.subplots(figsize=(max(6, 0.22 * len(class_names) * len(variants) ** 0.5), 3.5))
-    width = 0.8 / len(variants)
-    for i, v in enumerate(variants):
-        ax.bar(np.arange(len(class_names)) + i * width, arrays[f"{v}.class_accuracy_change_pp"],
-               width, label=v)
+def _grouped_bars(directory, name, series: dict, class_names, ylabel: str, title: str) -> str:
+    """One bar per class and series (variant), side by side."""
+    fig, ax = plt.subplots(figsize=(max(6, 0.22 * len(class_names) * len(series) ** 0.5), 3.5))
+    width = 0.8 / len(series)
+    for i, (label, values) in enumerate(series.items()):
+        ax.bar(np.arange(len(class_names)) + i * width, values, width, label=label)
     ax.axhline(0, color="black", lw=0.5)
     ax.set_xticks(np.arange(len(class_names)) + 0.4, class_names, rotation=90, fontsize=6)
-    ax.set(ylabel="class accuracy change (pp)", title="Class accuracy, compressed - original")
+    ax.set(ylabel=ylabel, title=title)
     ax.legend(fontsize=7, ncol=4)
-    return _save(fig, directory, "class_accuracy_change.png")
+    return _save(fig, directory, name)
+
+
+def class_accuracy_change(directory, results, arrays, class_names) -> str | None:
+    """Change of every class's accuracy, per variant (pp)."""
+    series = {v: arrays[f"{v}.class_accuracy_change_pp"] for v in compressed_variants(results)
+              if f"{v}.class_accuracy_change_pp" in arrays}
+    if not series:
+        return None
+    return _grouped_bars(directory, "class_accuracy_change.png", series, class_names,
+                         "class accuracy change (pp)", "Class accuracy, compressed - original")
 
 
 def confidence_histograms(directory, results, arrays) -> str | None:
@@ -201,18 +207,12 @@ def tsne(directory, results, arrays, class_names) -> str | None:
 
 def cie_bars(directory, results, arrays, class_names) -> str | None:
     """Compression identified exemplars per class, per variant (Hooker et al.)."""
-    variants = [v for v in compressed_variants(results) if f"{v}.cie_per_class" in arrays]
-    if not variants:
+    series = {f"{v} ({int(arrays[f'{v}.cie_per_class'].sum())})": arrays[f"{v}.cie_per_class"]
+              for v in compressed_variants(results) if f"{v}.cie_per_class" in arrays}
+    if not series:
         return None
-    fig, ax = plt.subplots(figsize=(max(6, 0.2 * len(class_names) * len(variants) ** 0.5), 3.5))
-    width = 0.8 / len(variants)
-    for i, v in enumerate(variants):
-        ax.bar(np.arange(len(class_names)) + i * width, arrays[f"{v}.cie_per_class"], width,
-               label=f"{v} ({int(arrays[f'{v}.cie_per_class'].sum())})")
-    ax.set_xticks(np.arange(len(class_names)) + 0.4, class_names, rotation=90, fontsize=6)
-    ax.set(ylabel="CIEs (test samples)", title="Compression identified exemplars per true class")
-    ax.legend(fontsize=7, ncol=3)
-    return _save(fig, directory, "cie_per_class.png")
+    return _grouped_bars(directory, "cie_per_class.png", series, class_names, "CIEs (test samples)",
+                         "Compression identified exemplars per true class")
 
 
 def example_images(directory, images, index, name, titles=None, columns=10) -> str | None:
