@@ -123,7 +123,11 @@ def test_find_data_dir_order(tmp_path, monkeypatch):
     assert find_data_dir(str(explicit)) == explicit
     assert find_data_dir(None) == env
     monkeypatch.delenv(files.DATA_DIR_ENV)
-    assert find_data_dir(None) == files.DEFAULT_DATA_DIR == ROOT.parent / "shared" / "datasets"
+    assert files.DEFAULT_DATA_DIR == ROOT.parent / "shared" / "datasets"
+    default = tmp_path / "default"  # a clone need not sit beside ../shared
+    default.mkdir()
+    monkeypatch.setattr(files, "DEFAULT_DATA_DIR", default)
+    assert find_data_dir(None) == default
 
 
 def test_find_data_dir_missing_names_every_way(tmp_path, monkeypatch):
