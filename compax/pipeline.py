@@ -41,7 +41,8 @@ from absl import logging
 
 from compax import stages as stage_records
 from compax.analyse_population import CORRECTIONS, analyse_population, parse_analyses
-from compax.compress import compress, storage_bytes
+from compax.analysis.ablation import ablate
+from compax.compress import apply_compressed, compress, storage_bytes
 from compax.compress.store import restore_compressed, save_compressed
 from compax.compress_population import abstract_population, compress_population
 from compax.data import load_dataset
@@ -161,8 +162,6 @@ class Run:
                                    self.chunk)
         populations, variants = made["populations"], made["variants"]
         if config.compress.ablation_epochs:
-            from compax.analysis.ablation import ablate
-
             model, variables = ablate(
                 config.model, self.dataset.num_classes, config.model_width, trained.variables,
                 self.dataset, epochs=config.compress.ablation_epochs, batch_size=config.batch_size,
@@ -183,8 +182,7 @@ class Run:
                 [f"variants/{name}" for name in populations])
 
     def _ablated_results(self, model, population, variables) -> dict:
-        from compax.compress import apply_compressed
-
+        """Test results of the ablated population (schema of the compressed variants)."""
         predict = make_predict(lambda c, x: apply_compressed(model, c, x), self.dataset.mean,
                                self.dataset.std, self.config.eval_batch_size, self.chunk)
         _, accuracy = loss_and_accuracy(predict(population, self.dataset.test.images),
