@@ -1,5 +1,6 @@
 """Models: output shapes, parameter counts against the study's figures, BatchNorm, the registry."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,6 +8,7 @@ import pytest
 
 from compax.errors import UserError
 from compax.models import MODELS, count_params, get_model, init_variables
+from compax.models.layers import max_pool_2x2
 
 
 def param_count(name, classes, width=1.0):
@@ -68,3 +70,40 @@ def test_lenet5_kernels_use_pytorch_default_init_bounds():
 def test_unknown_model_is_a_user_error():
     with pytest.raises(UserError, match="unknown model 'alexnet'"):
         get_model("alexnet", 10)
+
+
+def first_max_pool_gradient(x, upstream):
+    """numpy reference of d(sum(maxpool2x2(x) * upstream)) / dx: each window's gradient goes to
+    its first maximal element in row-major order (PyTorch's MaxPool2d)."""
+    grad = np.zeros_like(x)
+    b, h, w, c = x.shape
+    for n, i, j, k in np.ndindex(b, h // 2, w // 2, c):
+        window = x[n, 2 * i:2 * i + 2, 2 * j:2 * j + 2, k]
+        di, dj = np.unravel_index(np.argmax(window), (2, 2))  # argmax: first of tied maxima
+        grad[n, 2 * i + di, 2 * j + dj, k] = upstream[n, i, j, k]
+    return grad
+
+
+@pytest.mark.parametrize("shape", [(2, 6, 6, 4), (1, 7, 5, 3)])
+def test_max_pool_gradient_goes_to_the_first_of_tied_maxima(shape):
+    # Integer inputs from {0, 1, 2} tie in most windows, as flat image regions do.
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 3, shape).astype(np.float32)
+    upstream = rng.normal(size=(shape[0], shape[1] // 2, shape[2] // 2, shape[3])).astype(np.float32)
+    pooled, pullback = jax.vjp(max_pool_2x2, jnp.asarray(x))
+    np.testing.assert_array_equal(pooled, nn.max_pool(jnp.asarray(x), (2, 2), (2, 2)))
+    np.testing.assert_array_equal(pullback(jnp.asarray(upstream))[0],
+                                  first_max_pool_gradient(x, upstream))
+
+
+@pytest.mark.torch
+def test_max_pool_gradient_equals_torch_max_pool2d():
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(1)
+    x = rng.integers(0, 3, (2, 8, 8, 6)).astype(np.float32)
+    upstream = rng.normal(size=(2, 4, 4, 6)).astype(np.float32)
+    x_torch = torch.tensor(x.transpose(0, 3, 1, 2), requires_grad=True)
+    pooled = torch.nn.functional.max_pool2d(x_torch, 2)
+    (pooled * torch.tensor(upstream.transpose(0, 3, 1, 2))).sum().backward()
+    grad = jax.grad(lambda a: jnp.sum(max_pool_2x2(a) * upstream))(jnp.asarray(x))
+    np.testing.assert_array_equal(np.asarray(grad).transpose(0, 3, 1, 2), x_torch.grad.numpy())

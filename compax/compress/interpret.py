@@ -189,7 +189,9 @@ class _Evaluation:
                 if eqn.invars else ([], [])
             name = eqn.primitive.name
             body = _body(eqn)
-            for i in [] if body is not None else _to_close(name, in_tags):
+            # A custom_vjp call (max pooling) sees closed inputs, so that it can run whole, with
+            # its gradient rule; other calls are entered with their inputs as they are.
+            for i in _to_close(name, in_tags) if body is None or name == "custom_vjp_call" else []:
                 vals[i], in_tags[i] = self.close(vals[i], in_tags[i])
                 if not isinstance(eqn.invars[i], core.Literal):
                     env[eqn.invars[i]] = (vals[i], in_tags[i])
