@@ -15,6 +15,7 @@ from jax.sharding import Mesh
 
 from compax.data import augment_flip_crop, normalize
 from compax.distributed import default_mesh, shard_batch, to_host
+from compax.kernels.conv_cpu import cpu_kernels
 from compax.train.population import chunked_vmap, variables_of
 
 
@@ -54,8 +55,9 @@ def make_train_step(model, tx: optax.GradientTransformation, mean: np.ndarray, s
         x = shard_batch(normalize(images, mean, std), mesh)
 
         def loss_fn(p):
-            logits, updates = model.apply(variables_of(p, batch_stats), x, train=True,
-                                          mutable=["batch_stats"], rngs={"dropout": dropout_key})
+            with cpu_kernels():
+                logits, updates = model.apply(variables_of(p, batch_stats), x, train=True,
+                                              mutable=["batch_stats"], rngs={"dropout": dropout_key})
             loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
             return loss, (logits, updates.get("batch_stats", {}))
 

@@ -1,0 +1,274 @@
+// Direct 2-D convolution kernels for the CPU (stride 1, no padding, float32, NHWC images, HWIO
+// kernels), called from JAX through the XLA FFI (compax/kernels/conv_cpu.py, which gets the input
+// gradient from the forward kernel). XLA:CPU runs convolutions over few channels (LeNet-5's
+// 3 -> 6 and 6 -> 16) several times slower than PyTorch's oneDNN; these loops keep the output
+// channels of a pixel in one vector register (GCC/Clang vector extensions: AVX-512 or AVX2 with
+// -march=native) and broadcast one input value at a time into it.
+//
+//   forward:         y[b,p,q,o]  = sum_{i,j,c} x[b,p+i,q+j,c] * w[i,j,c,o]
+//   weight gradient: dw[i,j,c,o] = sum_{b,p,q} x[b,p+i,q+j,c] * g[b,p,q,o]
+//
+// Images are split over XLA's CPU thread pool; the weight gradient adds partial sums of fixed
+// ranges of images in a fixed order, so results do not depend on timing.
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <cstdio>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+struct Shape {
+  int64_t batch, height, width, in_channels, kernel_h, kernel_w, out_channels;
+  int64_t out_h() const { return height - kernel_h + 1; }
+  int64_t out_w() const { return width - kernel_w + 1; }
+};
+
+// L floats in one vector (8: AVX2 register, 16: AVX-512 register), loadable from any float address.
+template <int L>
+struct Vec {
+  typedef float type __attribute__((vector_size(L * sizeof(float))));
+  typedef float unaligned __attribute__((vector_size(L * sizeof(float)), aligned(4)));
+};
+
+template <int L>
+inline typename Vec<L>::type Load(const float* from) {
+  return *reinterpret_cast<const typename Vec<L>::unaligned*>(from);
+}
+
+// Runs fn(chunk, b0, b1) over `chunks` fixed ranges of the batch, on the calling thread and on
+// XLA's intra-op thread pool. Whoever is free takes the next range, and the caller waits only for
+// ranges already being run elsewhere, so a busy pool cannot deadlock it. The ranges depend on the
+// batch alone: partial sums per range make results independent of the scheduling.
+template <typename Fn>
+void ForImageRanges(ffi::ThreadPool& pool, int64_t batch, int64_t chunks, Fn fn) {
+  struct State {
+    std::atomic<int64_t> next{0}, done{0};
+  };
+  auto state = std::make_shared<State>();
+  auto work = [state, batch, chunks, fn] {
+    for (int64_t k; (k = state->next.fetch_add(1)) < chunks; state->done.fetch_add(1))
+      fn(k, batch * k / chunks, batch * (k + 1) / chunks);
+  };
+  for (int64_t t = 1; t < std::min<int64_t>(chunks, pool.num_threads()); ++t)
+    pool.Schedule(decltype(work)(work));  // a copy: Schedule takes ownership of an rvalue
+  work();
+  while (state->done.load() < chunks) std::this_thread::yield();
+}
+
+// Ranges of the batch: one per thread of the pool (at least one, at most one per image).
+int64_t Chunks(ffi::ThreadPool& pool, int64_t batch) {
+  
+  return std::max<int64_t>(1, std::min<int64_t>(batch, pool.num_threads()));
+}
+
+// The kernel with its output channels padded with zeros to a multiple of L: (KH, KW, C, O_pad).
+std::vector<float> PadOutputChannels(const Shape& s, const float* w, int64_t padded) {
+  const int64_t taps = s.kernel_h * s.kernel_w * s.in_channels;
+  std::vector<float> out(taps * padded, 0.0f);
+  for (int64_t t = 0; t < taps; ++t)
+    std::memcpy(out.data() + t * padded, w + t * s.out_channels, s.out_channels * sizeof(float));
+  return out;
+}
+
+// R consecutive output pixels (row p, columns q0..q0+R-1) of the L output channels o0..o0+L-1.
+// In NHWC / HWIO the taps (j, c) of kernel row i are contiguous in both the image row and the
+// kernel, so one loop runs over the kernel_w * in_channels of them.
+template <int L, int R>
+inline void ForwardPixels(const Shape& s, const float* image, const float* w_pad, int64_t padded,
+                          float* y, int64_t p, int64_t q0, int64_t o0) {
+  using V = typename Vec<L>::type;
+  const int64_t c_count = s.in_channels, taps = s.kernel_w * c_count;
+  V acc[R] = {};
+  for (int64_t i = 0; i < s.kernel_h; ++i) {
+    const float* in = image + ((p + i) * s.width + q0) * c_count;
+    const float* weights = w_pad + i * taps * padded + o0;
+    for (int64_t t = 0; t < taps; ++t) {
+      const V wv = Load<L>(weights + t * padded);
+      for (int r = 0; r < R; ++r) acc[r] += in[r * c_count + t] * wv;
+    }
+  }
+  const int64_t oh = s.out_h(), ow = s.out_w(), count = std::min<int64_t>(L, s.out_channels - o0);
+  // With one channel block, a whole vector may be stored past a pixel's channels into the next
+  // pixels', which are written after it; not past the image's end (another thread's).
+  const bool spill = o0 == 0 && count == s.out_channels;
+  for (int r = 0; r < R; ++r) {
+    const int64_t offset = (p * ow + q0 + r) * s.out_channels + o0;
+    float* out = y + offset;
+    if (count == L || (spill && offset + L <= oh * ow * s.out_channels))
+      *reinterpret_cast<typename Vec<L>::unaligned*>(out) = acc[r];
+    else
+      for (int64_t l = 0; l < count; ++l) out[l] = acc[r][l];
+  }
+}
+
+template <int L, int R>
+void ForwardRow(const Shape& s, const float* image, const float* w_pad, int64_t padded, float* y,
+                int64_t p, int64_t o0) {
+  const int64_t ow = s.out_w();
+  if (ow < R) {
+    for (int64_t q = 0; q < ow; ++q) ForwardPixels<L, 1>(s, image, w_pad, padded, y, p, q, o0);
+    return;
+  }
+  // The last block ends at the row's end, overlapping the one before (same values).
+  for (int64_t q = 0; q < ow; q += R)
+    ForwardPixels<L, R>(s, image, w_pad, padded, y, p, std::min(q, ow - R), o0);
+}
+
+// The block of 5 to 8 pixels (accumulators) that covers a row of `ow` with the least overlap.
+int64_t PixelBlock(int64_t ow) {
+  int64_t best = 8;
+  for (int64_t r = 8; r >= 5; --r)
+    if ((ow + r - 1) / r * r < (ow + best - 1) / best * best) best = r;
+  return best;
+}
+
+template <int L>
+void Forward(const Shape& s, const float* x, const float* w, float* y, int64_t b0, int64_t b1) {
+  const int64_t padded = (s.out_channels + L - 1) / L * L;
+  const std::vector<float> w_pad = PadOutputChannels(s, w, padded);
+  const int64_t oh = s.out_h(), ow = s.out_w(), block = PixelBlock(ow);
+  for (int64_t b = b0; b < b1; ++b) {
+    const float* image = x + b * s.height * s.width * s.in_channels;
+    float* y_image = y + b * oh * ow * s.out_channels;
+    for (int64_t p = 0; p < oh; ++p)
+      for (int64_t o0 = 0; o0 < s.out_channels; o0 += L) {
+        switch (block) {
+          case 5: ForwardRow<L, 5>(s, image, w_pad.data(), padded, y_image, p, o0); break;
+          case 6: ForwardRow<L, 6>(s, image, w_pad.data(), padded, y_image, p, o0); break;
+          case 7: ForwardRow<L, 7>(s, image, w_pad.data(), padded, y_image, p, o0); break;
+          default: ForwardRow<L, 8>(s, image, w_pad.data(), padded, y_image, p, o0);
+        }
+      }
+  }
+}
+
+// Adds to dw_pad (KH, KW * C, O_pad) the taps t0..t0+T-1 of kernel row i for the output channels
+// o0..o0+L-1, over one image: T accumulators share each load of the output gradient.
+template <int L, int T>
+void WeightGradientTaps(const Shape& s, const float* image, const float* grad, float* dw_pad,
+                        int64_t padded, int64_t i, int64_t t0, int64_t o0) {
+  using V = typename Vec<L>::type;
+  const int64_t oh = s.out_h(), ow = s.out_w(), c_count = s.in_channels, o_count = s.out_channels;
+  const bool full = o0 + L <= o_count;
+  V acc[T] = {};
+  for (int64_t p = 0; p < oh; ++p) {
+    const float* in_row = image + (p + i) * s.width * c_count + t0;
+    const float* grad_row = grad + p * ow * o_count + o0;
+    for (int64_t q = 0; q < ow; ++q) {
+      V gv;
+      // Lanes past the channels (the next pixels') go to the padding, not past the image's end.
+      if (full || ((p * ow + q) * o_count + o0 + L <= oh * ow * o_count)) {
+        gv = Load<L>(grad_row + q * o_count);
+      } else {
+        gv = V{};
+        for (int64_t l = 0; l < o_count - o0; ++l) gv[l] = grad_row[q * o_count + l];
+      }
+      const float* in = in_row + q * c_count;
+      for (int t = 0; t < T; ++t) acc[t] += in[t] * gv;
+    }
+  }
+  float* out = dw_pad + (i * s.kernel_w * c_count + t0) * padded + o0;
+  for (int t = 0; t < T; ++t)
+    *reinterpret_cast<typename Vec<L>::unaligned*>(out + t * padded) += acc[t];
+}
+
+template <int L, int T = 1>
+void WeightGradientTail(int64_t taps, const Shape& s, const float* image, const float* grad,
+                        float* dw_pad, int64_t padded, int64_t i, int64_t t0, int64_t o0) {
+  if constexpr (T < 16) {
+    if (taps == T) return WeightGradientTaps<L, T>(s, image, grad, dw_pad, padded, i, t0, o0);
+    WeightGradientTail<L, T + 1>(taps, s, image, grad, dw_pad, padded, i, t0, o0);
+  }
+}
+
+template <int L>
+void WeightGradient(const Shape& s, const float* x, const float* g, float* dw_pad, int64_t padded,
+                    int64_t b0, int64_t b1) {
+  constexpr int kTaps = 15;  // accumulators (of 16 or 32 vector registers)
+  const int64_t oh = s.out_h(), ow = s.out_w(), taps = s.kernel_w * s.in_channels;
+  for (int64_t b = b0; b < b1; ++b) {
+    const float* image = x + b * s.height * s.width * s.in_channels;
+    const float* grad = g + b * oh * ow * s.out_channels;
+    for (int64_t o0 = 0; o0 < s.out_channels; o0 += L)
+      for (int64_t i = 0; i < s.kernel_h; ++i) {
+        int64_t t = 0;
+        for (; t + kTaps <= taps; t += kTaps)
+          WeightGradientTaps<L, kTaps>(s, image, grad, dw_pad, padded, i, t, o0);
+        if (t < taps) WeightGradientTail<L>(taps - t, s, image, grad, dw_pad, padded, i, t, o0);
+      }
+  }
+}
+
+Shape ShapeOf(ffi::Buffer<ffi::F32>& images, ffi::Buffer<ffi::F32>& kernel) {
+  auto x = images.dimensions();
+  auto k = kernel.dimensions();
+  return Shape{x[0], x[1], x[2], x[3], k[0], k[1], k[3]};
+}
+
+ffi::Error ConvForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                           ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> y) {
+  const Shape s = ShapeOf(x, w);
+  const float *images = x.typed_data(), *kernel = w.typed_data();
+  float* out = y->typed_data();
+  ForImageRanges(pool, s.batch, Chunks(pool, s.batch), [=](int64_t, int64_t b0, int64_t b1) {
+    if (s.out_channels <= 8)
+      Forward<8>(s, images, kernel, out, b0, b1);
+    else
+      Forward<16>(s, images, kernel, out, b0, b1);
+  });
+  return ffi::Error::Success();
+}
+
+// x: the layer's input, w: only its shape is used, g: the output gradient.
+ffi::Error ConvWeightGradientImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                                  ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> g,
+                                  ffi::ResultBuffer<ffi::F32> dw) {
+  const Shape s = ShapeOf(x, w);
+  const int64_t lanes = s.out_channels <= 8 ? 8 : 16;
+  const int64_t padded = (s.out_channels + lanes - 1) / lanes * lanes;
+  const int64_t taps = s.kernel_h * s.kernel_w * s.in_channels;
+  const int64_t chunks = Chunks(pool, s.batch);
+  std::vector<std::vector<float>> partial(chunks, std::vector<float>(taps * padded, 0.0f));
+  std::vector<float>* sums = partial.data();
+  const float *images = x.typed_data(), *grad = g.typed_data();
+  ForImageRanges(pool, s.batch, chunks, [=](int64_t k, int64_t b0, int64_t b1) {
+    if (lanes == 8)
+      WeightGradient<8>(s, images, grad, sums[k].data(), padded, b0, b1);
+    else
+      WeightGradient<16>(s, images, grad, sums[k].data(), padded, b0, b1);
+  });
+  float* out = dw->typed_data();
+  for (int64_t k = 0; k < taps; ++k)
+    for (int64_t o = 0; o < s.out_channels; ++o) {
+      float sum = 0.0f;
+      for (const auto& part : partial) sum += part[k * padded + o];
+      out[k * s.out_channels + o] = sum;
+    }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CompaxConvForward, ConvForwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CompaxConvWeightGradient, ConvWeightGradientImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());

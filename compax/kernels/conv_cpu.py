@@ -1,0 +1,173 @@
+"""Direct CPU convolutions for layers with few channels, used while training on the CPU.
+
+XLA:CPU runs convolutions over few channels (LeNet-5's conv1, 3 -> 6, and conv2, 6 -> 16, both
+5x5) several times slower than PyTorch's oneDNN: with them a LeNet-5 training step took ~5x as
+long as PyTorch's. `conv_general_dilated` here has the signature of `jax.lax.conv_general_dilated`
+(flax's `nn.Conv(conv_general_dilated=...)` hook) and, inside `cpu_kernels()` on a single-device
+CPU backend, computes eligible convolutions (float32, NHWC/HWIO, stride 1, no dilation or groups,
+explicit or VALID padding, at most `MAX_CHANNELS` input and output channels) with the C++ kernels
+of `conv_cpu.cc` through the XLA FFI; everything else, and every call outside `cpu_kernels()` (the
+analyses and post-training quantization, which must see XLA's convolution), goes to XLA.
+
+    y[b,p,q,o]     = sum_{i,j,c} x[b,p+i,q+j,c] w[i,j,c,o]          (after zero padding)
+    dL/dw[i,j,c,o] = sum_{b,p,q} g[b,p,q,o] x[b,p+i,q+j,c]
+    dL/dx          = the forward kernel on g zero-padded by k-1, with w rotated by 180 degrees and
+                     its channel axes swapped (XLA drops it for an input layer)
+
+The kernels are compiled on first use with the machine's C++ compiler (`$CXX`, else g++/c++;
+-O3 -march=native) into `$COMPAX_CACHE_DIR` (default ~/.cache/compax); without a compiler, or if
+compiling fails, training falls back to XLA's convolution with one warning. Results equal XLA's
+up to float rounding (tests/test_kernels.py) and do not depend on thread timing.
+"""
+
+import contextlib
+import contextvars
+import ctypes
+import functools
+import hashlib
+import os
+import pathlib
+import platform
+import shutil
+import subprocess
+import tempfile
+
+import jax
+import jax.numpy as jnp
+from absl import logging
+from jax import lax
+
+MAX_CHANNELS = 16
+
+SOURCE = pathlib.Path(__file__).with_name("conv_cpu.cc")
+FLAGS = ("-O3", "-march=native", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math",
+         "-ffp-contract=fast", "-std=c++17", "-shared", "-fPIC", "-pthread", "-w")
+TARGETS = {"forward": "CompaxConvForward", "weight_gradient": "CompaxConvWeightGradient"}
+
+_ACTIVE = contextvars.ContextVar("compax_cpu_kernels", default=False)
+
+
+@contextlib.contextmanager
+def cpu_kernels():
+    """Within this context (while a train step is traced), eligible convolutions use the kernels."""
+    token = _ACTIVE.set(True)
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
+
+
+def _compiler() -> str | None:
+    """The path of $CXX, else of g++ or c++; None if none is installed."""
+    names = [os.environ["CXX"]] if os.environ.get("CXX") else ["g++", "c++"]
+    return next((path for path in map(shutil.which, names) if path), None)
+
+
+def _cpu_features() -> bytes:
+    """The CPU's instruction-set flags (Linux), else its name."""
+    try:
+        lines = pathlib.Path("/proc/cpuinfo").read_text().splitlines()
+        return next(line for line in lines if line.startswith("flags")).encode()
+    except (OSError, StopIteration):
+        return platform.processor().encode()
+
+
+@functools.cache
+def load() -> bool:
+    """Compiles (once per source, flags and jaxlib) and registers the kernels; False if impossible."""
+    compiler = _compiler()
+    if compiler is None:
+        logging.warning("no C++ compiler ($CXX, g++ or c++): XLA's convolution is used "
+                        "for training, which is several times slower for LeNet-5 on the CPU")
+        return False
+    # -march=native: a library built on one CPU may not run on another sharing the cache.
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + _cpu_features()
+                            + jax.ffi.include_dir().encode()).hexdigest()[:16]
+    cache = pathlib.Path(os.environ.get("COMPAX_CACHE_DIR", pathlib.Path.home() / ".cache/compax"))
+    library = cache / f"conv_cpu-{digest}.so"
+    if not library.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=cache) as tmp:
+            built = pathlib.Path(tmp) / library.name
+            command = [compiler, *FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", str(built)]
+            result = subprocess.run(command, capture_output=True, text=True, check=False)
+            if result.returncode != 0:
+                logging.warning("compiling %s failed, XLA's convolution is used for training: %s",
+                                SOURCE.name, next((line for line in result.stderr.splitlines()
+                                                  if "error" in line), result.stderr.strip()))
+                return False
+            os.replace(built, library)  # atomic: concurrent processes see a whole library or none
+    handle = ctypes.cdll.LoadLibrary(str(library))
+    for target in TARGETS.values():
+        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(handle, target)),
+                                    platform="cpu")
+    return True
+
+
+def _ffi(target: str, shape, *operands):
+    return jax.ffi.ffi_call(TARGETS[target], jax.ShapeDtypeStruct(shape, jnp.float32),
+                            vmap_method="sequential")(*operands)
+
+
+def _forward(x, kernel):
+    """VALID stride-1 convolution of x (B, H, W, C) with kernel (KH, KW, C, O) on the kernel."""
+    b, h, w, _ = x.shape
+    kh, kw, _, o = kernel.shape
+    return _ffi("forward", (b, h - kh + 1, w - kw + 1, o), x, kernel)
+
+
+@jax.custom_vjp
+def conv2d_valid(x, kernel):
+    """VALID, stride-1 convolution of x (B, H, W, C) with kernel (KH, KW, C, O), float32."""
+    return _forward(x, kernel)
+
+
+def _conv_forward(x, kernel):
+    return _forward(x, kernel), (x, kernel)
+
+
+def _conv_backward(residuals, grad):
+    x, kernel = residuals
+    dw = _ffi("weight_gradient", kernel.shape, x, kernel, grad)
+    kh, kw = kernel.shape[:2]
+    # The input gradient is a full convolution of the output gradient with the kernel rotated by
+    # 180 degrees and its channel axes swapped; XLA drops it where nothing needs it (an input layer).
+    g_padded = jnp.pad(grad, ((0, 0), (kh - 1, kh - 1), (kw - 1, kw - 1), (0, 0)))
+    dx = _forward(g_padded, jnp.flip(jnp.swapaxes(kernel, 2, 3), (0, 1)))
+    return dx, dw
+
+
+conv2d_valid.defvjp(_conv_forward, _conv_backward)
+
+
+def _explicit_padding(padding, ndim: int = 2):
+    """((top, bottom), (left, right)) of a lax padding argument, or None for SAME-like strings."""
+    if isinstance(padding, str):
+        return ((0, 0),) * ndim if padding.upper() == "VALID" else None
+    return tuple(tuple(int(p) for p in pair) for pair in padding)
+
+
+def _eligible(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+              feature_group_count, batch_group_count) -> bool:
+    return (_ACTIVE.get() and jax.default_backend() == "cpu" and jax.device_count() == 1
+            and lhs.dtype == rhs.dtype == jnp.float32 and lhs.ndim == 4
+            and lhs.shape[-1] <= MAX_CHANNELS and rhs.shape[-1] <= MAX_CHANNELS
+            and tuple(window_strides) == (1, 1) and _explicit_padding(padding) is not None
+            and all(d in (None, (1, 1)) for d in (lhs_dilation, rhs_dilation))
+            and feature_group_count == batch_group_count == 1
+            and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+            == lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC"))
+            and load())
+
+
+def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                         dimension_numbers=None, feature_group_count=1, batch_group_count=1,
+                         precision=None, preferred_element_type=None):
+    """`lax.conv_general_dilated`, with eligible convolutions on the kernels (see the module doc)."""
+    if _eligible(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+                 feature_group_count, batch_group_count):
+        (top, bottom), (left, right) = _explicit_padding(padding)
+        return conv2d_valid(jnp.pad(lhs, ((0, 0), (top, bottom), (left, right), (0, 0))), rhs)
+    return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+                                    dimension_numbers, feature_group_count, batch_group_count,
+                                    precision, preferred_element_type)

@@ -1,0 +1,174 @@
+"""The direct CPU convolutions (compax.kernels.conv_cpu) against XLA's convolution and numpy."""
+
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from jax import lax
+
+from compax.kernels import conv_cpu
+from compax.models import get_model
+
+NHWC = ("NHWC", "HWIO", "NHWC")
+
+pytestmark = pytest.mark.skipif(not conv_cpu.load(), reason="no C++ compiler: the kernels are off")
+
+
+def xla_conv(x, w, padding):
+    return lax.conv_general_dilated(x, w, (1, 1), padding, dimension_numbers=NHWC)
+
+
+def kernel_conv(x, w, padding):
+    with conv_cpu.cpu_kernels():
+        return conv_cpu.conv_general_dilated(x, w, (1, 1), padding, dimension_numbers=NHWC)
+
+
+def numpy_conv(x, w):
+    """VALID convolution by explicit sums over the kernel taps (float64)."""
+    kh, kw = w.shape[:2]
+    oh, ow = x.shape[1] - kh + 1, x.shape[2] - kw + 1
+    y = np.zeros((x.shape[0], oh, ow, w.shape[3]))
+    for i in range(kh):
+        for j in range(kw):
+            y += np.einsum("bpqc,co->bpqo", x[:, i:i + oh, j:j + ow].astype(np.float64), w[i, j])
+    return y
+
+
+def value_and_vjp(conv, x, w, padding, cotangent):
+    y, vjp = jax.vjp(jax.jit(lambda x, w: conv(x, w, padding)), x, w)
+    return (y, *vjp(cotangent))
+
+
+def random(key, *shapes):
+    keys = jax.random.split(jax.random.key(key), len(shapes))
+    return [jax.random.normal(k, s) for k, s in zip(keys, shapes, strict=True)]
+
+
+# LeNet-5's two layers at the training batch, a padded 3x3 layer, more output channels than one
+# AVX-512 vector (two channel blocks), a 1x1 layer and rows narrower than a pixel block.
+CASES = [((128, 32, 32, 3), (5, 5, 3, 6), "VALID"),
+         ((128, 14, 14, 6), (5, 5, 6, 16), "VALID"),
+         ((5, 9, 11, 5), (3, 3, 5, 13), ((1, 1), (1, 1))),
+         ((3, 9, 11, 2), (3, 3, 2, 24), ((2, 0), (1, 3))),
+         ((2, 8, 8, 16), (1, 1, 16, 32), "VALID"),
+         ((3, 6, 6, 3), (3, 3, 3, 7), "VALID")]
+
+
+@pytest.mark.parametrize("x_shape,w_shape,padding", CASES)
+def test_forward_and_gradients_equal_xla(x_shape, w_shape, padding):
+    x, w = random(0, x_shape, w_shape)
+    cotangent, = random(1, xla_conv(x, w, padding).shape)
+    pads = ((0, 0), (0, 0)) if padding == "VALID" else padding
+
+    def padded_kernel_conv(x, w, _):
+        return conv_cpu.conv2d_valid(jnp.pad(x, ((0, 0), *pads, (0, 0))), w)
+
+    expected = value_and_vjp(xla_conv, x, w, padding, cotangent)
+    result = value_and_vjp(padded_kernel_conv, x, w, padding, cotangent)
+    for name, got, want in zip(("y", "dx", "dw"), result, expected, strict=True):
+        np.testing.assert_allclose(got, want, atol=2e-6 * float(jnp.abs(want).max()), rtol=0,
+                                   err_msg=name)
+
+
+def test_forward_equals_numpy_sums():
+    x, w = random(2, (4, 32, 32, 3), (5, 5, 3, 6))
+    np.testing.assert_allclose(conv_cpu.conv2d_valid(x, w), numpy_conv(np.asarray(x), np.asarray(w)),
+                               atol=1e-5, rtol=1e-5)
+
+
+@settings(max_examples=25, deadline=None)
+@given(batch=st.integers(1, 5), height=st.integers(1, 12), width=st.integers(1, 12),
+       kh=st.integers(1, 5), kw=st.integers(1, 5), cin=st.integers(1, 16), cout=st.integers(1, 40),
+       seed=st.integers(0, 2**16))
+def test_any_valid_shape_equals_numpy(batch, height, width, kh, kw, cin, cout, seed):
+    """Forward and weight gradient on arbitrary small shapes (every tail of the vector blocks)."""
+    kh, kw = min(kh, height), min(kw, width)
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((batch, height, width, cin), dtype=np.float32)
+    w = rng.standard_normal((kh, kw, cin, cout), dtype=np.float32)
+    y, vjp = jax.vjp(conv_cpu.conv2d_valid, jnp.asarray(x), jnp.asarray(w))
+    np.testing.assert_allclose(y, numpy_conv(x, w), atol=1e-4, rtol=1e-4)
+    g = rng.standard_normal(y.shape, dtype=np.float32)
+    dw = np.einsum("bpqo,bpqijc->ijco", g.astype(np.float64), np.stack(
+        [np.stack([x[:, i:i + y.shape[1], j:j + y.shape[2]] for j in range(kw)], 3)
+         for i in range(kh)], 3))
+    np.testing.assert_allclose(vjp(jnp.asarray(g))[1], dw, atol=1e-4, rtol=1e-4)
+
+
+def test_results_are_bitwise_repeatable():
+    x, w = random(3, (128, 14, 14, 6), (5, 5, 6, 16))
+    grad = jax.jit(jax.grad(lambda w: jnp.sum(conv_cpu.conv2d_valid(x, w) ** 2)))
+    first = np.asarray(grad(w))
+    for _ in range(5):
+        np.testing.assert_array_equal(grad(w), first)
+
+
+def test_vmap_over_members_equals_each_member():
+    x, w = random(4, (3, 8, 12, 12, 3), (3, 5, 5, 3, 6))
+    stacked = jax.vmap(conv_cpu.conv2d_valid)(x, w)
+    for m in range(3):
+        np.testing.assert_array_equal(stacked[m], conv_cpu.conv2d_valid(x[m], w[m]))
+
+
+def test_only_eligible_convolutions_inside_the_context_use_the_kernels():
+    def targets(fn, *args):
+        return str(jax.jit(fn).lower(*args).as_text()).count("CompaxConv")
+
+    x, w = random(5, (2, 16, 16, 3), (3, 3, 3, 8))
+    assert targets(lambda x, w: kernel_conv(x, w, "VALID"), x, w) == 1
+    assert targets(lambda x, w: kernel_conv(x, w, ((1, 1), (1, 1))), x, w) == 1
+    assert targets(lambda x, w: kernel_conv(x, w, "SAME"), x, w) == 0  # XLA's padding rule
+    assert targets(lambda x, w: conv_cpu.conv_general_dilated(x, w, (1, 1), "VALID",
+                                                              dimension_numbers=NHWC), x, w) == 0
+    with conv_cpu.cpu_kernels():
+        assert targets(lambda x, w: conv_cpu.conv_general_dilated(
+            x, w, (2, 2), "VALID", dimension_numbers=NHWC), x, w) == 0
+        wide, = random(6, (3, 3, 3, conv_cpu.MAX_CHANNELS + 1))
+        assert targets(lambda x, w: conv_cpu.conv_general_dilated(
+            x, w, (1, 1), "VALID", dimension_numbers=NHWC), x, wide) == 0
+
+
+def test_lenet_train_step_equals_xla():
+    """One LeNet-5 gradient, with the kernels (conv1, conv2) and with XLA's convolution."""
+    model = get_model("lenet5", 43)
+    x, = random(7, (32, 32, 32, 3))
+    labels = jnp.arange(32) % 43
+    params = model.init(jax.random.key(0), x, train=False)["params"]
+
+    def loss(p, kernels):
+        if kernels:
+            with conv_cpu.cpu_kernels():
+                logits = model.apply({"params": p}, x, train=True)
+        else:
+            logits = model.apply({"params": p}, x, train=True)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+    with_kernels = jax.jit(jax.grad(lambda p: loss(p, True)))(params)
+    with_xla = jax.jit(jax.grad(lambda p: loss(p, False)))(params)
+    hlo = jax.jit(jax.grad(lambda p: loss(p, True))).lower(params).as_text()
+    assert hlo.count("CompaxConvForward") == 3  # conv1, conv2 and conv2's input gradient
+    for a, b in zip(jax.tree.leaves(with_kernels), jax.tree.leaves(with_xla), strict=True):
+        np.testing.assert_allclose(a, b, atol=2e-6 * float(jnp.abs(b).max()), rtol=0)
+
+
+def test_without_a_compiler_training_falls_back_to_xla(tmp_path):
+    script = ("import jax.numpy as jnp\n"
+              "from compax.kernels import conv_cpu\n"
+              "assert conv_cpu.load() is False\n"
+              "x, w = jnp.ones((1, 8, 8, 3)), jnp.ones((3, 3, 3, 4))\n"
+              "with conv_cpu.cpu_kernels():\n"
+              "    y = conv_cpu.conv_general_dilated(x, w, (1, 1), 'VALID',"
+              " dimension_numbers=('NHWC', 'HWIO', 'NHWC'))\n"
+              "assert float(y[0, 0, 0, 0]) == 27.0\n")
+    env = {"CXX": str(tmp_path / "no-such-compiler"), "COMPAX_CACHE_DIR": str(tmp_path),
+           "JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                            check=False)
+    assert result.returncode == 0, result.stderr
+    assert "XLA's convolution is used for training" in result.stderr
