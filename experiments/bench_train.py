@@ -4,8 +4,10 @@ python experiments/bench_train.py [--batch_size=128] [--steps=60]
 
 Every variant trains the study's LeNet-5 (43 classes) with Adam and cross-entropy on batches of
 GTSRB training images (uint8 on the device, normalised inside the step), timed over `steps`
-steps after warm-up, best of `repeats`. The last line is one JSON object: compax_img_s,
-compax_pop8_img_model_s, torch_img_s (null without torch), ratio_compax_vs_torch, ...
+steps after warm-up, best of `repeats`; on the CPU compax trains with its direct convolution
+kernels (compax/kernels), and the single model is also timed with XLA's convolution. The last line
+is one JSON object: compax_img_s, compax_xla_conv_img_s, compax_pop8_img_model_s, torch_img_s
+(null without torch), ratio_compax_vs_torch, ...
 """
 
 import json
@@ -118,7 +120,11 @@ def main(argv):
     batch, steps, repeats = _BATCH.value, _STEPS.value, _REPEATS.value
     images, labels, mean, std, data_name = training_images(20 * batch)
     data = (images, labels, mean, std, batch)
+    from compax.kernels import conv_cpu
     single = compax_seconds_per_step(1, 0, *data, steps, repeats)
+    conv_cpu.enable(False)  # the same step with XLA's convolution in every layer
+    single_xla_conv = compax_seconds_per_step(1, 0, *data, steps, repeats)
+    conv_cpu.enable(True)
     pop_steps = max(3, steps // 8)  # as many images per model-step as the single model
     pop8 = compax_seconds_per_step(8, 0, *data, pop_steps, repeats)  # automatic chunk
     pop8_one_vmap = compax_seconds_per_step(8, 8, *data, pop_steps, repeats)
@@ -129,6 +135,8 @@ def main(argv):
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
         "jax_backend": jax.default_backend(),
         "compax_img_s": batch / single,
+        "compax_xla_conv_img_s": batch / single_xla_conv,
+        "cpu_conv_kernels": conv_cpu.load() and jax.default_backend() == "cpu",
         "compax_pop8_img_model_s": 8 * batch / pop8,
         "compax_pop8_one_vmap_img_model_s": 8 * batch / pop8_one_vmap,
         "torch_img_s": None if torch_step is None else batch / torch_step,
@@ -137,6 +145,7 @@ def main(argv):
                                        else result["compax_img_s"] / result["torch_img_s"])
     result["ratio_pop8_vs_single"] = result["compax_pop8_img_model_s"] / result["compax_img_s"]
     print(f"compax, one model:        {result['compax_img_s']:9.0f} images/s")
+    print(f"  with XLA's convolution:  {result['compax_xla_conv_img_s']:9.0f} images/s")
     print(f"compax, population of 8:  {result['compax_pop8_img_model_s']:9.0f} images x models/s"
           f"  ({result['ratio_pop8_vs_single']:.2f}x one model)")
     print(f"  the 8 in one vmap:       {result['compax_pop8_one_vmap_img_model_s']:9.0f} images x models/s")

@@ -124,6 +124,11 @@ def test_only_eligible_convolutions_inside_the_context_use_the_kernels():
     assert targets(lambda x, w: kernel_conv(x, w, "VALID"), x, w) == 1
     assert targets(lambda x, w: kernel_conv(x, w, ((1, 1), (1, 1))), x, w) == 1
     assert targets(lambda x, w: kernel_conv(x, w, "SAME"), x, w) == 0  # XLA's padding rule
+    conv_cpu.enable(False)
+    try:
+        assert targets(lambda x, w: kernel_conv(x, w, "VALID"), x, w) == 0
+    finally:
+        conv_cpu.enable(True)
     assert targets(lambda x, w: conv_cpu.conv_general_dilated(x, w, (1, 1), "VALID",
                                                               dimension_numbers=NHWC), x, w) == 0
     with conv_cpu.cpu_kernels():

@@ -16,7 +16,8 @@ analyses and post-training quantization, which must see XLA's convolution), goes
 
 The kernels are compiled on first use with the machine's C++ compiler (`$CXX`, else g++/c++;
 -O3 -march=native) into `$COMPAX_CACHE_DIR` (default ~/.cache/compax); without a compiler, or if
-compiling fails, training falls back to XLA's convolution with one warning. Results equal XLA's
+compiling fails, training falls back to XLA's convolution with one warning; COMPAX_CPU_KERNELS=0
+turns them off. Results equal XLA's
 up to float rounding (tests/test_kernels.py) and do not depend on thread timing.
 """
 
@@ -45,6 +46,13 @@ FLAGS = ("-O3", "-march=native", "-fassociative-math", "-fno-signed-zeros", "-fn
 TARGETS = {"forward": "CompaxConvForward", "weight_gradient": "CompaxConvWeightGradient"}
 
 _ACTIVE = contextvars.ContextVar("compax_cpu_kernels", default=False)
+# COMPAX_CPU_KERNELS=0 turns the kernels off (XLA's convolution everywhere), as does enable(False).
+_ENABLED = [os.environ.get("COMPAX_CPU_KERNELS", "1") != "0"]
+
+
+def enable(on: bool) -> None:
+    """Turns the kernels on or off for train steps traced from now on."""
+    _ENABLED[0] = bool(on)
 
 
 @contextlib.contextmanager
@@ -149,7 +157,7 @@ def _explicit_padding(padding, ndim: int = 2):
 
 def _eligible(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
               feature_group_count, batch_group_count) -> bool:
-    return (_ACTIVE.get() and jax.default_backend() == "cpu" and jax.device_count() == 1
+    return (_ENABLED[0] and _ACTIVE.get() and jax.default_backend() == "cpu" and jax.device_count() == 1
             and lhs.dtype == rhs.dtype == jnp.float32 and lhs.ndim == 4
             and lhs.shape[-1] <= MAX_CHANNELS and rhs.shape[-1] <= MAX_CHANNELS
             and tuple(window_strides) == (1, 1) and _explicit_padding(padding) is not None
