@@ -5,7 +5,8 @@
 // channels of a pixel in one vector register (GCC/Clang vector extensions: AVX-512 or AVX2 with
 // -march=native) and broadcast one input value at a time into it.
 //
-//   forward:         y[b,p,q,o]  = sum_{i,j,c} x[b,p+i,q+j,c] * w[i,j,c,o]
+//   forward:         y[b,p,q,o]  = sum_{i,j,c} x[b,p+i,q+j,c] * w[i,j,c,o]   (x with pad_top and
+//                    pad_bottom zero rows, which are skipped rather than multiplied)
 //   weight gradient: dw[i,j,c,o] = sum_{b,p,q} x[b,p+i,q+j,c] * g[b,p,q,o]
 //
 // Images are split over XLA's CPU thread pool; the weight gradient adds partial sums of fixed
@@ -28,7 +29,9 @@ namespace {
 
 struct Shape {
   int64_t batch, height, width, in_channels, kernel_h, kernel_w, out_channels;
-  int64_t out_h() const { return height - kernel_h + 1; }
+  // Zero rows above and below the images (forward only): rows outside them are skipped.
+  int64_t pad_top = 0, pad_bottom = 0;
+  int64_t out_h() const { return height + pad_top + pad_bottom - kernel_h + 1; }
   int64_t out_w() const { return width - kernel_w + 1; }
 };
 
@@ -88,8 +91,10 @@ inline void ForwardPixels(const Shape& s, const float* image, const float* w_pad
   using V = typename Vec<L>::type;
   const int64_t c_count = s.in_channels, taps = s.kernel_w * c_count;
   V acc[R] = {};
-  for (int64_t i = 0; i < s.kernel_h; ++i) {
-    const float* in = image + ((p + i) * s.width + q0) * c_count;
+  // Kernel rows i that meet image row p + i - pad_top inside the image.
+  const int64_t i_end = std::min(s.kernel_h, s.height + s.pad_top - p);
+  for (int64_t i = std::max<int64_t>(0, s.pad_top - p); i < i_end; ++i) {
+    const float* in = image + ((p + i - s.pad_top) * s.width + q0) * c_count;
     const float* weights = w_pad + i * taps * padded + o0;
     for (int64_t t = 0; t < taps; ++t) {
       const V wv = Load<L>(weights + t * padded);
@@ -215,8 +220,11 @@ Shape ShapeOf(ffi::Buffer<ffi::F32>& images, ffi::Buffer<ffi::F32>& kernel) {
 }
 
 ffi::Error ConvForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
-                           ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> y) {
-  const Shape s = ShapeOf(x, w);
+                           ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> y,
+                           int64_t pad_top, int64_t pad_bottom) {
+  Shape s = ShapeOf(x, w);
+  s.pad_top = pad_top;
+  s.pad_bottom = pad_bottom;
   const float *images = x.typed_data(), *kernel = w.typed_data();
   float* out = y->typed_data();
   ForImageRanges(pool, s.batch, Chunks(pool, s.batch), [=](int64_t, int64_t b0, int64_t b1) {
@@ -263,7 +271,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(CompaxConvForward, ConvForwardImpl,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("pad_top")
+                                  .Attr<int64_t>("pad_bottom"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CompaxConvWeightGradient, ConvWeightGradientImpl,
                               ffi::Ffi::Bind()

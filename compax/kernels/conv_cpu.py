@@ -35,6 +35,7 @@ import tempfile
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from absl import logging
 from jax import lax
 
@@ -112,16 +113,19 @@ def load() -> bool:
     return True
 
 
-def _ffi(target: str, shape, *operands):
+def _ffi(target: str, shape, *operands, **attributes):
     return jax.ffi.ffi_call(TARGETS[target], jax.ShapeDtypeStruct(shape, jnp.float32),
-                            vmap_method="sequential")(*operands)
+                            vmap_method="sequential")(*operands, **attributes)
 
 
-def _forward(x, kernel):
-    """VALID stride-1 convolution of x (B, H, W, C) with kernel (KH, KW, C, O) on the kernel."""
+def _forward(x, kernel, pad_rows=(0, 0)):
+    """VALID stride-1 convolution of x (B, H, W, C), with pad_rows zero rows above and below,
+    and kernel (KH, KW, C, O) on the kernel (which skips the zero rows)."""
     b, h, w, _ = x.shape
     kh, kw, _, o = kernel.shape
-    return _ffi("forward", (b, h - kh + 1, w - kw + 1, o), x, kernel)
+    top, bottom = pad_rows
+    return _ffi("forward", (b, h + top + bottom - kh + 1, w - kw + 1, o), x, kernel,
+                pad_top=np.int64(top), pad_bottom=np.int64(bottom))
 
 
 @jax.custom_vjp
@@ -140,8 +144,8 @@ def _conv_backward(residuals, grad):
     kh, kw = kernel.shape[:2]
     # The input gradient is a full convolution of the output gradient with the kernel rotated by
     # 180 degrees and its channel axes swapped; XLA drops it where nothing needs it (an input layer).
-    g_padded = jnp.pad(grad, ((0, 0), (kh - 1, kh - 1), (kw - 1, kw - 1), (0, 0)))
-    dx = _forward(g_padded, jnp.flip(jnp.swapaxes(kernel, 2, 3), (0, 1)))
+    g_padded = jnp.pad(grad, ((0, 0), (0, 0), (kw - 1, kw - 1), (0, 0)))
+    dx = _forward(g_padded, jnp.flip(jnp.swapaxes(kernel, 2, 3), (0, 1)), (kh - 1, kh - 1))
     return dx, dw
 
 
