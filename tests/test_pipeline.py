@@ -93,9 +93,9 @@ def test_workdir_of_another_run_is_refused(tmp_path):
     pipeline.prepare_workdir(tiny_config(max_epochs=9), tmp_path)  # may grow on resume
 
 
-def launch(*args, env=None):
+def launch(*args, env=None, timeout=300):
     return subprocess.run([sys.executable, str(ROOT / "launch.py"), *args], capture_output=True,
-                          text=True, cwd=ROOT, env={**os.environ, **(env or {})}, timeout=300)
+                          text=True, cwd=ROOT, env={**os.environ, **(env or {})}, timeout=timeout)
 
 
 @pytest.mark.parametrize("args, env, message", [
@@ -151,8 +151,9 @@ def test_corrupt_checkpoint_is_one_error_that_leaves_results_untouched(tmp_path,
 @pytest.mark.slow
 def test_run_killed_mid_training_resumes_to_the_same_results(tmp_path):
     args = ["--config=configs/quickstart.py", "--config.population=1", "--config.max_epochs=3",
-            "--config.compress.sparsity_step=0.25", "--config.progress=False"]
-    straight = launch(*args, f"--workdir={tmp_path / 'straight'}")
+            "--config.compress.sparsity_step=0.25", "--config.analysis.analyses=classes,calibration",
+            "--config.progress=False"]
+    straight = launch(*args, f"--workdir={tmp_path / 'straight'}", timeout=1200)
     assert straight.returncode == 0, straight.stderr
     workdir = tmp_path / "killed"
     process = subprocess.Popen([sys.executable, str(ROOT / "launch.py"), *args,
@@ -167,7 +168,7 @@ def test_run_killed_mid_training_resumes_to_the_same_results(tmp_path):
         process.kill()  # SIGKILL, mid-epoch 2
         process.wait()
     assert not (workdir / "results.json").exists()
-    resumed = launch(*args, f"--workdir={workdir}")
+    resumed = launch(*args, f"--workdir={workdir}", timeout=1200)
     assert resumed.returncode == 0, resumed.stderr
     assert "Resuming from the checkpoint of epoch" in resumed.stderr
     first = json.loads((tmp_path / "straight" / "results.json").read_text())
