@@ -4,10 +4,10 @@ python experiments/bench_train.py [--batch_size=128] [--steps=60]
 
 Every variant trains the study's LeNet-5 (43 classes) with Adam and cross-entropy on batches of
 GTSRB training images (uint8 on the device, normalised inside the step), timed over `steps`
-steps after warm-up, best of `repeats`; on the CPU compax trains with its direct convolution
-kernels (compax/kernels), and the single model is also timed with XLA's convolution. The last line
-is one JSON object: compax_img_s, compax_xla_conv_img_s, compax_pop8_img_model_s, torch_img_s
-(null without torch), ratio_compax_vs_torch, ...
+steps after warm-up, best of `repeats` rounds that time every variant in turn; on the CPU compax
+trains with its direct convolution kernels (compax/kernels), and the single model is also timed
+with XLA's convolution. The last line is one JSON object: compax_img_s, compax_xla_conv_img_s,
+compax_pop8_img_model_s, torch_img_s (null without torch), ratio_compax_vs_torch, ...
 """
 
 import json
@@ -19,7 +19,7 @@ from absl import app, flags
 
 _BATCH = flags.DEFINE_integer("batch_size", 128, "Images per step and model.")
 _STEPS = flags.DEFINE_integer("steps", 60, "Timed steps per repeat.")
-_REPEATS = flags.DEFINE_integer("repeats", 3, "Repeats; the fastest counts.")
+_REPEATS = flags.DEFINE_integer("repeats", 3, "Rounds over all variants; the fastest counts.")
 
 
 def training_images(num: int):
@@ -33,10 +33,15 @@ def training_images(num: int):
     return data.train.images[:num], data.train.labels[:num], data.mean, data.std, data.name
 
 
-def time_steps(run_steps, steps: int, repeats: int) -> float:
-    """Seconds per step, fastest of `repeats` timings of `steps` steps (after one warm-up call)."""
-    run_steps(2)
-    return min(_timed(run_steps, steps) for _ in range(repeats)) / steps
+def interleaved_seconds_per_step(runners: dict, steps: dict, repeats: int) -> dict:
+    """Seconds per step of each runner, the fastest of `repeats` rounds; each round times every
+    runner once, one after the other, so that a slow spell of the machine hits all of them.
+    `runners[name](n)` runs n steps and waits for them; each was warmed up (compiled) before."""
+    best = dict.fromkeys(runners, float("inf"))
+    for _ in range(repeats):
+        for name, run_steps in runners.items():
+            best[name] = min(best[name], _timed(run_steps, steps[name]) / steps[name])
+    return best
 
 
 def _timed(fn, *args) -> float:
@@ -45,9 +50,9 @@ def _timed(fn, *args) -> float:
     return time.perf_counter() - start
 
 
-def compax_seconds_per_step(population: int, chunk: int, images, labels, mean, std, batch: int,
-                            steps: int, repeats: int) -> float:
-    """One compax train step of `population` members, `chunk` of them vmapped together (0: auto)."""
+def compax_runner(population: int, chunk: int, images, labels, mean, std, batch: int):
+    """`run(n)`: n compax train steps of `population` members, `chunk` of them vmapped together
+    (0: automatic), compiled (by a warm-up call) before it is returned."""
     import jax
     import jax.numpy as jnp
     import ml_collections
@@ -77,11 +82,12 @@ def compax_seconds_per_step(population: int, chunk: int, images, labels, mean, s
             state = state.replace(params=params, batch_stats=batch_stats, opt_state=opt_state)
         jax.block_until_ready(loss)
 
-    return time_steps(run, steps, repeats)
+    run(2)
+    return run
 
 
-def torch_seconds_per_step(images, labels, mean, std, batch: int, steps: int,
-                           repeats: int) -> float | None:
+def torch_runner(images, labels, mean, std, batch: int):
+    """`run(n)`: n PyTorch train steps of the same model, warmed up; None without torch."""
     try:
         import torch
     except ImportError:
@@ -110,7 +116,8 @@ def torch_seconds_per_step(images, labels, mean, std, batch: int, steps: int,
             loss.backward()
             optimizer.step()
 
-    return time_steps(run, steps, repeats)
+    run(2)
+    return run
 
 
 def main(argv):
@@ -121,14 +128,20 @@ def main(argv):
     images, labels, mean, std, data_name = training_images(20 * batch)
     data = (images, labels, mean, std, batch)
     from compax.kernels import conv_cpu
-    single = compax_seconds_per_step(1, 0, *data, steps, repeats)
-    conv_cpu.enable(False)  # the same step with XLA's convolution in every layer
-    single_xla_conv = compax_seconds_per_step(1, 0, *data, steps, repeats)
-    conv_cpu.enable(True)
     pop_steps = max(3, steps // 8)  # as many images per model-step as the single model
-    pop8 = compax_seconds_per_step(8, 0, *data, pop_steps, repeats)  # automatic chunk
-    pop8_one_vmap = compax_seconds_per_step(8, 8, *data, pop_steps, repeats)
-    torch_step = torch_seconds_per_step(images, labels, mean, std, batch, steps, repeats)
+    conv_cpu.enable(False)  # the same step with XLA's convolution in every layer (traced now)
+    runners = {"single_xla_conv": compax_runner(1, 0, *data)}
+    conv_cpu.enable(True)
+    runners.update(single=compax_runner(1, 0, *data), pop8=compax_runner(8, 0, *data),
+                   pop8_one_vmap=compax_runner(8, 8, *data))
+    torch_run = torch_runner(*data)
+    if torch_run is not None:
+        runners["torch"] = torch_run
+    seconds = interleaved_seconds_per_step(
+        runners, {name: pop_steps if name.startswith("pop8") else steps for name in runners},
+        repeats)
+    single, single_xla_conv = seconds["single"], seconds["single_xla_conv"]
+    pop8, pop8_one_vmap, torch_step = seconds["pop8"], seconds["pop8_one_vmap"], seconds.get("torch")
     result = {
         "data": data_name,
         "batch_size": batch,
