@@ -16,7 +16,6 @@
 #include <atomic>
 #include <cstdint>
 #include <cstring>
-#include <cstdio>
 #include <memory>
 #include <thread>
 #include <vector>
