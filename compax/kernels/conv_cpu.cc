@@ -68,7 +68,6 @@ void ForImageRanges(ffi::ThreadPool& pool, int64_t batch, int64_t chunks, Fn fn)
 
 // Ranges of the batch: one per thread of the pool (at least one, at most one per image).
 int64_t Chunks(ffi::ThreadPool& pool, int64_t batch) {
-  
   return std::max<int64_t>(1, std::min<int64_t>(batch, pool.num_threads()));
 }
 
@@ -135,10 +134,10 @@ int64_t PixelBlock(int64_t ow) {
   return best;
 }
 
+// Images b0..b1; w_pad is the kernel from PadOutputChannels with `padded` a multiple of L.
 template <int L>
-void Forward(const Shape& s, const float* x, const float* w, float* y, int64_t b0, int64_t b1) {
-  const int64_t padded = (s.out_channels + L - 1) / L * L;
-  const std::vector<float> w_pad = PadOutputChannels(s, w, padded);
+void Forward(const Shape& s, const float* x, const float* w_pad, int64_t padded, float* y,
+             int64_t b0, int64_t b1) {
   const int64_t oh = s.out_h(), ow = s.out_w(), block = PixelBlock(ow);
   for (int64_t b = b0; b < b1; ++b) {
     const float* image = x + b * s.height * s.width * s.in_channels;
@@ -146,10 +145,10 @@ void Forward(const Shape& s, const float* x, const float* w, float* y, int64_t b
     for (int64_t p = 0; p < oh; ++p)
       for (int64_t o0 = 0; o0 < s.out_channels; o0 += L) {
         switch (block) {
-          case 5: ForwardRow<L, 5>(s, image, w_pad.data(), padded, y_image, p, o0); break;
-          case 6: ForwardRow<L, 6>(s, image, w_pad.data(), padded, y_image, p, o0); break;
-          case 7: ForwardRow<L, 7>(s, image, w_pad.data(), padded, y_image, p, o0); break;
-          default: ForwardRow<L, 8>(s, image, w_pad.data(), padded, y_image, p, o0);
+          case 5: ForwardRow<L, 5>(s, image, w_pad, padded, y_image, p, o0); break;
+          case 6: ForwardRow<L, 6>(s, image, w_pad, padded, y_image, p, o0); break;
+          case 7: ForwardRow<L, 7>(s, image, w_pad, padded, y_image, p, o0); break;
+          default: ForwardRow<L, 8>(s, image, w_pad, padded, y_image, p, o0);
         }
       }
   }
@@ -224,13 +223,16 @@ ffi::Error ConvForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   Shape s = ShapeOf(x, w);
   s.pad_top = pad_top;
   s.pad_bottom = pad_bottom;
-  const float *images = x.typed_data(), *kernel = w.typed_data();
+  const int64_t lanes = s.out_channels <= 8 ? 8 : 16;
+  const int64_t padded = (s.out_channels + lanes - 1) / lanes * lanes;
+  const std::vector<float> kernel = PadOutputChannels(s, w.typed_data(), padded);
+  const float *images = x.typed_data(), *w_pad = kernel.data();
   float* out = y->typed_data();
   ForImageRanges(pool, s.batch, Chunks(pool, s.batch), [=](int64_t, int64_t b0, int64_t b1) {
-    if (s.out_channels <= 8)
-      Forward<8>(s, images, kernel, out, b0, b1);
+    if (lanes == 8)
+      Forward<8>(s, images, w_pad, padded, out, b0, b1);
     else
-      Forward<16>(s, images, kernel, out, b0, b1);
+      Forward<16>(s, images, w_pad, padded, out, b0, b1);
   });
   return ffi::Error::Success();
 }

@@ -11,14 +11,14 @@ analyses and post-training quantization, which must see XLA's convolution), goes
 
     y[b,p,q,o]     = sum_{i,j,c} x[b,p+i,q+j,c] w[i,j,c,o]          (after zero padding)
     dL/dw[i,j,c,o] = sum_{b,p,q} g[b,p,q,o] x[b,p+i,q+j,c]
-    dL/dx          = the forward kernel on g zero-padded by k-1, with w rotated by 180 degrees and
-                     its channel axes swapped (XLA drops it for an input layer)
+    dL/dx          = the forward kernel on g zero-padded by k-1 (rows skipped), with w rotated by
+                     180 degrees and its channel axes swapped (XLA drops it for an input layer)
 
 The kernels are compiled on first use with the machine's C++ compiler (`$CXX`, else g++/c++;
 -O3 -march=native) into `$COMPAX_CACHE_DIR` (default ~/.cache/compax); without a compiler, or if
 compiling fails, training falls back to XLA's convolution with one warning; COMPAX_CPU_KERNELS=0
-turns them off. Results equal XLA's
-up to float rounding (tests/test_kernels.py) and do not depend on thread timing.
+turns them off. Results equal XLA's up to float rounding (tests/test_kernels.py) and do not
+depend on thread timing.
 """
 
 import contextlib

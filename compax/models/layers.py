@@ -16,7 +16,7 @@ from compax.kernels import conv_cpu
 
 torch_default_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
-# Training on the CPU computes input layers with the direct kernels of compax.kernels.conv_cpu.
+# Training on the CPU computes layers of few channels with the kernels of compax.kernels.conv_cpu.
 Conv = functools.partial(nn.Conv, kernel_init=torch_default_kernel_init,
                          conv_general_dilated=conv_cpu.conv_general_dilated)
 Dense = functools.partial(nn.Dense, kernel_init=torch_default_kernel_init)
