@@ -35,8 +35,7 @@ from compax.compress import apply_compressed
 from compax.data import Dataset, normalize
 from compax.distributed import to_host
 from compax.errors import UserError
-from compax.train.population import chunked_vmap, take_members
-from compax.train.steps import make_predict
+from compax.population import chunked_vmap, make_predict, take_members
 
 SHOWCASE = 8
 CORRECTIONS = ("none", "bonferroni", "holm", "fdr_bh")  # of the Welch tests' p-values

@@ -26,8 +26,7 @@ from compax.compress import (
 from compax.compress.sweep import level_counts, sparsity_sweep
 from compax.data import Dataset, normalize
 from compax.distributed import to_host
-from compax.train.population import chunked_vmap, take_members
-from compax.train.steps import loss_and_accuracy, make_predict, model_apply
+from compax.population import chunked_vmap, loss_and_accuracy, make_predict, model_apply, take_members
 
 
 def batched_accuracy(apply, x: jax.Array, labels: jax.Array, batch_size: int) -> jax.Array:

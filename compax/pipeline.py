@@ -49,11 +49,11 @@ from compax.data import load_dataset
 from compax.distributed import is_main_process
 from compax.errors import UserError
 from compax.models import count_params, get_model, init_variables
+from compax.population import loss_and_accuracy, make_predict, model_apply, population_chunk, take_members
 from compax.report import write_report
 from compax.stages import STAGES, StageRecords, parse_stages, write_json_atomic
-from compax.train import fit, loss_and_accuracy, make_predict, model_apply
+from compax.train import fit
 from compax.train.memory import check_population_fits
-from compax.train.population import population_chunk, take_members
 
 # Training keys that may change between a run and its resumption: training continues from the
 # checkpoints (and the later stages run again).

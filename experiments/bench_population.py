@@ -47,15 +47,9 @@ def population_rates(model_name: str, size: int, batch: int, steps: int, repeats
     import numpy as np
 
     from compax.models import get_model
+    from compax.population import population_chunk, take_members
     from compax.train import init_population, make_optimizer
-    from compax.train.population import (
-        AUGMENT,
-        DATA,
-        DROPOUT,
-        member_keys,
-        population_chunk,
-        take_members,
-    )
+    from compax.train.population import AUGMENT, DATA, DROPOUT, member_keys
     from compax.train.steps import epoch_order, make_train_step
 
     num_classes, num_steps = 43, 4

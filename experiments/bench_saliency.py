@@ -20,6 +20,7 @@ import json
 import os
 import pathlib
 import platform
+import sys
 import time
 
 import jax
@@ -31,13 +32,16 @@ from absl import app, flags
 from compax.analysis.saliency import saliency_maps
 from compax.compress import compress
 from compax.compress.prune import global_l1_masks
-from compax.compress.torch_ref import torch_lenet
 from compax.compress_population import calibration_images
 from compax.config import base_config
 from compax.data import load_dataset, normalize
 from compax.models import get_model
+from compax.population import take_members
 from compax.train import fit
-from compax.train.population import take_members
+
+# The PyTorch reference models live with the tests (test-only code, outside the package).
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from tests.torch_ref import torch_lenet  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Workdir of a finished LeNet-5 GTSRB run (optional).")
 _BATCH = flags.DEFINE_integer("batch_size", 256, "Images per saliency batch (compax and PyTorch).")

@@ -58,8 +58,9 @@ def compax_runner(population: int, chunk: int, images, labels, mean, std, batch:
     import ml_collections
 
     from compax.models import get_model
+    from compax.population import population_chunk
     from compax.train import init_population, make_optimizer
-    from compax.train.population import AUGMENT, DATA, DROPOUT, member_keys, population_chunk
+    from compax.train.population import AUGMENT, DATA, DROPOUT, member_keys
     from compax.train.steps import epoch_order, make_train_step
 
     model = get_model("lenet5", 43)

@@ -12,16 +12,20 @@ its weight observer limited to [-8, 7]). The last line is one JSON object. Needs
 
 import json
 import pathlib
+import sys
 
 import jax
 import ml_collections
 from absl import app, flags
 
-from compax.compress.torch_ref import compare_with_torch_ptq
 from compax.compress_population import calibration_images
 from compax.data import load_dataset, normalize
+from compax.population import take_members
 from compax.train import fit
-from compax.train.population import take_members
+
+# The PyTorch reference models live with the tests (test-only code, outside the package).
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from tests.torch_ref import compare_with_torch_ptq  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Workdir of a finished LeNet-5 run.", required=True)
 _MEMBER = flags.DEFINE_integer("member", 0, "Population member to quantize.")

@@ -13,8 +13,9 @@ from compax.data import normalize
 from compax.errors import UserError
 from compax.models import get_model, init_variables
 from compax.models.layers import scaled
-from compax.train.population import INIT, member_keys, take_members
-from compax.train.steps import epoch_order, make_train_step, model_apply
+from compax.population import model_apply, take_members
+from compax.train.population import INIT, member_keys
+from compax.train.steps import epoch_order, make_train_step
 from tests.helpers import tiny_dataset
 
 

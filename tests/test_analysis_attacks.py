@@ -23,7 +23,7 @@ from compax.analysis.attacks import (
 from compax.compress import compress
 from compax.errors import UserError
 from compax.models import get_model
-from compax.train.population import take_members
+from compax.population import take_members
 from tests.test_analysis_ablation import random_population
 
 SHAPE = (32, 32, 3)

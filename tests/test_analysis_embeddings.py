@@ -18,7 +18,7 @@ from compax.analysis.taps import apply_with_taps
 from compax.compress import compress
 from compax.errors import UserError
 from compax.models import get_model
-from compax.train.population import chunked_vmap
+from compax.population import chunked_vmap
 from tests.test_analysis_saliency import N, lenet_setup
 from tests.test_prune import random_variables
 

@@ -12,7 +12,7 @@ from compax.analysis.taps import apply_with_taps, tap_points
 from compax.compress import apply_compressed, compress, fake_quant
 from compax.errors import UserError
 from compax.models import get_model, init_variables
-from compax.train.population import chunked_vmap
+from compax.population import chunked_vmap
 from tests.test_analysis_saliency import N, lenet_setup, torch_lenet
 from tests.test_prune import random_variables
 

@@ -20,11 +20,11 @@ from compax.analysis.saliency import (
     saliency_maps,
 )
 from compax.compress import compress
-from compax.compress.torch_ref import torch_lenet
 from compax.errors import UserError
 from compax.models import get_model
-from compax.train.population import chunked_vmap
+from compax.population import chunked_vmap
 from tests.test_prune import random_variables
+from tests.torch_ref import torch_lenet
 
 CLASSES = 43
 N = 6

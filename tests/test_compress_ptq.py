@@ -261,7 +261,7 @@ def test_reduce_range_halves_the_activation_codes(lenet, images):
 @pytest.mark.parametrize("weight_bits", [8, 4])
 def test_lenet_ptq_agrees_with_torch_fbgemm_ptq(lenet, images, weight_bits):
     pytest.importorskip("torch")
-    from compax.compress.torch_ref import compare_with_torch_ptq
+    from tests.torch_ref import compare_with_torch_ptq
 
     model, variables = lenet
     labels = np.asarray(model.apply(variables, images[TEST:])).argmax(1)
@@ -340,7 +340,7 @@ def test_trained_models_int8_agrees_with_fake_quant(trained_models, name):
 @pytest.mark.parametrize("weight_bits", [8, 4])
 def test_trained_lenet_agrees_with_torch_fbgemm_ptq(trained_models, weight_bits):
     pytest.importorskip("torch")
-    from compax.compress.torch_ref import compare_with_torch_ptq
+    from tests.torch_ref import compare_with_torch_ptq
 
     models, (x, _), (test_x, test_y) = trained_models
     model, variables = models["lenet5"]

@@ -54,16 +54,10 @@ def _many_devices(workdir: pathlib.Path) -> dict:
     import jax.numpy as jnp
 
     from compax.distributed import population_mesh, shard_batch
+    from compax.population import chunked_vmap, make_predict, model_apply, take_members
     from compax.train import fit, make_optimizer
-    from compax.train.population import (
-        AUGMENT,
-        DATA,
-        DROPOUT,
-        chunked_vmap,
-        member_keys,
-        take_members,
-    )
-    from compax.train.steps import epoch_order, make_predict, make_train_step, model_apply
+    from compax.train.population import AUGMENT, DATA, DROPOUT, member_keys
+    from compax.train.steps import epoch_order, make_train_step
 
     config, data = _tiny()
     one, four, grid = (population_mesh(devices=jax.devices()[:1]), population_mesh(),
@@ -253,7 +247,7 @@ def test_one_device_is_one_plain_vmap_bit_for_bit():
     import jax
     import jax.numpy as jnp
 
-    from compax.train.population import chunked_vmap
+    from compax.population import chunked_vmap
 
     rng = np.random.default_rng(0)
     weights = {"a": rng.normal(size=(3, 16, 32)).astype(np.float32),

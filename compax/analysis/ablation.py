@@ -23,6 +23,7 @@ import optax
 from compax.data import Dataset
 from compax.errors import UserError
 from compax.models import get_model
+from compax.population import loss_and_accuracy, make_predict, model_apply
 from compax.train.early_stopping import update_early_stopping
 from compax.train.population import (
     AUGMENT,
@@ -33,7 +34,7 @@ from compax.train.population import (
     member_keys,
     variables_of,
 )
-from compax.train.steps import epoch_order, loss_and_accuracy, make_predict, make_train_step, model_apply
+from compax.train.steps import epoch_order, make_train_step
 
 # The layers after the dropped block: re-initialised and trained.
 HEAD_LAYERS = {

@@ -39,7 +39,7 @@ import optax
 
 from compax.compress import Compressed, apply_compressed
 from compax.errors import UserError
-from compax.train.population import chunked_vmap
+from compax.population import chunked_vmap
 
 UPPER_BOUND = 1e10  # initial upper bound of c, as in the reference code
 _TANH_SHRINK = 0.999999  # keeps arctanh of pixels at 0 and 1 finite, as in the reference code

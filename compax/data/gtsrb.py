@@ -10,53 +10,9 @@ import numpy as np
 
 from compax.data import files, splits
 from compax.data.dataset import Dataset, Split
+from compax.data.gtsrb_classes import CLASS_NAMES
 
 NAME = "gtsrb"
-CLASS_NAMES = (
-    "speed limit 20",
-    "speed limit 30",
-    "speed limit 50",
-    "speed limit 60",
-    "speed limit 70",
-    "speed limit 80",
-    "end of speed limit 80",
-    "speed limit 100",
-    "speed limit 120",
-    "no passing",
-    "no passing for vehicles over 3.5 t",
-    "right-of-way at next intersection",
-    "priority road",
-    "yield",
-    "stop",
-    "no vehicles",
-    "vehicles over 3.5 t prohibited",
-    "no entry",
-    "general caution",
-    "dangerous curve left",
-    "dangerous curve right",
-    "double curve",
-    "bumpy road",
-    "slippery road",
-    "road narrows on the right",
-    "road work",
-    "traffic signals",
-    "pedestrians",
-    "children crossing",
-    "bicycles crossing",
-    "beware of ice/snow",
-    "wild animals crossing",
-    "end of all speed and passing limits",
-    "turn right ahead",
-    "turn left ahead",
-    "ahead only",
-    "go straight or right",
-    "go straight or left",
-    "keep right",
-    "keep left",
-    "roundabout mandatory",
-    "end of no passing",
-    "end of no passing by vehicles over 3.5 t",
-)
 TRAIN_KEYS = ("image", "label", "track", "frame", "roi")
 TEST_KEYS = ("image", "label", "roi")
 _WHAT = "GTSRB"

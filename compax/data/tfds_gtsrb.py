@@ -14,7 +14,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from compax.data.gtsrb import CLASS_NAMES
+from compax.data.gtsrb_classes import CLASS_NAMES
 
 URL = "https://sid.erda.dk/public/archives/daaeac0d7ce1152aea9b61d9f1e19370/"
 ARCHIVES = {

@@ -2,10 +2,8 @@
 
 from compax.train.loop import TrainingDiverged, TrainResult, fit, make_optimizer, population_seeds
 from compax.train.population import PopulationState, best_variables, init_population
-from compax.train.steps import loss_and_accuracy, make_predict, model_apply
 
 __all__ = [
     "PopulationState", "TrainResult", "TrainingDiverged", "best_variables", "fit",
-    "init_population", "loss_and_accuracy", "make_optimizer", "make_predict", "model_apply",
-    "population_seeds",
+    "init_population", "make_optimizer", "population_seeds",
 ]

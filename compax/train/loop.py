@@ -24,6 +24,14 @@ from compax.data import Dataset
 from compax.distributed import default_mesh, is_main_process, replicate, shard_members, to_host
 from compax.errors import UserError
 from compax.models import get_model
+from compax.population import (
+    loss_and_accuracy,
+    make_predict,
+    model_apply,
+    population_chunk,
+    put_members,
+    take_members,
+)
 from compax.train.checkpoint import PopulationCheckpoints
 from compax.train.early_stopping import update_early_stopping
 from compax.train.population import (
@@ -34,18 +42,9 @@ from compax.train.population import (
     best_variables,
     init_population,
     member_keys,
-    population_chunk,
-    put_members,
-    take_members,
     variables_of,
 )
-from compax.train.steps import (
-    epoch_order,
-    loss_and_accuracy,
-    make_predict,
-    make_train_step,
-    model_apply,
-)
+from compax.train.steps import epoch_order, make_train_step
 
 
 class TrainingDiverged(UserError):

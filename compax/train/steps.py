@@ -14,9 +14,10 @@ import optax
 from jax.sharding import Mesh
 
 from compax.data import augment_flip_crop, normalize
-from compax.distributed import default_mesh, shard_batch, to_host
+from compax.distributed import default_mesh, shard_batch
 from compax.kernels.conv_cpu import cpu_kernels
-from compax.train.population import chunked_vmap, variables_of
+from compax.population import chunked_vmap
+from compax.train.population import variables_of
 
 
 def epoch_order(data_keys: jax.Array, epoch: jax.Array, num_examples: int, steps: int,
@@ -69,41 +70,3 @@ def make_train_step(model, tx: optax.GradientTransformation, mean: np.ndarray, s
     return chunked_vmap(member_step, chunk, num_member_args=6, mesh=mesh)
 
 
-def make_predict(apply_fn: Callable, mean: np.ndarray, std: np.ndarray, batch_size: int,
-                 chunk: int, mesh: Mesh | None = None) -> Callable:
-    """`predict(population, images) -> logits (P, N, classes)`.
-
-    `apply_fn(member, x)` gives one member's logits for normalised images `x`; `population` is
-    whatever it takes (variables, a compressed variant, ...) with a leading member axis. Runs in
-    fixed-size batches (the last one padded) so that one compiled program serves any N, `chunk`
-    members at a time vmapped and split over the devices of `mesh` (`chunked_vmap`), each batch
-    over the mesh's `data` axis. The logits come back to this host (from every host, if several).
-    """
-    mesh = mesh or default_mesh()
-    predict_batch = chunked_vmap(
-        lambda member, images: apply_fn(member, shard_batch(normalize(images, mean, std), mesh)),
-        chunk, num_member_args=1, mesh=mesh)
-
-    def predict(population, images: np.ndarray) -> np.ndarray:
-        num = images.shape[0]
-        pad = (-num) % batch_size
-        if pad:
-            images = np.concatenate([images, np.zeros((pad, *images.shape[1:]), images.dtype)])
-        batches = [predict_batch(population, images[i:i + batch_size])
-                   for i in range(0, images.shape[0], batch_size)]
-        return np.concatenate([to_host(b) for b in batches], axis=1)[:, :num]
-
-    return predict
-
-
-def model_apply(model) -> Callable:
-    """`apply_fn(variables, x)` of a float model in evaluation mode, for `make_predict`."""
-    return lambda variables, x: model.apply(variables, x, train=False)
-
-
-def loss_and_accuracy(logits: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-member mean cross-entropy and accuracy of logits (P, N, C) against labels (N,)."""
-    logits = jnp.asarray(logits)
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.asarray(labels)[None])
-    accuracy = jnp.mean(jnp.argmax(logits, -1) == jnp.asarray(labels)[None], axis=-1)
-    return np.asarray(loss.mean(-1)), np.asarray(accuracy)
