@@ -1,12 +1,18 @@
-"""Compresses a trained population into every variant of the studies and measures it on the test set.
+"""Makes every variant of `compress.variants` from a trained population and measures it.
 
-The pruning amount follows Schwaiger et al. (2022): "as much as possible while keeping comparable
-accuracy", made precise as the largest level of a grid (default 0.01 ... 0.99) whose validation
-accuracy, averaged over the population, stays within `tolerance_pp` percentage points of the
-uncompressed population's; the test set plays no part in the choice. One level serves the whole
-population so that its members stay comparable (Hooker et al. prune every member alike). Every
-member is then pruned with global L1 masks at that level and quantized with post-training
-quantization calibrated on training images (`compax.compress`).
+Each variant is a recipe of registered steps (`compax.compress.registry`) run on the whole
+population. The pruning level `searched` follows Schwaiger et al. (2022): "as much as possible while
+keeping comparable accuracy", made precise as the largest level of a grid (default 0.01 ... 0.99)
+whose validation accuracy under global L1 pruning, averaged over the population, stays within
+`tolerance_pp` percentage points of the uncompressed population's; the test set plays no part in
+the choice. One level serves the whole population so that its members stay comparable (Hooker et
+al. prune every member alike). Quantizing steps calibrate on a fixed subset of training images.
+
+Every variant is measured on the whole test set: accuracy per member, bits, bytes as stored and the
+compression ratio, parameters and multiply-adds of the model evaluating it; quantized variants with
+8-bit activations also run on the true-int8 path (`int8_apply`), and their argmax agreement and
+largest logit difference against the fake-quant model are reported. Inference cost (images/s of
+member 0 on this machine, `cost.py`) is kept apart from the results, as it is a timing.
 """
 
 import jax
@@ -14,18 +20,22 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from compax import methods  # noqa: F401  (registers the compression steps)
 from compax.compress import (
+    Compressed,
     apply_compressed,
-    compress,
     compression_ratio,
-    global_l1_masks,
-    select_max_sparsity,
+    int8_apply,
     size_bytes,
-    sparsity_report,
+    storage_bytes,
 )
-from compax.compress.sweep import level_counts, sparsity_sweep
+from compax.compress.cost import images_per_second
+from compax.compress.flops import model_macs
+from compax.compress.registry import Context, Variant, describe, run_recipe, variant_recipes
+from compax.compress.sweep import select_max_sparsity, sparsity_sweep
 from compax.data import Dataset, normalize
 from compax.distributed import to_host
+from compax.models import count_params
 from compax.population import chunked_vmap, loss_and_accuracy, make_predict, model_apply, take_members
 
 
@@ -54,50 +64,11 @@ def sweep_validation_accuracy(model, variables, dataset: Dataset, levels, exclud
     return to_host(chunked_vmap(member_sweep, chunk, num_member_args=1)(variables))
 
 
-def calibration_images(config: ml_collections.ConfigDict, dataset: Dataset) -> jax.Array:
-    """Normalised training images for the quantization observers, a fixed random subset."""
-    rng = np.random.default_rng(config.split_seed)
-    count = min(config.compress.calibration_images, len(dataset.train))
-    index = np.sort(rng.choice(len(dataset.train), count, replace=False))
-    return normalize(dataset.train.images[index], dataset.mean, dataset.std)
-
-
-def member_compressor(config: ml_collections.ConfigDict, model, variant: str):
-    """`fn(variables, masks, calib_images) -> Compressed`: one member's `variant` (the masks are
-    used by the pruned variants, the calibration images by the quantized ones)."""
+def search_sparsity(config: ml_collections.ConfigDict, model, variables, dataset: Dataset,
+                    chunk: int) -> dict:
+    """The largest global-L1 level within the tolerance on validation data (module doc), with the
+    curve it was read from: {levels, val_accuracy, baseline_val_accuracy, tolerance_pp, chosen}."""
     settings = config.compress
-    pruned = variant.startswith("pruned")
-
-    def compress_member(v, m, calib):
-        return compress(variant, model, v, calib, m if pruned else None,
-                        reduce_range=settings.reduce_range, observer=settings.observer)
-
-    return compress_member
-
-
-def abstract_population(config: ml_collections.ConfigDict, model, variables, dataset: Dataset,
-                        variant: str):
-    """Shapes and static data of the compressed population of `variant` (for restoring it)."""
-    calib = jax.ShapeDtypeStruct(calibration_images(config, dataset).shape, jnp.float32)
-    masks = jax.eval_shape(
-        jax.vmap(lambda p: global_l1_masks(p, 1, exclude=config.compress.prune_exclude)),
-        variables["params"])
-    return jax.eval_shape(jax.vmap(member_compressor(config, model, variant), in_axes=(0, 0, None)),
-                          variables, masks, calib)
-
-
-def compress_population(config: ml_collections.ConfigDict, model, variables, dataset: Dataset,
-                        chunk: int) -> dict:
-    """Every variant in `config.compress.variants` of the population `variables`.
-
-    Returns {"variants": {name: results (schema in pipeline.py)}, "sparsity_search": ...,
-    "populations": {name: Compressed with a leading member axis}}.
-    """
-    settings = config.compress
-    size = jax.tree.leaves(variables)[0].shape[0]
-    predict = make_predict(lambda c, x: apply_compressed(model, c, x), dataset.mean, dataset.std,
-                           config.eval_batch_size, chunk)
-
     levels = np.round(np.arange(1, 100) * settings.sparsity_step, 6)
     levels = levels[levels < 1]
     sweep = sweep_validation_accuracy(model, variables, dataset, levels, settings.prune_exclude,
@@ -106,42 +77,117 @@ def compress_population(config: ml_collections.ConfigDict, model, variables, dat
         make_predict(model_apply(model), dataset.mean, dataset.std, config.eval_batch_size,
                      chunk)(variables, dataset.val.images),
         dataset.val.labels)[1]
-    amount = select_max_sparsity(levels, sweep.mean(0), float(baseline_val.mean()),
+    chosen = select_max_sparsity(levels, sweep.mean(0), float(baseline_val.mean()),
                                  settings.sparsity_tolerance_pp)
-    count = int(level_counts(take_members(variables, 0)["params"], [amount],
-                             exclude=settings.prune_exclude)[0])
-    masks = jax.vmap(lambda p: global_l1_masks(p, count, exclude=settings.prune_exclude))(
-        variables["params"])
-    reports = [sparsity_report(take_members(variables, i)["params"], take_members(masks, i))
-               for i in range(size)]
-    sparsity = {
-        "amount": amount,
-        "fraction_of_weights": float(np.mean([r["fraction_of_weights"] for r in reports])),
-        "fraction_of_params": float(np.mean([r["fraction_of_params"] for r in reports])),
-        "layers": {name: float(np.mean([r["layers"][name] for r in reports]))
-                   for name in reports[0]["layers"]},
-    }
-    search = {"levels": levels.tolist(), "val_accuracy": sweep.mean(0).tolist(),
-              "baseline_val_accuracy": float(baseline_val.mean()),
-              "tolerance_pp": settings.sparsity_tolerance_pp, "chosen": amount}
+    return {"levels": levels.tolist(), "val_accuracy": sweep.mean(0).tolist(),
+            "baseline_val_accuracy": float(baseline_val.mean()),
+            "tolerance_pp": settings.sparsity_tolerance_pp, "chosen": chosen}
 
-    calib = calibration_images(config, dataset)
-    results, populations = {}, {}
-    for variant in settings.variants:
-        compressed = chunked_vmap(member_compressor(config, model, variant), chunk,
-                                  num_member_args=2)(variables, masks, calib)
-        populations[variant] = compressed
-        _, accuracy = loss_and_accuracy(predict(compressed, dataset.test.images),
-                                        dataset.test.labels)
-        first = take_members(compressed, 0)
-        results[variant] = {
-            "accuracy": float(accuracy.mean()),
-            "accuracy_std": float(accuracy.std()),
-            "member_accuracy": accuracy.tolist(),
-            "sparsity": sparsity if variant.startswith("pruned") else None,
-            "weight_bits": first.weight_bits,
-            "activation_bits": first.activation_bits,
-            "bytes": int(size_bytes(first)),
-            "compression_ratio": float(compression_ratio(first, take_members(variables, 0))),
+
+def calibration_images(config: ml_collections.ConfigDict, dataset: Dataset) -> jax.Array:
+    """Normalised training images for the quantization observers, a fixed random subset."""
+    rng = np.random.default_rng(config.split_seed)
+    count = min(config.compress.calibration_images, len(dataset.train))
+    index = np.sort(rng.choice(len(dataset.train), count, replace=False))
+    return normalize(dataset.train.images[index], dataset.mean, dataset.std)
+
+
+def recipe_context(config, model, variables, dataset: Dataset, chunk: int, *,
+                   abstract: bool = False) -> Context:
+    """The `Context` the recipes of a run share (one sparsity search, one calibration set)."""
+    if abstract:
+        count = min(config.compress.calibration_images, len(dataset.train))
+        calib = jax.ShapeDtypeStruct((count, *dataset.train.images.shape[1:]), jnp.float32)
+    else:
+        calib = calibration_images(config, dataset)
+    return Context(config=config, dataset=dataset, original=variables, chunk=chunk,
+                   abstract=abstract, calib_images=calib,
+                   searcher=lambda: search_sparsity(config, model, variables, dataset, chunk))
+
+
+def abstract_variants(config: ml_collections.ConfigDict, model, variables, dataset: Dataset,
+                      chunk: int) -> dict[str, Variant]:
+    """Every variant's module and the shapes and static data of its population, without running
+    anything (for restoring the saved variants)."""
+    like = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), variables)
+    ctx = recipe_context(config, model, variables, dataset, chunk, abstract=True)
+    return {name: run_recipe(steps, model, like, ctx)
+            for name, steps in variant_recipes(config.compress.variants).items()}
+
+
+def measure(config, dataset: Dataset, model, variables, variant: Variant, chunk: int) -> dict:
+    """Test results of one variant (schema in pipeline.py), against the original `variables`."""
+    compressed = variant.compressed
+    predict = make_predict(lambda c, x: apply_compressed(variant.model, c, x), dataset.mean,
+                           dataset.std, config.eval_batch_size, chunk)
+    logits = predict(compressed, dataset.test.images)
+    _, accuracy = loss_and_accuracy(logits, dataset.test.labels)
+    first = take_members(compressed, 0)
+    results = {
+        "accuracy": float(accuracy.mean()),
+        "accuracy_std": float(accuracy.std()),
+        "member_accuracy": accuracy.tolist(),
+        "sparsity": variant.info.get("sparsity"),
+        "weight_bits": first.weight_bits,
+        "activation_bits": first.activation_bits,
+        "bytes": int(size_bytes(first)),
+        "compression_ratio": float(compression_ratio(first, take_members(variables, 0))),
+        "params": count_params(first.variables["params"]),
+        "macs": model_macs(lambda c, x: apply_compressed(variant.model, c, x), first,
+                           dataset.test.images.shape[1:]),
+        **{k: v for k, v in variant.info.items() if k != "sparsity"},
+    }
+    if compressed.qstate is not None and first.activation_bits <= 8:
+        integer = make_predict(lambda c, x: int8_apply(variant.model, c.variables, c.qstate, x),
+                               dataset.mean, dataset.std, config.eval_batch_size, chunk)(
+            compressed, dataset.test.images)
+        results["int8"] = {
+            "argmax_agreement": float(np.mean(integer.argmax(-1) == logits.argmax(-1))),
+            "max_logit_difference": float(np.max(np.abs(integer - logits))),
+            "accuracy": float(np.mean(integer.argmax(-1) == dataset.test.labels[None])),
         }
-    return {"variants": results, "sparsity_search": search, "populations": populations}
+    return results
+
+
+def inference_cost(config, dataset: Dataset, variant: Variant, dense_rate: float | None) -> dict:
+    """Images/s of member 0 of `variant` on `eval_batch_size` test images (and of its true-int8
+    path where it has one), with the speed-up over the float32 model (`dense_rate`)."""
+    first = take_members(variant.compressed, 0)
+    x = normalize(dataset.test.images[:config.eval_batch_size], dataset.mean, dataset.std)
+    rate = images_per_second(lambda c, b: apply_compressed(variant.model, c, b), first, x)
+    cost = {"images_per_second": rate}
+    if dense_rate:
+        cost["speedup_vs_float32"] = rate / dense_rate
+    if first.qstate is not None and first.activation_bits <= 8:
+        cost["int8_images_per_second"] = images_per_second(
+            lambda c, b: int8_apply(variant.model, c.variables, c.qstate, b), first, x)
+    return cost
+
+
+def compress_population(config: ml_collections.ConfigDict, model, variables, dataset: Dataset,
+                        chunk: int) -> dict:
+    """Every variant in `config.compress.variants` of the population `variables`.
+
+    Returns {"variants": {name: results (schema in pipeline.py)}, "sparsity_search": ... (when a
+    recipe searched the level), "recipes": {name: recipe text}, "inference": {name: cost},
+    "populations": {name: Compressed with a leading member axis}, "models": {name: module}}.
+    """
+    ctx = recipe_context(config, model, variables, dataset, chunk)
+    results, populations, models, recipes, inference = {}, {}, {}, {}, {}
+    dense = Variant(model, Compressed(variables, None))
+    dense_cost = inference_cost(config, dataset, dense, None)
+    inference["baseline"] = dense_cost
+    for name, steps in variant_recipes(config.compress.variants).items():
+        variant = run_recipe(steps, model, variables, ctx)
+        populations[name], models[name] = variant.compressed, variant.model
+        recipes[name] = describe(steps)
+        results[name] = {"recipe": recipes[name],
+                         **measure(config, dataset, model, variables, variant, chunk)}
+        inference[name] = inference_cost(config, dataset, variant,
+                                         dense_cost["images_per_second"])
+    made = {"variants": results, "recipes": recipes, "inference": inference,
+            "populations": populations, "models": models,
+            "dense_bytes": int(storage_bytes(take_members(variables, 0)))}
+    if "sparsity_search" in ctx.cache:
+        made["sparsity_search"] = ctx.cache["sparsity_search"]
+    return made

@@ -7,6 +7,9 @@ and the types are checked (`ml_collections`).
 import ml_collections
 from ml_collections import config_dict
 
+from compax import methods  # noqa: F401  (registers the analyses, whose settings are keys here)
+from compax.analyses import ANALYSES
+
 
 def base_config() -> ml_collections.ConfigDict:
     """The keys of an experiment with their defaults (LeNet-5 on the embedded synthetic_signs)."""
@@ -33,10 +36,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.patience = 40
     c.augment = False
     c.progress = True
-    # Compression (compax.compress_population): the variants made of every member, the pruning
-    # level search (largest multiple of sparsity_step within sparsity_tolerance_pp of the
-    # uncompressed validation accuracy), layers kept dense (regex on 'conv1/kernel'-like paths),
-    # and the activation observers of post-training quantization, calibrated on training images.
+    # Compression (compax.compress_population): the variants made of every member, each a name
+    # of compax.compress.registry.RECIPES or 'name=step(key=value,...)+step(...)' with the steps of
+    # compax.compress.registry.STEPS, e.g. 'p50_w8=l1_global(amount=0.5)+quantize(weight_bits=8)';
+    # the pruning level 'searched' (largest multiple of sparsity_step within sparsity_tolerance_pp
+    # of the uncompressed validation accuracy), layers kept dense (regex on 'conv1/kernel'-like
+    # paths), and the activation observers of post-training quantization (calibrated on training
+    # images), which the quantize steps use unless they set their own.
     c.compress = ml_collections.ConfigDict()
     c.compress.variants = ("pruned", "w8a8", "w4a8", "pruned_w8a8", "float16", "bfloat16",
                            "dynamic_int8")
@@ -46,24 +52,14 @@ def base_config() -> ml_collections.ConfigDict:
     c.compress.calibration_images = 1000
     c.compress.observer = "histogram"  # or "minmax"
     c.compress.reduce_range = True  # fbgemm's 7-bit activation range, as PyTorch's default qconfig
-    # Layer ablation (Zee et al.): the variant "ablated" drops the last conv block, freezes the rest
-    # and retrains the head for this many epochs; 0 leaves it out.
-    c.compress.ablation_epochs = 0
-    # Analyses (compax.analysis) of every variant against the uncompressed population; a
-    # comma-separated subset of ANALYSES. Image counts of 0 mean the whole test set.
+    # Analyses (compax.analyses) of every variant against the uncompressed population: a
+    # comma-separated subset of the registered ones, and the settings each declares (image counts
+    # of 0 mean the whole test set).
     c.analysis = ml_collections.ConfigDict()
     c.analysis.analyses = "classes,calibration,saliency,gradcam,hooker,embeddings,attacks"
-    c.analysis.ece_bins = 15
-    c.analysis.saliency_images = 0
-    c.analysis.most_changed = 20
-    c.analysis.alpha = 0.05
-    c.analysis.correction = "holm"  # multiple-testing correction of the Welch tests, or "none"
-    c.analysis.tsne_classes = 10  # the classes with the most test images
-    c.analysis.tsne_per_class = 60
-    c.analysis.attack_images = 64
-    c.analysis.attack_iterations = 100
-    c.analysis.attack_search_steps = 5
-    c.analysis.attack_confidence = 0.0
+    for analysis in ANALYSES.values():
+        for key, default in analysis.settings.items():
+            c.analysis[key] = default
     # Stages run (comma-separated, in this order): train, compress, analyse, report. A finished
     # stage whose config and inputs have not changed is skipped.
     c.stages = "train,compress,analyse,report"

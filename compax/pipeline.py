@@ -40,15 +40,16 @@ import numpy as np
 from absl import logging
 
 from compax import stages as stage_records
-from compax.analyse_population import CORRECTIONS, analyse_population, parse_analyses
-from compax.analysis.ablation import ablate
-from compax.compress import apply_compressed, compress, storage_bytes
+from compax.analyse_population import analyse_population
+from compax.analyses import check_analyses
+from compax.compress import Compressed, storage_bytes
+from compax.compress.registry import variant_recipes
 from compax.compress.store import restore_compressed, save_compressed
-from compax.compress_population import abstract_population, compress_population
+from compax.compress_population import abstract_variants, compress_population
 from compax.data import load_dataset
 from compax.distributed import is_main_process
 from compax.errors import UserError
-from compax.models import count_params, get_model, init_variables
+from compax.models import count_params, get_model
 from compax.population import loss_and_accuracy, make_predict, model_apply, population_chunk, take_members
 from compax.report import write_report
 from compax.stages import STAGES, StageRecords, parse_stages, write_json_atomic
@@ -114,14 +115,12 @@ class Run:
     def chunk(self) -> int:
         return population_chunk(self.config.population_chunk, self.config.population)
 
-    def variant_models(self) -> dict:
-        """The flax module of every compressed variant (the ablated one has its own)."""
-        model = self.trained.model
-        names = list(self.config.compress.variants)
-        models = dict.fromkeys(names, model)
-        if self.config.compress.ablation_epochs:
-            models["ablated"] = model.clone(drop_last_block=True)
-        return models
+    def variants(self) -> dict:
+        """Every variant's `registry.Variant` with shapes only (its module, the structure of its
+        population), as the recipes make it; nothing is computed."""
+        trained = self.trained
+        return abstract_variants(self.config, trained.model, trained.variables, self.dataset,
+                                 self.chunk)
 
     # The stages. Each returns (results for results.json, output paths relative to the workdir).
 
@@ -157,64 +156,41 @@ class Run:
         return results, ["checkpoints", "metrics.jsonl"]
 
     def compress(self) -> tuple[dict, list[str]]:
-        trained, config = self.trained, self.config
-        made = compress_population(config, trained.model, trained.variables, self.dataset,
+        trained = self.trained
+        made = compress_population(self.config, trained.model, trained.variables, self.dataset,
                                    self.chunk)
-        populations, variants = made["populations"], made["variants"]
-        if config.compress.ablation_epochs:
-            model, variables = ablate(
-                config.model, self.dataset.num_classes, config.model_width, trained.variables,
-                self.dataset, epochs=config.compress.ablation_epochs, batch_size=config.batch_size,
-                learning_rate=config.learning_rate, seed=config.seed, chunk=self.chunk,
-                augment=config.augment)
-            populations["ablated"] = jax.vmap(lambda v: compress("float32", model, v))(variables)
-            variants["ablated"] = self._ablated_results(model, populations["ablated"], variables)
+        variants = made["variants"]
         baseline = self.records.read("train")["results"]["variants"]["baseline"]
-        for name, variant in variants.items():
+        for name, population in made["populations"].items():
+            path = self.workdir / "variants" / name
+            save_compressed(path, population)
+            variant = variants[name]
+            variant["bytes_on_disk_population"] = sum(f.stat().st_size for f in path.rglob("*")
+                                                      if f.is_file())
             variant["accuracy_diff_pp"] = float(100 * np.mean(
                 np.asarray(variant["member_accuracy"]) - np.asarray(baseline["member_accuracy"])))
             logging.info("%s: test accuracy %.4f (%+.2f pp), %d bytes (%.2fx smaller)", name,
                          variant["accuracy"], variant["accuracy_diff_pp"], variant["bytes"],
                          variant["compression_ratio"])
-        for name, population in populations.items():
-            save_compressed(self.workdir / "variants" / name, population)
-        return ({"sparsity_search": made["sparsity_search"], "variants": variants},
-                [f"variants/{name}" for name in populations])
-
-    def _ablated_results(self, model, population, variables) -> dict:
-        """Test results of the ablated population (schema of the compressed variants)."""
-        predict = make_predict(lambda c, x: apply_compressed(model, c, x), self.dataset.mean,
-                               self.dataset.std, self.config.eval_batch_size, self.chunk)
-        _, accuracy = loss_and_accuracy(predict(population, self.dataset.test.images),
-                                        self.dataset.test.labels)
-        first = take_members(variables, 0)
-        return {"accuracy": float(accuracy.mean()), "accuracy_std": float(accuracy.std()),
-                "member_accuracy": accuracy.tolist(), "sparsity": None, "weight_bits": 32,
-                "activation_bits": 32, "bytes": int(storage_bytes(first)),
-                "compression_ratio": float(storage_bytes(take_members(self.trained.variables, 0))
-                                           / storage_bytes(first)),
-                "params": count_params(first["params"])}
+        results = {"variants": variants, "inference": made["inference"]}
+        if "sparsity_search" in made:
+            results["sparsity_search"] = made["sparsity_search"]
+        return results, [f"variants/{name}" for name in made["populations"]]
 
     def load_populations(self) -> dict:
-        """The compressed populations written by the compress stage."""
-        trained, populations = self.trained, {}
-        for name, model in self.variant_models().items():
-            if name == "ablated":
-                keys = jax.random.split(jax.random.key(0), self.config.population)
-                like = jax.eval_shape(jax.vmap(lambda k, m=model: compress(
-                    "float32", m, init_variables(m, k))), keys)
-            else:
-                like = abstract_population(self.config, model, trained.variables, self.dataset,
-                                           name)
-            populations[name] = restore_compressed(self.workdir / "variants" / name, like)
-        return populations
+        """{variant: (module, compressed population)} as written by the compress stage."""
+        return {name: (variant.model,
+                       restore_compressed(self.workdir / "variants" / name, variant.compressed))
+                for name, variant in self.variants().items()}
 
     def analyse(self) -> tuple[dict, list[str]]:
         trained = self.trained
-        original = jax.vmap(lambda v: compress("float32", trained.model, v))(trained.variables)
-        summary, arrays = analyse_population(self.config, self.dataset, trained.model, original,
-                                             self.variant_models(), self.load_populations(),
-                                             self.chunk)
+        original = jax.vmap(lambda v: Compressed(v, None))(trained.variables)
+        loaded = self.load_populations()
+        summary, arrays = analyse_population(
+            self.config, self.dataset, trained.model, original,
+            {name: model for name, (model, _) in loaded.items()},
+            {name: population for name, (_, population) in loaded.items()}, self.chunk)
         path = self.workdir / "analysis" / "arrays.npz"
         if is_main_process():
             path.parent.mkdir(exist_ok=True)
@@ -250,14 +226,19 @@ class Run:
         return merged
 
 
+def check_names(config: ml_collections.ConfigDict) -> None:
+    """Every name in `config` (stages, variants and their steps and settings, analyses and their
+    settings) against the registries: a one-line UserError listing the valid choices."""
+    parse_stages(config.stages)
+    variant_recipes(config.compress.variants)
+    check_analyses(config.analysis)
+
+
 def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
     """Runs the stages of `config` in `workdir` (skipping those up to date); returns results.json."""
     workdir = pathlib.Path(workdir)
     wanted = parse_stages(config.stages)
-    parse_analyses(config.analysis.analyses)  # bad names fail now, not after training
-    if config.analysis.correction not in CORRECTIONS:
-        raise UserError(f"unknown correction {config.analysis.correction!r} in"
-                        f" --config.analysis.correction: use one of {', '.join(CORRECTIONS)}")
+    check_names(config)  # bad names fail now, not after training
     prepare_workdir(config, workdir)
     pipeline = Run(config, workdir)
     records = pipeline.records

@@ -1,8 +1,12 @@
-"""The direct CPU convolutions (compax.kernels.conv_cpu) against XLA's convolution and numpy."""
+"""The direct CPU convolutions (compax.kernels.conv_cpu) against XLA's convolution and numpy, and
+their interception into flax models, the train step, saliency and Grad-CAM."""
 
+import contextlib
+import pathlib
 import subprocess
 import sys
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,8 +16,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax import lax
 
-from compax.kernels import conv_cpu
-from compax.models import get_model
+from compax.analysis.gradcam import grad_cam
+from compax.analysis.saliency import saliency_maps
+from compax.compress import Compressed
+from compax.kernels import conv_cpu, cpu_convolutions
+from compax.models import get_model, init_variables
 
 NHWC = ("NHWC", "HWIO", "NHWC")
 
@@ -25,8 +32,28 @@ def xla_conv(x, w, padding):
 
 
 def kernel_conv(x, w, padding):
-    with conv_cpu.cpu_kernels():
-        return conv_cpu.conv_general_dilated(x, w, (1, 1), padding, dimension_numbers=NHWC)
+    return conv_cpu.conv_general_dilated(x, w, (1, 1), padding, dimension_numbers=NHWC)
+
+
+@contextlib.contextmanager
+def xla_only():
+    """Functions traced within use XLA's convolution even inside cpu_convolutions()."""
+    conv_cpu.enable(False)
+    try:
+        yield
+    finally:
+        conv_cpu.enable(True)
+
+
+def kernel_calls(fn, *args) -> int:
+    """How many kernel calls the jitted fn(*args) makes."""
+    return jax.jit(fn).lower(*args).as_text().count("CompaxConv")
+
+
+def assert_close(got, want, relative=2e-6):
+    """Every leaf of `got` within `relative` times the largest |value| of `want`'s leaf."""
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(a, b, atol=relative * float(jnp.abs(b).max()), rtol=0)
 
 
 def numpy_conv(x, w):
@@ -116,27 +143,113 @@ def test_vmap_over_members_equals_each_member():
         np.testing.assert_array_equal(stacked[m], conv_cpu.conv2d_valid(x[m], w[m]))
 
 
-def test_only_eligible_convolutions_inside_the_context_use_the_kernels():
-    def targets(fn, *args):
-        return str(jax.jit(fn).lower(*args).as_text()).count("CompaxConv")
-
+def test_only_eligible_convolutions_use_the_kernels():
     x, w = random(5, (2, 16, 16, 3), (3, 3, 3, 8))
-    assert targets(lambda x, w: kernel_conv(x, w, "VALID"), x, w) == 1
-    assert targets(lambda x, w: kernel_conv(x, w, ((1, 1), (1, 1))), x, w) == 1
-    assert targets(lambda x, w: kernel_conv(x, w, "SAME"), x, w) == 0  # XLA's padding rule
-    conv_cpu.enable(False)
-    try:
-        assert targets(lambda x, w: kernel_conv(x, w, "VALID"), x, w) == 0
-    finally:
-        conv_cpu.enable(True)
-    assert targets(lambda x, w: conv_cpu.conv_general_dilated(x, w, (1, 1), "VALID",
-                                                              dimension_numbers=NHWC), x, w) == 0
-    with conv_cpu.cpu_kernels():
-        assert targets(lambda x, w: conv_cpu.conv_general_dilated(
-            x, w, (2, 2), "VALID", dimension_numbers=NHWC), x, w) == 0
-        wide, = random(6, (3, 3, 3, conv_cpu.MAX_CHANNELS + 1))
-        assert targets(lambda x, w: conv_cpu.conv_general_dilated(
-            x, w, (1, 1), "VALID", dimension_numbers=NHWC), x, wide) == 0
+    assert kernel_calls(lambda x, w: kernel_conv(x, w, "VALID"), x, w) == 1
+    assert kernel_calls(lambda x, w: kernel_conv(x, w, ((1, 1), (1, 1))), x, w) == 1
+    assert kernel_calls(lambda x, w: kernel_conv(x, w, "SAME"), x, w) == 0  # XLA's padding rule
+    with xla_only():
+        assert kernel_calls(lambda x, w: kernel_conv(x, w, "VALID"), x, w) == 0
+    assert kernel_calls(lambda x, w: conv_cpu.conv_general_dilated(
+        x, w, (2, 2), "VALID", dimension_numbers=NHWC), x, w) == 0
+    wide, = random(6, (3, 3, 3, conv_cpu.MAX_CHANNELS + 1))
+    assert kernel_calls(lambda x, w: kernel_conv(x, w, "VALID"), x, wide) == 0
+    assert kernel_calls(lambda x, w: kernel_conv(x.astype(jnp.float16), w.astype(jnp.float16),
+                                                 "VALID"), x, w) == 0
+
+
+def test_interception_routes_only_nn_conv_calls_inside_the_context():
+    """nn.Conv layers use the kernels inside cpu_convolutions() only, other interceptors still see
+    their calls, and a strided layer stays on XLA."""
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = nn.Conv(8, (3, 3), padding=1, name="padded")(x)
+            x = nn.Conv(4, (3, 3), strides=2, name="strided")(x)
+            return nn.Conv(4, (1, 1), name="pointwise")(x)
+
+    x, = random(8, (2, 12, 12, 3))
+    variables = Net().init(jax.random.key(0), x)
+    seen = []
+
+    def record(next_fun, args, kwargs, context):
+        seen.append(context.module.name)
+        return next_fun(*args, **kwargs)
+
+    def apply(x, kernels):
+        with cpu_convolutions() if kernels else contextlib.nullcontext(), nn.intercept_methods(record):
+            return Net().apply(variables, x)
+
+    assert kernel_calls(lambda x: apply(x, True), x) == 2
+    assert seen == [None, "padded", "strided", "pointwise"]
+    assert kernel_calls(lambda x: apply(x, False), x) == 0
+    assert kernel_calls(cpu_convolutions()(lambda x: Net().apply(variables, x)), x) == 2  # decorator
+    assert_close(jax.jit(lambda x: apply(x, True))(x), apply(x, False))
+
+
+def population_gradients(model, x, labels, kernels: bool):
+    """Jitted members -> per member (vmapped) loss and its gradients w.r.t. params and x."""
+    def loss(params, batch_stats, x):
+        with cpu_convolutions() if kernels else contextlib.nullcontext():
+            logits = model.apply({"params": params, **batch_stats}, x, train=False)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+    def member(variables):
+        stats = {k: v for k, v in variables.items() if k != "params"}
+        return jax.value_and_grad(loss, argnums=(0, 2))(variables["params"], stats, x)
+
+    return jax.jit(jax.vmap(member))
+
+
+@pytest.mark.parametrize("name,width,classes,eligible,members", [
+    ("lenet5", 1.0, 43, 2, 1),  # a population chunk on the CPU: one member, still vmapped
+    ("lenet5", 1.0, 43, 2, 2),  # two members: the kernel calls are unrolled
+    ("squeezenet", 1 / 32, 10, 26, 2),  # every layer fits (at most 16 channels)
+    ("squeezenet", 0.25, 43, 6, 1),  # conv1, fire1, fire2's expands; the wider layers on XLA
+])
+def test_vmapped_models_with_kernels_equal_xla(name, width, classes, eligible, members):
+    """Loss, parameter and input gradients of a vmapped population with and without kernels."""
+    model = get_model(name, classes, width)
+    population = jax.vmap(lambda k: init_variables(model, k))(jax.random.split(jax.random.key(1),
+                                                                                members))
+    x, = random(9, (8, 32, 32, 3))
+    labels = jnp.arange(8) % classes
+    with_kernels = population_gradients(model, x, labels, True)
+    hlo = with_kernels.lower(population).as_text()
+    # Per member and eligible layer: forward, input gradient (forward kernel), weight gradient.
+    assert hlo.count("CompaxConvForward") == 2 * eligible * members
+    assert hlo.count("CompaxConvWeightGradient") == eligible * members
+    assert_close(with_kernels(population), population_gradients(model, x, labels, False)(population),
+                 relative=1e-5)
+
+
+def test_saliency_and_grad_cam_with_kernels_equal_xla():
+    """Float (kernels) and w8a8 (XLA: its interpreter needs the conv primitive) maps as before."""
+    model = get_model("lenet5", 43)
+    variables = init_variables(model, jax.random.key(2))
+    x, = random(10, (40, 32, 32, 3))
+    targets = jnp.arange(40) % 43
+    float32 = Compressed(variables, None)
+
+    def maps(analysis):
+        return jax.jit(lambda c: analysis(model, c, x, targets, 16))
+
+    for analysis in (saliency_maps, grad_cam):
+        assert kernel_calls(lambda c, a=analysis: a(model, c, x, targets, 16), float32) >= 3
+        with xla_only():
+            reference = maps(analysis)(float32)
+        np.testing.assert_allclose(maps(analysis)(float32), reference, atol=1e-5, rtol=0)
+
+
+def test_models_do_not_import_the_kernels():
+    source = "\n".join(path.read_text() for path in
+                       pathlib.Path(__file__).parents[1].joinpath("compax/models").glob("*.py"))
+    assert "kernels" not in source.replace("kernel_init", "").replace("kernels use", "")
+    script = ("import sys\nimport compax.models\n"
+              "assert not [m for m in sys.modules if m.startswith('compax.kernels')], sys.modules\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            check=False)
+    assert result.returncode == 0, result.stderr
 
 
 def test_lenet_train_step_equals_xla():
@@ -147,10 +260,7 @@ def test_lenet_train_step_equals_xla():
     params = model.init(jax.random.key(0), x, train=False)["params"]
 
     def loss(p, kernels):
-        if kernels:
-            with conv_cpu.cpu_kernels():
-                logits = model.apply({"params": p}, x, train=True)
-        else:
+        with cpu_convolutions() if kernels else contextlib.nullcontext():
             logits = model.apply({"params": p}, x, train=True)
         return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
@@ -158,22 +268,22 @@ def test_lenet_train_step_equals_xla():
     with_xla = jax.jit(jax.grad(lambda p: loss(p, False)))(params)
     hlo = jax.jit(jax.grad(lambda p: loss(p, True))).lower(params).as_text()
     assert hlo.count("CompaxConvForward") == 3  # conv1, conv2 and conv2's input gradient
-    for a, b in zip(jax.tree.leaves(with_kernels), jax.tree.leaves(with_xla), strict=True):
-        np.testing.assert_allclose(a, b, atol=2e-6 * float(jnp.abs(b).max()), rtol=0)
+    assert_close(with_kernels, with_xla)
 
 
-def test_without_a_compiler_training_falls_back_to_xla(tmp_path):
-    script = ("import jax.numpy as jnp\n"
-              "from compax.kernels import conv_cpu\n"
+def test_without_a_compiler_xla_convolutions_are_used(tmp_path):
+    script = ("import flax.linen as nn, jax, jax.numpy as jnp\n"
+              "from compax.kernels import conv_cpu, cpu_convolutions\n"
               "assert conv_cpu.load() is False\n"
-              "x, w = jnp.ones((1, 8, 8, 3)), jnp.ones((3, 3, 3, 4))\n"
-              "with conv_cpu.cpu_kernels():\n"
-              "    y = conv_cpu.conv_general_dilated(x, w, (1, 1), 'VALID',"
-              " dimension_numbers=('NHWC', 'HWIO', 'NHWC'))\n"
+              "x = jnp.ones((1, 8, 8, 3))\n"
+              "conv = nn.Conv(4, (3, 3), kernel_init=nn.initializers.ones, padding='VALID')\n"
+              "variables = conv.init(jax.random.key(0), x)\n"
+              "with cpu_convolutions():\n"
+              "    y = conv.apply(variables, x)\n"
               "assert float(y[0, 0, 0, 0]) == 27.0\n")
     env = {"CXX": str(tmp_path / "no-such-compiler"), "COMPAX_CACHE_DIR": str(tmp_path),
            "JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"}
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
                             check=False)
     assert result.returncode == 0, result.stderr
-    assert "XLA's convolution is used for training" in result.stderr
+    assert "XLA's convolution is used" in result.stderr

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from compax.analysis.saliency import normalized_per_image
-from compax.analysis.taps import apply_with_taps, map_batches, tap_points
+from compax.analysis.taps import apply_with_taps, cpu_convolutions_for, map_batches, tap_points
 from compax.compress import Compressed
 from compax.errors import UserError
 
@@ -43,7 +43,8 @@ def cam_from_activations(activations, gradients, size: tuple[int, int]):
 def grad_cam(model, compressed: Compressed, x, targets, batch_size: int = 256):
     """Grad-CAM maps (N, H, W) in [0, 1] of the variant for normalised images `x` (N, H, W, C) and
     integer `targets` (N,) (see the module doc). Runs `batch_size` images at a time (`lax.map`);
-    jit- and vmap-compatible over `compressed`."""
+    jit- and vmap-compatible over `compressed`. On a CPU, variants without activation quantization
+    run their small convolutions on the kernels of `compax.kernels` (`taps.cpu_convolutions_for`)."""
     x = jnp.asarray(x, jnp.float32)
     targets = jnp.asarray(targets, jnp.int32)
     if x.ndim != 4 or targets.shape != x.shape[:1]:
@@ -52,7 +53,8 @@ def grad_cam(model, compressed: Compressed, x, targets, batch_size: int = 256):
 
     def batch_cams(images, labels):
         def target_logits(offsets):
-            logits, taps = apply_with_taps(model, compressed, images, offsets)
+            with cpu_convolutions_for(compressed):
+                logits, taps = apply_with_taps(model, compressed, images, offsets)
             return jnp.take_along_axis(logits, labels[:, None], axis=1).sum(), taps["last_conv"]
 
         offsets = jnp.zeros(tap_points(model, compressed, images).last_conv_shape, jnp.float32)

@@ -18,8 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from compax.analysis.taps import map_batches
-from compax.compress import Compressed, apply_compressed
+from compax.analysis.taps import apply_with_cpu_convolutions, map_batches
+from compax.compress import Compressed
 from compax.errors import UserError
 
 
@@ -38,7 +38,9 @@ def saliency_maps(model, compressed: Compressed, x, targets, batch_size: int = 2
     fake quantization of every activation through its straight-through estimator (1 inside the
     clip range, 0 where clipped), the gradient Schwaiger et al. could not compute with PyTorch's
     quantized tensors; float16 / bfloat16 variants differentiate in their precision. Runs
-    `batch_size` images at a time (`lax.map`); jit- and vmap-compatible over `compressed`.
+    `batch_size` images at a time (`lax.map`); jit- and vmap-compatible over `compressed`. On a
+    CPU, variants without activation quantization run their small convolutions on the kernels of
+    `compax.kernels` (`taps.cpu_convolutions_for`), forward and input gradient.
     """
     x = jnp.asarray(x, jnp.float32)
     targets = jnp.asarray(targets, jnp.int32)
@@ -48,7 +50,7 @@ def saliency_maps(model, compressed: Compressed, x, targets, batch_size: int = 2
 
     def batch_maps(images, labels):
         def target_logits(images):
-            logits = apply_compressed(model, compressed, images)
+            logits = apply_with_cpu_convolutions(model, compressed, images)
             return jnp.take_along_axis(logits, labels[:, None], axis=1).sum()
 
         gradient = jax.grad(target_logits)(images)

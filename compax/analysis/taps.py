@@ -28,18 +28,22 @@ its value on the 8-bit grid (what the classifier consumes) and last_conv is the 
 before it is rounded to its grid; the taps, left open at the end of the evaluation, get quantization
 points after the model's own ones, which this module's backend leaves unquantized.
 
-`map_batches` runs these per-sample analyses (taps, saliency, Grad-CAM) a fixed batch at a time.
+`map_batches` runs these per-sample analyses (taps, saliency, Grad-CAM) a fixed batch at a time;
+`cpu_convolutions_for` and `apply_with_cpu_convolutions` put the CPU convolution kernels
+(`compax.kernels`) into the variants that can take them.
 """
 
+import contextlib
 import dataclasses
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from compax.compress import Compressed, interpret
+from compax.compress import Compressed, apply_compressed, interpret
 from compax.compress.ptq import FakeQuant, folded_apply
 from compax.errors import UserError
+from compax.kernels import cpu_convolutions
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,6 +99,25 @@ def tap_points(model: nn.Module, compressed: Compressed, x) -> TapPoints:
             raise UserError(f"module {name!r} is called {names.count(name)} times: taps need the "
                             "last conv stage and the classifier to be called once")
     return TapPoints(last_conv, classifier, tuple(shape))
+
+
+def cpu_convolutions_for(compressed: Compressed):
+    """`compax.kernels.cpu_convolutions()` for a variant that runs as a plain `model.apply` (float,
+    pruned, float16 / bfloat16, weight-only int8: the kernels take the float32 layers they fit), a
+    context that changes nothing for an activation-quantized one, whose jaxpr interpreter
+    (`compax.compress.interpret`) must see XLA's convolutions to place its quantization points.
+    Enter it inside the function that is traced (jitted, differentiated, vmapped)."""
+    qstate = compressed.qstate
+    if qstate is None or qstate.config.activation_bits is None:
+        return cpu_convolutions()
+    return contextlib.nullcontext()
+
+
+def apply_with_cpu_convolutions(model: nn.Module, compressed: Compressed, x):
+    """`apply_compressed(model, compressed, x)` with the CPU convolution kernels where the variant
+    takes them (`cpu_convolutions_for`): the same logits up to float rounding."""
+    with cpu_convolutions_for(compressed):
+        return apply_compressed(model, compressed, x)
 
 
 class _ModelPointsOnly(FakeQuant):

@@ -4,12 +4,13 @@ Pruning: `global_l1_masks` (torch's global_unstructured with L1Unstructured), `a
 structured `layer_filter_masks` / `global_filter_masks`, sweeps over sparsity levels and the
 selection of the largest level that keeps accuracy, sparsity reports. Quantization: the fake-quant
 kernel with a straight-through gradient, PyTorch's observers, fbgemm-style post-training
-quantization (`ptq`, `quantized_apply`) and its true-integer execution (`int8_apply`). `compress` /
-`apply_compressed` give every variant of the studies behind one interface; `size.py` counts bytes.
+quantization (`ptq`, `quantized_apply`) and its true-integer execution (`int8_apply`). Variants are
+recipes of registered steps (`registry.py`, the methods in `methods/`); `compress` /
+`apply_compressed` give one model's variant; `size.py` counts bytes, `flops.py` multiply-adds.
 """
 
 from compax.compress.int8 import int8_apply
-from compax.compress.prune import apply_masks, global_l1_masks, num_to_prune
+from compax.compress.prune import apply_masks, global_l1_masks, layer_l1_masks, num_to_prune
 from compax.compress.ptq import QuantConfig, QuantState, ptq, quantized_apply
 from compax.compress.quant import dequantize, fake_quant, quantize
 from compax.compress.size import storage_bytes
@@ -33,7 +34,8 @@ from compax.compress.variants import (
 __all__ = [
     "FIXED_LEVELS", "VARIANTS", "Compressed", "QuantConfig", "QuantState", "apply_compressed",
     "apply_masks", "compress", "compression_ratio", "dequantize", "fake_quant", "global_filter_masks",
-    "global_l1_masks", "int8_apply", "layer_filter_masks", "level_masks", "num_to_prune", "ptq",
+    "global_l1_masks", "int8_apply", "layer_filter_masks", "layer_l1_masks", "level_masks",
+    "num_to_prune", "ptq",
     "quantize", "quantized_apply", "select_max_sparsity", "size_bytes", "sparsity_report",
     "sparsity_sweep", "storage_bytes",
 ]

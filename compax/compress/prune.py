@@ -134,3 +134,14 @@ def apply_masks(params, masks):
     """Params with every masked-out entry set to zero (leaves whose mask is None are unchanged)."""
     return jax.tree.map(lambda m, p: p if m is None else jnp.where(m, p, jnp.zeros_like(p)),
                         masks, params, is_leaf=lambda m: m is None)
+
+
+def layer_l1_masks(params, amount, *, exclude: str | None = None):
+    """Masks that prune, in every conv and dense kernel of n entries, the round(amount * n) of
+    smallest |w|: `torch.nn.utils.prune.l1_unstructured(module, 'weight', amount)` on each layer.
+
+    Ties as `global_l1_masks` (lowest index first); `amount` a Python float for torch's exact count.
+    """
+    def select(kernels):
+        return [lowest_k([jnp.abs(w)], num_to_prune(amount, int(w.size)))[0] for w in kernels]
+    return kernel_masks(params, select, exclude)

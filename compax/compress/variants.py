@@ -1,33 +1,34 @@
-"""The compressed variants the studies compare, behind one `compress` and one `apply_compressed`.
+"""A compressed model as one pytree, how it is evaluated and stored, and `compress` for one model.
+
+A `Compressed` holds the variables (weights as compressed: pruned entries zero, quantized weights
+on their integer grid, BatchNorm folded) and, for activation-quantized models, a `QuantState`;
+its bit widths and compute dtype are static data. Populations are vmapped over it:
+`jax.vmap(apply_compressed, in_axes=(None, 0, None))(model, compressed, x)`.
+
+The variants themselves are recipes of registered steps (`registry.py`, `RECIPES`):
 
     float32        the model as trained
-    pruned         masks applied (global L1 pruning, `prune.py`), float32
+    pruned         global L1 pruning at the searched level (`prune.py`), float32
     float16        weights and computation in half precision (Hooker's float16)
     bfloat16       weights and computation in bfloat16
     dynamic_int8   int8 per-channel weights, float activations (weight-only, BatchNorm folded)
     w8a8           PTQ, 8-bit weights and activations (Schwaiger et al.; `ptq.py`)
     w4a8           PTQ, 4-bit weights and 8-bit activations (Schwaiger et al.)
-    pruned_w8a8    masks applied, then w8a8 (Schwaiger et al.): pruned weights stay exactly zero,
-                   as symmetric quantization maps 0 to 0 and BatchNorm folding scales it
-
-A `Compressed` is a pytree (variables, QuantState) with the variant as static data, so populations
-are vmapped over it: `jax.vmap(apply_compressed, in_axes=(None, 0, None))(model, compressed, x)`.
+    pruned_w8a8    pruned, then w8a8 (Schwaiger et al.): pruned weights stay exactly zero, as
+                   symmetric quantization maps 0 to 0 and BatchNorm folding scales it
 """
 
 import flax
 import jax
 import jax.numpy as jnp
 
-from compax.compress.prune import apply_masks
-from compax.compress.ptq import QuantConfig, QuantState, ptq, quantized_apply
+from compax.compress.ptq import QuantState, quantized_apply
 from compax.compress.size import storage_bytes
-from compax.errors import UserError
 
-# variant -> (weight bits, activation bits)
-BITS = {"float32": (32, 32), "pruned": (32, 32), "float16": (16, 16), "bfloat16": (16, 16),
-        "dynamic_int8": (8, 32), "w8a8": (8, 8), "w4a8": (4, 8), "pruned_w8a8": (8, 8)}
-VARIANTS = tuple(BITS)
-_FLOAT_TYPES = {"float16": jnp.float16, "bfloat16": jnp.bfloat16}
+FLOAT_TYPES = {"float32": jnp.float32, "float16": jnp.float16, "bfloat16": jnp.bfloat16}
+# The variants of Schwaiger et al. and Hooker et al. as compax first had them (`registry.RECIPES`).
+VARIANTS = ("float32", "pruned", "float16", "bfloat16", "dynamic_int8", "w8a8", "w4a8",
+            "pruned_w8a8")
 
 
 @flax.struct.dataclass
@@ -36,51 +37,45 @@ class Compressed:
 
     variables: dict
     qstate: QuantState | None
-    variant: str = flax.struct.field(pytree_node=False)
-
-    @property
-    def weight_bits(self) -> int:
-        return BITS[self.variant][0]
-
-    @property
-    def activation_bits(self) -> int:
-        return BITS[self.variant][1]
+    weight_bits: int = flax.struct.field(pytree_node=False, default=32)
+    activation_bits: int = flax.struct.field(pytree_node=False, default=32)
+    dtype: str = flax.struct.field(pytree_node=False, default="float32")  # of weights and compute
 
 
 def compress(variant: str, model, variables, calib_images=None, masks=None, *,
              reduce_range: bool = True, observer: str = "histogram") -> Compressed:
-    """The `variant` of a model; quantized variants calibrate on `calib_images` (training images).
+    """The registered `variant` (`registry.RECIPES`) of one model.
 
-    `masks` (from `prune.py`) are required by the pruned variants and refused by the others;
-    `reduce_range` and `observer` configure activation quantization (see `ptq.QuantConfig`).
+    Quantizing recipes calibrate on `calib_images` (normalised training images); `masks` (from
+    `prune.py`) are required by the recipes that prune and replace the masks they would compute,
+    so that a recipe with amount=searched runs outside a population run; `reduce_range` and
+    `observer` configure activation quantization (see `ptq.QuantConfig`).
     """
-    if variant not in BITS:
-        raise UserError(f"unknown variant {variant!r}: choose one of {', '.join(VARIANTS)}")
-    if variant.startswith("pruned") != (masks is not None):
+    from compax import methods  # noqa: F401  (registers the steps)
+    from compax.compress import registry
+    from compax.config import base_config
+    from compax.errors import UserError
+
+    recipe = registry.variant_recipes([variant])[variant]
+    prunes = any(getattr(s, "prunes", False) for s in recipe)
+    if prunes != (masks is not None):
         raise UserError(f"variant {variant} {'needs' if masks is None else 'takes no'} masks: "
-                        "pass masks to the pruned variants only")
-    if masks is not None:
-        variables = {**variables, "params": apply_masks(variables["params"], masks)}
-    weight_bits, activation_bits = BITS[variant]
-    if variant in _FLOAT_TYPES:
-        return Compressed(jax.tree.map(lambda a: a.astype(_FLOAT_TYPES[variant]), variables),
-                          None, variant)
-    if weight_bits == 32:
-        return Compressed(variables, None, variant)
-    if calib_images is None:
-        raise UserError(f"variant {variant} quantizes: pass calib_images (training images)")
-    config = QuantConfig(weight_bits=weight_bits,
-                         activation_bits=None if activation_bits == 32 else activation_bits,
-                         reduce_range=reduce_range, observer=observer)
-    return Compressed(*ptq(model, variables, jnp.asarray(calib_images, jnp.float32), config),
-                      variant)
+                        "pass masks to the pruning variants only")
+    config = base_config()
+    config.compress.reduce_range, config.compress.observer = reduce_range, observer
+    ctx = registry.Context(
+        config=config, masks=masks,
+        calib_images=None if calib_images is None else jnp.asarray(calib_images, jnp.float32))
+    population = jax.tree.map(lambda a: jnp.asarray(a)[None], variables)
+    made = registry.run_recipe(recipe, model, population, ctx)
+    return jax.tree.map(lambda a: a[0], made.compressed)
 
 
 def apply_compressed(model, compressed: Compressed, x):
     """float32 logits of the compressed model on images `x`."""
     if compressed.qstate is not None:
         return quantized_apply(model, compressed.variables, compressed.qstate, x)
-    dtype = _FLOAT_TYPES.get(compressed.variant, jnp.float32)
+    dtype = FLOAT_TYPES[compressed.dtype]
     return model.apply(compressed.variables, x.astype(dtype), train=False).astype(jnp.float32)
 
 
@@ -89,7 +84,7 @@ def size_bytes(compressed: Compressed) -> int:
     qstate = compressed.qstate
     return storage_bytes(
         compressed.variables, weight_bits=compressed.weight_bits,
-        float_bits=16 if compressed.variant in _FLOAT_TYPES else 32,
+        float_bits=jnp.finfo(FLOAT_TYPES[compressed.dtype]).bits,
         folds=qstate.folds if qstate else (),
         activation_points=qstate.activation_scale.shape[0] if qstate else 0)
 

@@ -1,28 +1,30 @@
-"""Direct CPU convolutions for layers with few channels, used while training on the CPU.
+"""Direct CPU convolutions for layers with few channels, swapped into flax models by interception.
 
 XLA:CPU runs convolutions over few channels (LeNet-5's conv1, 3 -> 6, and conv2, 6 -> 16, both
 5x5) several times slower than PyTorch's oneDNN: with them a LeNet-5 training step took ~5x as
-long as PyTorch's. `conv_general_dilated` here has the signature of `jax.lax.conv_general_dilated`
-(flax's `nn.Conv(conv_general_dilated=...)` hook) and, inside `cpu_kernels()` on a single-device
-CPU backend, computes eligible convolutions (float32, NHWC/HWIO, stride 1, no dilation or groups,
-explicit or VALID padding, at most `MAX_CHANNELS` input and output channels) with the C++ kernels
-of `conv_cpu.cc` through the XLA FFI; everything else, and every call outside `cpu_kernels()` (the
-analyses and post-training quantization, which must see XLA's convolution), goes to XLA.
+long as PyTorch's, and its saliency maps ~4x. Models know nothing of this: within
+`cpu_convolutions()` (a context manager, or a decorator) a `flax.linen.intercept_methods`
+interceptor routes every `nn.Conv.__call__` to `conv_general_dilated` here, which computes eligible
+convolutions (float32, NHWC/HWIO, stride 1, no dilation or groups, explicit or VALID padding, at
+most `MAX_CHANNELS` input and output channels) with the C++ kernels of `conv_cpu.cc` through the
+XLA FFI, on a single-device CPU backend only; everything else goes to XLA's convolution, as does
+every call outside the context (post-training quantization's jaxpr interpreter must see XLA's
+convolution primitive). Interception acts while a function is traced: enter the context inside
+the function that is jitted (or decorate it), not around a call of an already compiled function.
 
     y[b,p,q,o]     = sum_{i,j,c} x[b,p+i,q+j,c] w[i,j,c,o]          (after zero padding)
     dL/dw[i,j,c,o] = sum_{b,p,q} g[b,p,q,o] x[b,p+i,q+j,c]
     dL/dx          = the forward kernel on g zero-padded by k-1 (rows skipped), with w rotated by
                      180 degrees and its channel axes swapped (XLA drops it for an input layer)
 
-The kernels are compiled on first use with the machine's C++ compiler (`$CXX`, else g++/c++;
--O3 -march=native) into `$COMPAX_CACHE_DIR` (default ~/.cache/compax); without a compiler, or if
-compiling fails, training falls back to XLA's convolution with one warning; COMPAX_CPU_KERNELS=0
-turns them off. Results equal XLA's up to float rounding (tests/test_kernels.py) and do not
-depend on thread timing.
+Under `jax.vmap` (a population of members) the FFI calls run once per member, unrolled. The
+kernels are compiled on first use with the machine's C++ compiler (`$CXX`, else g++/c++; -O3
+-march=native) into `$COMPAX_CACHE_DIR` (default ~/.cache/compax); without a compiler, or if
+compiling fails, XLA's convolution is used with one warning; COMPAX_CPU_KERNELS=0 turns the kernels
+off. Results equal XLA's up to float rounding (tests/test_kernels.py) and do not depend on thread
+timing.
 """
-
 import contextlib
-import contextvars
 import ctypes
 import functools
 import hashlib
@@ -33,6 +35,7 @@ import shutil
 import subprocess
 import tempfile
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -46,24 +49,44 @@ FLAGS = ("-O3", "-march=native", "-fassociative-math", "-fno-signed-zeros", "-fn
          "-ffp-contract=fast", "-std=c++17", "-shared", "-fPIC", "-pthread", "-w")
 TARGETS = {"forward": "CompaxConvForward", "weight_gradient": "CompaxConvWeightGradient"}
 
-_ACTIVE = contextvars.ContextVar("compax_cpu_kernels", default=False)
 # COMPAX_CPU_KERNELS=0 turns the kernels off (XLA's convolution everywhere), as does enable(False).
 _ENABLED = [os.environ.get("COMPAX_CPU_KERNELS", "1") != "0"]
 
 
 def enable(on: bool) -> None:
-    """Turns the kernels on or off for train steps traced from now on."""
+    """Turns the kernels on or off for functions traced from now on."""
     _ENABLED[0] = bool(on)
 
 
-@contextlib.contextmanager
-def cpu_kernels():
-    """Within this context (while a train step is traced), eligible convolutions use the kernels."""
-    token = _ACTIVE.set(True)
+def _route_to_kernels(next_fun, args, kwargs, context):
+    """Interceptor: an `nn.Conv` call runs with `conv_general_dilated` below as its convolution.
+
+    flax's own `Conv.__call__` still does everything else (padding, dtype promotion, bias, masks,
+    batch dimensions), and other interceptors, entered before or after this one, still see the call:
+    the bound module's `conv_general_dilated` attribute is set for the duration of the call only.
+    """
+    module = context.module
+    if (context.method_name != "__call__" or not isinstance(module, nn.Conv)
+            or module.conv_general_dilated is not None or module.conv_general_dilated_cls is not None):
+        return next_fun(*args, **kwargs)
+    object.__setattr__(module, "conv_general_dilated", conv_general_dilated)
     try:
-        yield
+        return next_fun(*args, **kwargs)
     finally:
-        _ACTIVE.reset(token)
+        object.__setattr__(module, "conv_general_dilated", None)
+
+
+@contextlib.contextmanager
+def cpu_convolutions():
+    """While a function is traced within this context, eligible `nn.Conv` layers use the kernels.
+
+    Use it inside the jitted function, around `model.apply` (or decorate the function:
+    `@cpu_convolutions()`); it composes with `jax.grad` (input and weight gradients), `jax.vmap`
+    and other interceptors. Off the CPU, on several devices, with COMPAX_CPU_KERNELS=0 or without
+    a C++ compiler it changes nothing.
+    """
+    with nn.intercept_methods(_route_to_kernels):
+        yield
 
 
 def _compiler() -> str | None:
@@ -86,8 +109,8 @@ def load() -> bool:
     """Compiles (once per source, flags and jaxlib) and registers the kernels; False if impossible."""
     compiler = _compiler()
     if compiler is None:
-        logging.warning("no C++ compiler ($CXX, g++ or c++): XLA's convolution is used "
-                        "for training, which is several times slower for LeNet-5 on the CPU")
+        logging.warning("no C++ compiler ($CXX, g++ or c++): XLA's convolution is used, which "
+                        "is several times slower for LeNet-5 on the CPU")
         return False
     # -march=native: a library built on one CPU may not run on another sharing the cache.
     digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + _cpu_features()
@@ -101,7 +124,7 @@ def load() -> bool:
             command = [compiler, *FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", str(built)]
             result = subprocess.run(command, capture_output=True, text=True, check=False)
             if result.returncode != 0:
-                logging.warning("compiling %s failed, XLA's convolution is used for training: %s",
+                logging.warning("compiling %s failed, XLA's convolution is used: %s",
                                 SOURCE.name, next((line for line in result.stderr.splitlines()
                                                   if "error" in line), result.stderr.strip()))
                 return False
@@ -115,7 +138,7 @@ def load() -> bool:
 
 def _ffi(target: str, shape, *operands, **attributes):
     return jax.ffi.ffi_call(TARGETS[target], jax.ShapeDtypeStruct(shape, jnp.float32),
-                            vmap_method="sequential")(*operands, **attributes)
+                            vmap_method="sequential_unrolled")(*operands, **attributes)
 
 
 def _forward(x, kernel, pad_rows=(0, 0)):
@@ -161,7 +184,7 @@ def _explicit_padding(padding, ndim: int = 2):
 
 def _eligible(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
               feature_group_count, batch_group_count) -> bool:
-    return (_ENABLED[0] and _ACTIVE.get() and jax.default_backend() == "cpu" and jax.device_count() == 1
+    return (_ENABLED[0] and jax.default_backend() == "cpu" and jax.device_count() == 1
             and lhs.dtype == rhs.dtype == jnp.float32 and lhs.ndim == 4
             and lhs.shape[-1] <= MAX_CHANNELS and rhs.shape[-1] <= MAX_CHANNELS
             and tuple(window_strides) == (1, 1) and _explicit_padding(padding) is not None
@@ -175,7 +198,10 @@ def _eligible(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dim
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                          dimension_numbers=None, feature_group_count=1, batch_group_count=1,
                          precision=None, preferred_element_type=None):
-    """`lax.conv_general_dilated`, with eligible convolutions on the kernels (see the module doc)."""
+    """`lax.conv_general_dilated`, with eligible convolutions on the kernels (see the module doc).
+
+    Called by `nn.Conv` layers within `cpu_convolutions()`; may also be called directly.
+    """
     if _eligible(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
                  feature_group_count, batch_group_count):
         (top, bottom), (left, right) = _explicit_padding(padding)

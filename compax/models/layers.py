@@ -12,13 +12,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from compax.kernels import conv_cpu
-
 torch_default_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
-# Training on the CPU computes layers of few channels with the kernels of compax.kernels.conv_cpu.
-Conv = functools.partial(nn.Conv, kernel_init=torch_default_kernel_init,
-                         conv_general_dilated=conv_cpu.conv_general_dilated)
+Conv = functools.partial(nn.Conv, kernel_init=torch_default_kernel_init)
 Dense = functools.partial(nn.Dense, kernel_init=torch_default_kernel_init)
 
 

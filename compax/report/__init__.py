@@ -83,44 +83,72 @@ def variants_table(results: dict) -> Table:
                   "compression ×"], rows)
 
 
-def beyond_accuracy_table(results: dict) -> Table:
-    """The analyses' headline numbers per variant (means over members)."""
-    rows = []
+def beyond_accuracy_table(results: dict, analyses) -> Table:
+    """Every enabled analysis's headline cells per variant (`Analysis.columns`)."""
+    header, rows = ["variant"], []
     for name, v in results["variants"].items():
         if name == "baseline":
             continue
-        conf = (v.get("confidence_diff") or {}).get("all", {})
-        attack = v.get("attack") or {}
-        rows.append([
-            name, _fmt(v.get("disagreement"), 2, scale=100),
-            _fmt(v.get("max_class_acc_change_pp"), 1, True),
-            _fmt(v.get("max_confusion_change_pp"), 1, True),
-            _fmt(conf.get("mean"), 2, True, scale=100),
-            _fmt(v.get("ece"), 3), _fmt(v.get("delta_ece"), 3, True),
-            _fmt(v.get("saliency_mad_mean"), 3), _fmt(v.get("hcc_mean"), 3),
-            _fmt(v.get("roi_saliency_mass_change"), 3, True),
-            _fmt(v.get("gradcam_mad_mean"), 3), _fmt(v.get("tsne_silhouette"), 3),
-            _fmt(attack.get("success_rate"), 2), _fmt(attack.get("mean_l2"), 3)])
-    return Table(["variant", "flipped %", "max class Δ pp", "max confusion Δ pp",
-                  "confidence Δ pp", "ECE", "ΔECE", "saliency MAD", "HCC", "ROI mass Δ",
-                  "Grad-CAM MAD", "t-SNE silhouette", "CW success", "CW mean L2"], rows)
+        cells = {}
+        for analysis in analyses:
+            cells.update(analysis.columns(v))
+        for key in cells:
+            if key not in header:
+                header.append(key)
+        rows.append((name, cells))
+    return Table(header, [[name] + [cells.get(k, "–") for k in header[1:]] for name, cells in rows])
 
 
-def population_table(results: dict, class_names) -> Table | None:
+def cost_table(results: dict) -> Table:
+    """Parameters, multiply-adds, the int8 path's agreement and measured inference speed."""
+    inference = results.get("inference", {})
     rows = []
     for name, v in results["variants"].items():
-        cie = v.get("cie")
-        if not cie:
-            continue
-        significant = cie.get("significant_classes", [])
-        rows.append([name, str(len(significant)),
-                     ", ".join(class_names[c] for c in significant[:12])
-                     + (" …" if len(significant) > 12 else ""),
-                     str(cie.get("pies")), _fmt(cie.get("pie_share"), 2, scale=100)])
-    if not rows:
-        return None
-    return Table(["variant", "significant classes", "which (Welch p<α)", "CIEs", "CIE % of test"],
-                 rows)
+        cost = inference.get(name, {})
+        int8 = v.get("int8") or {}
+        speedup = cost.get("speedup_vs_float32")
+        rows.append([
+            name, f"{v['params']:,}" if "params" in v else "–",
+            f"{v['macs']:,}" if "macs" in v else "–",
+            _fmt(int8.get("argmax_agreement"), 4, scale=100), _fmt(int8.get("max_logit_difference"), 4),
+            _fmt(cost.get("images_per_second"), 0), _fmt(cost.get("int8_images_per_second"), 0),
+            "–" if speedup is None else f"{speedup:.2f}×" + (" (no faster than float32)"
+                                                            if speedup < 1.05 else ""),
+            f"{v['bytes_on_disk_population']:,}" if "bytes_on_disk_population" in v else "–"])
+    return Table(["variant", "params", "MACs / image", "int8 argmax agreement %",
+                  "int8 max |Δ logit|", "images/s", "int8 path images/s", "speed-up",
+                  "bytes on disk (all members, orbax)"], rows)
+
+
+class Page:
+    """What an analysis's `report` writes into: figures and tables under section titles."""
+
+    def __init__(self, directory: pathlib.Path, dataset):
+        self.directory, self.dataset = directory, dataset
+        self.class_names = list(dataset.class_names)
+        self.images, self.labels = dataset.test.images, dataset.test.labels
+        self.sections: dict[str, list[str]] = {}
+        self.tables: dict[str, Table] = {}
+
+    @staticmethod
+    def compressed(results: dict) -> list[tuple[str, dict]]:
+        """(name, results) of every compressed variant."""
+        return [(n, v) for n, v in results["variants"].items() if n != "baseline"]
+
+    def figure(self, section: str, name: str | None, alt: str) -> None:
+        if name:
+            self.sections.setdefault(section, []).append(
+                f"<img src='{name}' alt='{html.escape(alt)}'>")
+
+    def table(self, section: str, header: list[str], rows: list[list], caption: str,
+              markdown: bool = True) -> None:
+        """A table under `section`; with `markdown` also in summary.md."""
+        if not rows:
+            return
+        table = Table(header, rows)
+        self.sections.setdefault(section, []).append(f"<h3>{html.escape(caption)}</h3>" + table.html())
+        if markdown:
+            self.tables[caption] = table
 
 
 def stages_table(results: dict) -> Table:
@@ -140,62 +168,32 @@ def _write_atomic(path: pathlib.Path, text: str) -> None:
 def write_report(directory: pathlib.Path, config, results: dict, arrays: dict, dataset) -> list[str]:
     """Writes figures, index.html and summary.md into `directory`; returns the paths written
     (relative to the workdir)."""
+    from compax.analyses import check_analyses
+
     directory.mkdir(parents=True, exist_ok=True)
-    names = list(dataset.class_names)
-    images = dataset.test.images
-    variants = figures.compressed_variants(results)
-    sections = []  # (title, [html parts])
-
-    def add(title, *parts):
-        parts = [p for p in parts if p]
-        if parts:
-            sections.append((title, parts))
-
-    def img(name, alt):
-        return f"<img src='{name}' alt='{html.escape(alt)}'>" if name else ""
-
+    analyses = check_analyses(config.analysis)
+    page = Page(directory, dataset)
     tables = {"Table 1 (Schwaiger et al. 2022)": table1(results),
               "Variants: accuracy, sparsity, size": variants_table(results),
-              "Beyond test accuracy (mean over members)": beyond_accuracy_table(results)}
-    population = population_table(results, names)
-    if population:
-        tables["Populations (Hooker et al.)"] = population
-    tables["Stages and machine"] = stages_table(results)
+              "Inference cost and the int8 path": cost_table(results),
+              "Beyond test accuracy (mean over members)": beyond_accuracy_table(results, analyses)}
     for title, table in tables.items():
-        add(title, table.html())
-    add("Pruning level", img(figures.sparsity_search(directory, results), "sparsity search"))
-    add("Class level",
-        img(figures.class_accuracy_change(directory, results, arrays, names), "class accuracy"),
-        *[img(figures.confusion_change(directory, arrays, v, names), f"confusion {v}")
-          for v in variants])
-    add("Confidence and calibration",
-        img(figures.confidence_histograms(directory, results, arrays), "confidence change"),
-        img(figures.reliability(directory, results, arrays), "reliability diagrams"))
-    for method in ("saliency", "gradcam"):
-        add("Saliency" if method == "saliency" else "Grad-CAM",
-            img(figures.mad_distribution(directory, results, arrays, method), f"{method} MAD"),
-            img(figures.attention_side_by_side(directory, results, arrays, images, method),
-                f"{method} side by side"),
-            *[img(figures.attention_grid(directory, arrays, v, images, method), f"{method} {v}")
-              for v in variants])
-    add("Embeddings (t-SNE)", img(figures.tsne(directory, results, arrays, names), "t-SNE"))
-    cie_images = []
-    for v in variants:
-        key = f"{v}.cie_indices"
-        if key in arrays and len(arrays[key]):
-            index = arrays[key]
-            cie_images.append(f"<h3>CIEs of {html.escape(v)}</h3>" + img(figures.example_images(
-                directory, images, index, f"cie_{v}.png",
-                [names[dataset.test.labels[i]][:12] for i in index[:30]]), f"CIEs {v}"))
-    add("Compression identified exemplars",
-        img(figures.cie_bars(directory, results, arrays, names), "CIEs per class"), *cie_images)
-    add("Config", f"<pre>{html.escape(json.dumps(config.to_dict(), indent=1, default=str))}</pre>")
+        page.sections[title] = [table.html()]
+    page.figure("Pruning level", figures.sparsity_search(directory, results), "sparsity search")
+    for analysis in analyses:
+        analysis.report(page, results, arrays)
+    tables.update(page.tables)
+    tables["Stages and machine"] = stages_table(results)
+    page.sections["Stages and machine"] = [tables["Stages and machine"].html()]
+    page.sections["Config"] = [
+        f"<pre>{html.escape(json.dumps(config.to_dict(), indent=1, default=str))}</pre>"]
 
     title = f"compax: {results['model']['name']} on {results['dataset']['name']}"
-    body = "".join(f"<h2>{html.escape(t)}</h2>" + "".join(parts) for t, parts in sections)
-    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-            f"<style>{_STYLE}</style></head><body><h1>{html.escape(title)}</h1>{body}</body></html>")
-    _write_atomic(directory / "index.html", page)
+    body = "".join(f"<h2>{html.escape(t)}</h2>" + "".join(parts)
+                   for t, parts in page.sections.items())
+    document = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+                f"<style>{_STYLE}</style></head><body><h1>{html.escape(title)}</h1>{body}</body></html>")
+    _write_atomic(directory / "index.html", document)
     summary = [f"# {title}\n"] + [f"## {t}\n\n{table.markdown()}\n" for t, table in tables.items()]
     _write_atomic(directory / "summary.md", "\n".join(summary))
     return ["report/index.html", "report/summary.md"]

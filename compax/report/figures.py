@@ -172,7 +172,7 @@ def attention_side_by_side(directory, results, arrays, images, method="saliency"
     names = [v for v in results["variants"] if f"{v}.{method}_showcase" in arrays]
     if len(names) < 2:
         return None
-    index = arrays["showcase_index"]
+    index = arrays[f"baseline.{method}_showcase_index"]
     fig, axes = plt.subplots(len(index), len(names) + 1,
                              figsize=(1.25 * (len(names) + 1), 1.3 * len(index)), squeeze=False)
     for r, i in enumerate(index):
@@ -229,4 +229,30 @@ def example_images(directory, images, index, name, titles=None, columns=10) -> s
         ax.imshow(images[i])
         if titles is not None:
             ax.set_title(titles[k], fontsize=5)
+    return _save(fig, directory, name)
+
+
+def class_metric_change(directory, results, arrays, class_names, metric="f1") -> str | None:
+    """Change of every class's precision, recall or F1 (member means), per variant."""
+    base = arrays.get(f"baseline.class_{metric}")
+    series = {v: arrays[f"{v}.class_{metric}"] - base for v in compressed_variants(results)
+              if base is not None and f"{v}.class_{metric}" in arrays}
+    if not series:
+        return None
+    return _grouped_bars(directory, f"class_{metric}_change.png", series, class_names,
+                         f"{metric} change", f"Per-class {metric}, compressed - original")
+
+
+def population_spread(directory, results, key: str, label: str, name: str) -> str | None:
+    """Per-member values of `key` (a list per variant in results) as points with mean ± std."""
+    rows = [(v, np.asarray(r[key], float)) for v, r in results["variants"].items()
+            if isinstance(r.get(key), list) and r[key]]
+    if not rows:
+        return None
+    fig, ax = plt.subplots(figsize=(max(4, 0.8 * len(rows)), 3))
+    for i, (_, values) in enumerate(rows):
+        ax.plot(np.full(len(values), i), values, ".", color="grey", ms=4)
+        ax.errorbar(i, np.nanmean(values), np.nanstd(values), fmt="o", color="C3", capsize=4)
+    ax.set_xticks(range(len(rows)), [v for v, _ in rows], rotation=45, ha="right", fontsize=7)
+    ax.set(ylabel=label, title=f"{label} per member (mean ± std)")
     return _save(fig, directory, name)

@@ -15,7 +15,7 @@ from jax.sharding import Mesh
 
 from compax.data import augment_flip_crop, normalize
 from compax.distributed import default_mesh, shard_batch
-from compax.kernels.conv_cpu import cpu_kernels
+from compax.kernels import cpu_convolutions
 from compax.population import chunked_vmap
 from compax.train.population import variables_of
 
@@ -56,7 +56,7 @@ def make_train_step(model, tx: optax.GradientTransformation, mean: np.ndarray, s
         x = shard_batch(normalize(images, mean, std), mesh)
 
         def loss_fn(p):
-            with cpu_kernels():
+            with cpu_convolutions():
                 logits, updates = model.apply(variables_of(p, batch_stats), x, train=True,
                                               mutable=["batch_stats"], rngs={"dropout": dropout_key})
             loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()

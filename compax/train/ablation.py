@@ -12,7 +12,12 @@ The head is trained with the whole model in evaluation mode: frozen BatchNorm la
 their running statistics, in training exactly as at test time, and keep them; SqueezeNet's dropout
 (before its classifier) is off. The frozen layers get zero updates (`optax.multi_transform` with
 `optax.set_to_zero`), so they keep their trained values exactly.
+
+As a recipe step: `ablate(epochs=5)` (the recipe `ablated`).
 """
+
+import dataclasses
+from typing import ClassVar
 
 import flax.linen as nn
 import jax
@@ -20,9 +25,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from compax.compress.registry import Context, Step, Variant, register_step
 from compax.data import Dataset
 from compax.errors import UserError
-from compax.models import get_model
+from compax.models import MODELS, get_model, init_variables
 from compax.population import loss_and_accuracy, make_predict, model_apply
 from compax.train.early_stopping import update_early_stopping
 from compax.train.population import (
@@ -134,3 +140,39 @@ def ablate(model_name: str, num_classes: int, width: float, variables: dict, dat
         # patience = epochs never stops a member early: every epoch runs, the best head is kept.
         state = update_early_stopping(state, jnp.asarray(val_loss), jnp.int32(epochs))
     return model, best_variables(state)
+
+
+@register_step
+@dataclasses.dataclass(frozen=True)
+class Ablate(Step):
+    """Recipe step `ablate(epochs)`: Zee et al.'s layer ablation of every member (module doc), with
+    the run's batch size, learning rate, seeds and augmentation."""
+
+    name: ClassVar[str] = "ablate"
+    epochs: int = 5
+
+    def __post_init__(self):
+        if not isinstance(self.epochs, int) or self.epochs < 1:
+            raise UserError(f"ablate: epochs must be an integer >= 1, got {self.epochs!r}")
+
+    def __call__(self, variant: Variant, ctx: Context) -> Variant:
+        compressed, config = variant.compressed, ctx.config
+        if compressed.qstate is not None or compressed.dtype != "float32":
+            raise UserError("ablate retrains a float32 model: put it before quantize or cast")
+        model_name = type(variant.model).__name__
+        name = next((n for n, cls in MODELS.items() if cls.__name__ == model_name), None)
+        if name not in HEAD_LAYERS:
+            raise UserError(f"ablate knows the head layers of {', '.join(HEAD_LAYERS)}, not of"
+                            f" {model_name}: add it to HEAD_LAYERS in compax/train/ablation.py")
+        width, classes = variant.model.width, variant.model.num_classes
+        if ctx.abstract:
+            model = ablated_model(name, classes, width)
+            size = jax.tree.leaves(compressed.variables)[0].shape[0]
+            keys = jax.random.split(jax.random.key(0), size)
+            variables = jax.eval_shape(jax.vmap(lambda k: init_variables(model, k)), keys)
+        else:
+            model, variables = ablate(
+                name, classes, width, compressed.variables, ctx.dataset, epochs=self.epochs,
+                batch_size=config.batch_size, learning_rate=config.learning_rate,
+                seed=config.seed, chunk=ctx.chunk, augment=config.augment)
+        return Variant(model, compressed.replace(variables=variables), dict(variant.info))

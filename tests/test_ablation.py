@@ -7,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 
-from compax.analysis.ablation import HEAD_LAYERS, _EvalModeModel, ablate, ablated_model, transfer_body
+from compax.train.ablation import HEAD_LAYERS, _EvalModeModel, ablate, ablated_model, transfer_body
 from compax.compress import apply_compressed, compress
 from compax.data import normalize
 from compax.errors import UserError

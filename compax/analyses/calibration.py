@@ -1,0 +1,111 @@
+"""Confidence and calibration (Schwaiger et al. 2022; Mantowsky et al.; Guo et al. 2017).
+
+Per member: the expected calibration error (ECE) of the variant and its change against the original
+member, the change of the softmax confidence in the target class split by same / different
+prediction (summaries per member, reported as mean ± std over members), and reliability bins
+(accuracy per confidence bin) of every member, drawn as the member mean with member 0's
+confidence-change histogram kept as the example.
+"""
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from compax.analyses import (
+    Analysis,
+    Compared,
+    Reference,
+    finite,
+    fmt,
+    fmt_mean_std,
+    mean_std,
+    register_analysis,
+)
+from compax.analysis import calibration
+from compax.errors import UserError
+
+
+@register_analysis
+class Calibration(Analysis):
+    name = "calibration"
+    title = "Confidence and calibration"
+    settings = {"ece_bins": 15}
+
+    @classmethod
+    def check(cls, settings):
+        if not isinstance(settings.ece_bins, int) or settings.ece_bins < 1:
+            raise UserError(f"--config.analysis.ece_bins must be an integer >= 1, got"
+                            f" {settings.ece_bins!r}")
+
+    def _members(self, ref: Reference, logits: np.ndarray):
+        labels, bins = jnp.asarray(ref.labels), ref.settings.ece_bins
+        ece = jax.vmap(lambda z: calibration.expected_calibration_error(z, labels, bins))
+        reliability = jax.vmap(lambda z: calibration.calibration_bins(z, labels, bins))
+        return np.asarray(ece(jnp.asarray(logits))), jax.tree.map(
+            np.asarray, reliability(jnp.asarray(logits)))
+
+    def _arrays(self, reliability) -> dict:
+        """Reliability bins as member means (accuracy over the members with samples in a bin)."""
+        count = reliability["count"]
+        accuracy = np.where(count > 0, reliability["accuracy"], np.nan)
+        confidence = np.where(count > 0, reliability["confidence"], np.nan)
+        with warnings.catch_warnings():  # bins empty in every member stay 0
+            warnings.simplefilter("ignore", RuntimeWarning)
+            return {"reliability_accuracy": np.nan_to_num(np.nanmean(accuracy, 0)),
+                    "reliability_accuracy_std": np.nan_to_num(np.nanstd(accuracy, 0)),
+                    "reliability_confidence": np.nan_to_num(np.nanmean(confidence, 0)),
+                    "reliability_count": count.mean(0)}
+
+    def prepare(self, ref):
+        self.ece, self.reliability = self._members(ref, ref.logits)
+
+    def baseline(self, ref):
+        return ({"ece": float(self.ece.mean()), "ece_std": float(self.ece.std())},
+                self._arrays(self.reliability))
+
+    def compare(self, ref: Reference, variant: Compared):
+        labels = jnp.asarray(ref.labels)
+        ece, reliability = self._members(ref, variant.logits)
+        changes = jax.vmap(lambda a, b: calibration.confidence_change(a, b, labels))(
+            jnp.asarray(ref.logits), jnp.asarray(variant.logits))
+        groups = {}
+        for group in ("all", "same", "different"):
+            stats = {k: np.asarray(v) for k, v in changes[group].items()}
+            groups[group] = {
+                **{k: finite(v[0]) for k, v in stats.items()},  # member 0, as the figure
+                "members": {k: mean_std(v) for k, v in stats.items() if v.ndim == 1}}
+        results = {"ece": float(ece.mean()), "ece_std": float(ece.std()),
+                   "delta_ece": float((ece - self.ece).mean()),
+                   "delta_ece_std": float((ece - self.ece).std()),
+                   "confidence_diff": groups}
+        arrays = {"confidence_diff": np.asarray(changes["diff"][0]),
+                  "same_prediction": np.asarray(changes["same_prediction"][0]),
+                  **self._arrays(reliability)}
+        return results, arrays
+
+    def columns(self, results):
+        conf = ((results.get("confidence_diff") or {}).get("all") or {}).get("members", {})
+        return {"confidence Δ pp": fmt_mean_std(conf.get("mean"), 2, 100, True),
+                "ECE": fmt(results.get("ece"), 3), "ΔECE": fmt(results.get("delta_ece"), 3, True)}
+
+    def report(self, page, results, arrays):
+        from compax.report import figures
+
+        page.figure(self.title, figures.confidence_histograms(page.directory, results, arrays),
+                    "confidence change (member 0)")
+        page.figure(self.title, figures.reliability(page.directory, results, arrays),
+                    "reliability diagrams (member means)")
+        rows = []
+        for variant, v in page.compressed(results):
+            members = ((v.get("confidence_diff") or {}).get("all") or {}).get("members", {})
+            different = ((v.get("confidence_diff") or {}).get("different") or {}).get("members", {})
+            rows.append([variant, f"{fmt(v.get('ece'), 3)} ± {fmt(v.get('ece_std'), 3)}",
+                         f"{fmt(v.get('delta_ece'), 3, True)} ± {fmt(v.get('delta_ece_std'), 3)}",
+                         fmt_mean_std(members.get("mean"), 2, 100, True),
+                         fmt_mean_std(different.get("mean"), 2, 100, True),
+                         fmt_mean_std(different.get("count"), 1)])
+        page.table(self.title, ["variant", "ECE", "ΔECE", "confidence Δ pp (all)",
+                                "confidence Δ pp (changed predictions)", "changed predictions"],
+                   rows, "Calibration over members (mean ± std)")

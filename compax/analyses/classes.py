@@ -1,0 +1,92 @@
+"""Class-level analysis (Schwaiger et al. 2022; Hooker thesis): accuracy, confusion, flips, F1.
+
+Per member, against the original member of the same seed: the share of test samples predicted
+differently (flips), per-class accuracy changes and row-normalised confusion-matrix changes in
+percentage points, and the classification report (per-class precision, recall and F1, macro F1);
+then, over the member means, the largest changes and the Spearman test of class frequency in the
+training set against the class accuracy change (`compax.analysis.classes`).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from compax.analyses import Analysis, Compared, Reference, fmt, member_mean, register_analysis
+from compax.analysis import classes
+
+
+@register_analysis
+class ClassLevel(Analysis):
+    name = "classes"
+    title = "Class level"
+
+    def _report(self, ref: Reference, preds: np.ndarray) -> dict:
+        """Per-member classification reports (P, classes) of `preds` (P, N)."""
+        labels = jnp.asarray(ref.labels)
+        return jax.vmap(lambda p: classes.class_report(labels, p, ref.num_classes))(
+            jnp.asarray(preds))
+
+    def prepare(self, ref: Reference) -> None:
+        self.original = self._report(ref, ref.preds)
+
+    def baseline(self, ref):
+        arrays = {f"class_{k}": np.asarray(self.original[k]).mean(0)
+                  for k in ("precision", "recall", "f1")}
+        return {"macro_f1": member_mean(self.original["macro_f1"])}, arrays
+
+    def compare(self, ref: Reference, variant: Compared):
+        labels = jnp.asarray(ref.labels)
+        compared = jax.vmap(lambda a, b: classes.compare_classes(labels, a, b, ref.num_classes))(
+            jnp.asarray(ref.preds), jnp.asarray(variant.preds))
+        report = self._report(ref, variant.preds)
+        change = np.asarray(compared["confusion_change_pp"]).mean(0)
+        class_change = np.asarray(compared["class_accuracy_change_pp"]).mean(0)
+        counts = np.bincount(ref.dataset.train.labels, minlength=ref.num_classes)
+        results = {
+            "disagreement": member_mean(compared["disagreement"]),
+            "flips": {k: member_mean(compared[k]) for k in
+                      ("flipped", "right_before", "right_after", "wrong_both")},
+            "max_class_acc_change_pp": member_mean(compared["max_class_acc_change_pp"]),
+            "max_confusion_change_pp": member_mean(compared["max_confusion_change_pp"]),
+            "macro_f1": member_mean(report["macro_f1"]),
+            "macro_f1_diff": member_mean(report["macro_f1"] - self.original["macro_f1"]),
+            "largest_confusion_changes": classes.largest_changes(change, ref.class_names, k=10),
+            "largest_class_changes": classes.largest_changes(class_change, ref.class_names, k=10),
+            "frequency_bias": classes.frequency_bias(counts, class_change),
+        }
+        arrays = {"confusion_change_pp": change, "class_accuracy_change_pp": class_change,
+                  **{f"class_{k}": np.asarray(report[k]).mean(0)
+                     for k in ("precision", "recall", "f1")}}
+        return results, arrays
+
+    def columns(self, results):
+        return {"flipped %": fmt(results.get("disagreement"), 2, scale=100),
+                "max class Δ pp": fmt(results.get("max_class_acc_change_pp"), 1, True),
+                "max confusion Δ pp": fmt(results.get("max_confusion_change_pp"), 1, True),
+                "macro F1 Δ": fmt(results.get("macro_f1_diff"), 3, True)}
+
+    def report(self, page, results, arrays):
+        from compax.report import figures
+
+        names = page.class_names
+        page.figure(self.title, figures.class_accuracy_change(page.directory, results, arrays, names),
+                    "class accuracy change")
+        page.figure(self.title, figures.class_metric_change(page.directory, results, arrays, names,
+                                                            "f1"), "per-class F1 change")
+        rows = []
+        for variant, v in page.compressed(results):
+            bias = v.get("frequency_bias") or {}
+            rows.append([variant, fmt(v.get("macro_f1"), 3), fmt(v.get("macro_f1_diff"), 3, True),
+                         fmt(bias.get("spearman_rho"), 3, True), fmt(bias.get("p_value"), 3)])
+        page.table(self.title, ["variant", "macro F1", "macro F1 Δ", "Spearman ρ (class frequency"
+                                " vs accuracy Δ)", "p"], rows,
+                   "Classification report and frequency bias")
+        page.table(self.title, ["class"] + [f"{v} F1 Δ" for v, _ in page.compressed(results)],
+                   [[name] + [fmt(arrays[f"{v}.class_f1"][c] - arrays["baseline.class_f1"][c], 3,
+                                  True) if f"{v}.class_f1" in arrays else "–"
+                              for v, _ in page.compressed(results)]
+                    for c, name in enumerate(names)],
+                   "Per-class F1 change (member means)", markdown=False)
+        for variant, _ in page.compressed(results):
+            page.figure(self.title, figures.confusion_change(page.directory, arrays, variant, names),
+                        f"confusion {variant}")

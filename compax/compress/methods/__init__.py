@@ -1,0 +1,1 @@
+"""The compression methods, one module each, registered as recipe steps (`compax.compress.registry`)."""

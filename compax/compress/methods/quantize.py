@@ -1,0 +1,55 @@
+"""Post-training quantization as a recipe step: `quantize(weight_bits, activation_bits, observer,
+reduce_range)`.
+
+Static PTQ as PyTorch eager mode with the fbgemm engine (Schwaiger et al. 2022; Jacob et al. 2018,
+"Quantization and Training of Neural Networks for Efficient Integer-Arithmetic-Only Inference"):
+BatchNorm folded, weights per output channel symmetric, w_q = clip(round(w / s_w), -2^(b-1),
+2^(b-1) - 1) with s_w = max|w| / ((2^b - 1) / 2); activations per tensor affine with observers
+calibrated on training images (`compax.compress.ptq`). `activation_bits=none` quantizes the weights
+only and keeps activations in float. `observer` and `reduce_range` default to the config's
+`compress.observer` and `compress.reduce_range`.
+"""
+
+import dataclasses
+from typing import ClassVar
+
+from compax.compress.ptq import OBSERVERS, QuantConfig, ptq
+from compax.compress.registry import Context, MemberStep, Variant, register_step
+from compax.compress.variants import Compressed
+from compax.errors import UserError
+
+
+@register_step
+@dataclasses.dataclass(frozen=True)
+class Quantize(MemberStep):
+    """fbgemm-style PTQ of every member on the run's calibration images."""
+
+    name: ClassVar[str] = "quantize"
+    weight_bits: int = 8
+    activation_bits: int | None = 8
+    observer: str | None = None
+    reduce_range: bool | None = None
+
+    def __post_init__(self):
+        if self.observer is not None and self.observer not in OBSERVERS:
+            raise UserError(f"quantize: unknown observer {self.observer!r}: choose one of"
+                            f" {', '.join(OBSERVERS)}")
+        QuantConfig(weight_bits=self.weight_bits, activation_bits=self.activation_bits)  # checks
+
+    def config(self, ctx: Context) -> QuantConfig:
+        settings = ctx.config.compress
+        return QuantConfig(
+            weight_bits=self.weight_bits, activation_bits=self.activation_bits,
+            observer=self.observer or settings.observer,
+            reduce_range=settings.reduce_range if self.reduce_range is None else self.reduce_range)
+
+    def shared(self, variant: Variant, ctx: Context) -> tuple:
+        if variant.compressed.qstate is not None or variant.compressed.dtype != "float32":
+            raise UserError("quantize must act on a float32 model: put it before any other"
+                            " quantize or cast step in the recipe")
+        return (ctx.calibration(),)
+
+    def member(self, model, compressed, calib, *, ctx):
+        variables, qstate = ptq(model, compressed.variables, calib, self.config(ctx))
+        return Compressed(variables, qstate, weight_bits=self.weight_bits,
+                          activation_bits=self.activation_bits or 32)

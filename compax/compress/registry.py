@@ -1,0 +1,254 @@
+"""Compression steps registered by name, and variants as recipes of steps.
+
+A compression method is one `Step`: a frozen dataclass whose fields are its settings (with
+defaults), registered with `@register_step`. A variant is a recipe, an ordered list of steps with
+their settings, written as text:
+
+    l1_global(amount=searched)+quantize(weight_bits=8,activation_bits=8)
+
+Steps run one after another on a whole population (`Variant`: the flax module that evaluates it
+and a `Compressed` pytree with a leading member axis), so every step sees what the earlier ones
+made. `RECIPES` names the studies' variants; a config adds its own as `name=recipe` entries of
+`compress.variants` (see `compax/config.py`). Everything named in a config is checked against the
+registry before any stage runs (`check_recipe`).
+
+The shape follows optax's transforms (small pure pieces composed in order) and jaxpruner's
+`ALGORITHM_REGISTRY` (a method found by name, configured by keyword settings). A new method is one
+module defining a `Step` subclass with `@register_step`, plus its import in `compax/compress/steps.py`.
+
+Most steps act on each member alone: subclass `MemberStep` and write `member`, a pure function of
+one member's `Compressed` that the population engine vmaps (`compax.population.chunked_vmap`).
+Steps that need the whole population or the data (a search, training) subclass `Step` and write
+`__call__`. Every step also runs abstractly (`Context.abstract`: shapes only, no data, no
+training), which is how a saved variant's structure is rebuilt for restoring.
+"""
+
+import ast
+import dataclasses
+import re
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from compax.compress.variants import Compressed
+from compax.errors import UserError
+from compax.population import chunked_vmap
+
+STEPS: dict[str, type["Step"]] = {}
+
+
+def register_step(cls):
+    """Class decorator: makes the `Step` subclass `cls` usable in recipes as `cls.name`."""
+    if not cls.name or not re.fullmatch(r"[a-z][a-z0-9_]*", cls.name):
+        raise ValueError(f"step name {cls.name!r} must be lowercase letters, digits and _")
+    STEPS[cls.name] = cls
+    return cls
+
+
+@dataclasses.dataclass
+class Variant:
+    """A compressed population while its recipe runs: the module that evaluates it, its
+    `Compressed` (leading member axis) and what the steps report (e.g. `sparsity`)."""
+
+    model: Any
+    compressed: Compressed
+    info: dict = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class Context:
+    """What steps may use beyond the population: the run's config, data and caches.
+
+    `abstract`: only shapes are wanted (restoring a saved variant); steps skip data and training.
+    `masks`: given pruning masks (one member, `compress`'s single-model API) that replace those a
+    pruning step would compute.
+    """
+
+    config: ml_collections.ConfigDict
+    dataset: Any = None
+    original: Any = None  # the trained population's variables (leading member axis)
+    chunk: int = 1
+    abstract: bool = False
+    masks: Any = None
+    calib_images: Any = None
+    cache: dict = dataclasses.field(default_factory=dict)
+    searcher: Callable | None = None  # () -> sparsity search results, see `searched_sparsity`
+
+    def calibration(self):
+        """Normalised calibration images (training images, `compress.calibration_images`)."""
+        if self.calib_images is None:
+            raise UserError("this recipe quantizes: pass calibration images (training images)")
+        return self.calib_images
+
+    def searched_sparsity(self) -> float:
+        """The pruning level of Schwaiger et al.: the largest level whose validation accuracy stays
+        within `compress.sparsity_tolerance_pp` of the original's (searched once per run)."""
+        if self.abstract:
+            return 0.5
+        if "sparsity_search" not in self.cache:
+            if self.searcher is None:
+                raise UserError("amount=searched needs a trained population and validation data:"
+                                " give the step a fixed amount, e.g. amount=0.5")
+            self.cache["sparsity_search"] = self.searcher()
+        return self.cache["sparsity_search"]["chosen"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    """One compression method; its dataclass fields are its settings."""
+
+    name: ClassVar[str] = ""
+
+    def __call__(self, variant: Variant, ctx: Context) -> Variant:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        """The step as recipe text, with every setting."""
+        settings = ",".join(f"{f.name}={getattr(self, f.name)}" for f in dataclasses.fields(self))
+        return f"{self.name}({settings})"
+
+
+@dataclasses.dataclass(frozen=True)
+class MemberStep(Step):
+    """A step applied to each member alone: `member` is vmapped over the population."""
+
+    def shared(self, variant: Variant, ctx: Context) -> tuple:
+        """Host-side inputs shared by all members (arrays), computed once per population."""
+        return ()
+
+    def member(self, model, compressed: Compressed, *shared, ctx: Context) -> Compressed:
+        """The compressed member; a pure function of its arrays and `shared` (jit / vmap)."""
+        raise NotImplementedError
+
+    def output_model(self, model):
+        """The module evaluating the result (the same unless the step changes the architecture)."""
+        return model
+
+    def __call__(self, variant: Variant, ctx: Context) -> Variant:
+        shared = self.shared(variant, ctx)
+        model = variant.model
+
+        def fn(c, *s):
+            return self.member(model, c, *s, ctx=ctx)
+
+        if ctx.abstract:
+            compressed = jax.eval_shape(jax.vmap(fn, in_axes=(0,) + (None,) * len(shared)),
+                                        variant.compressed, *shared)
+        else:
+            compressed = chunked_vmap(fn, ctx.chunk, num_member_args=1)(variant.compressed, *shared)
+        return Variant(self.output_model(model), compressed, dict(variant.info))
+
+
+# The studies' variants. Names and numbers are those of compax's earlier fixed variants.
+RECIPES = {
+    "float32": "",
+    "pruned": "l1_global(amount=searched)",
+    "float16": "cast(dtype=float16)",
+    "bfloat16": "cast(dtype=bfloat16)",
+    "dynamic_int8": "quantize(weight_bits=8,activation_bits=none)",
+    "w8a8": "quantize(weight_bits=8,activation_bits=8)",
+    "w4a8": "quantize(weight_bits=4,activation_bits=8)",
+    "pruned_w8a8": "l1_global(amount=searched)+quantize(weight_bits=8,activation_bits=8)",
+    "pruned_layer": "l1_layer(amount=searched)",
+    "filters_pruned": "filters(amount=0.25)",
+    "ablated": "ablate(epochs=5)",
+    # Hooker et al.'s fixed sparsity levels, global L1 without fine-tuning.
+    **{f"sparsity_{round(100 * s)}": f"l1_global(amount={s})" for s in (0.1, 0.3, 0.5, 0.7, 0.9)},
+}
+
+_STEP_TEXT = re.compile(r"\s*([a-z][a-z0-9_]*)\s*(?:\((.*)\))?\s*$", re.S)
+
+
+def _parse_value(text: str):
+    """A setting's value: a Python literal (number, string, True/False), `none`, or a bare word."""
+    text = text.strip()
+    if text.lower() == "none":
+        return None
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def _split_steps(text: str) -> list[str]:
+    """Splits recipe text at the `+` that are outside parentheses."""
+    parts, depth, current = [], 0, ""
+    for ch in text:
+        depth += (ch == "(") - (ch == ")")
+        if ch == "+" and depth == 0:
+            parts.append(current)
+            current = ""
+        else:
+            current += ch
+    if depth:
+        raise UserError(f"unbalanced parentheses in recipe {text!r}")
+    return [p for p in parts + [current] if p.strip()]
+
+
+def parse_step(text: str, where: str) -> Step:
+    """One step of recipe text, e.g. `quantize(weight_bits=4)`; `where` names the config entry."""
+    match = _STEP_TEXT.match(text)
+    if not match:
+        raise UserError(f"cannot read step {text.strip()!r} of {where}: write name(key=value,...)")
+    name, args = match.group(1), match.group(2) or ""
+    if name not in STEPS:
+        raise UserError(f"unknown compression step {name!r} in {where}: choose one of"
+                        f" {', '.join(sorted(STEPS))}")
+    cls = STEPS[name]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    settings = {}
+    for item in (a for a in re.split(r",(?![^()]*\))", args) if a.strip()):
+        key, eq, value = item.partition("=")
+        key = key.strip()
+        if not eq or key not in fields:
+            raise UserError(f"step {name} in {where} has no setting {key!r}: its settings are"
+                            f" {', '.join(fields) or '(none)'}")
+        settings[key] = _parse_value(value)
+    try:
+        return cls(**settings)
+    except UserError as e:
+        raise UserError(f"{where}: {e}") from None
+    except (TypeError, ValueError) as e:
+        raise UserError(f"bad setting of step {name} in {where}: {e}") from None
+
+
+def parse_recipe(text: str, where: str) -> tuple[Step, ...]:
+    """The steps of recipe text (empty text: the uncompressed model)."""
+    return tuple(parse_step(part, where) for part in _split_steps(text))
+
+
+def variant_recipes(names) -> dict[str, tuple[Step, ...]]:
+    """{variant: steps} of the `compress.variants` entries: registered names (`RECIPES`) or
+    `name=recipe` text. Every name and setting is checked here, before any work."""
+    recipes = {}
+    for entry in names:
+        name, eq, text = str(entry).partition("=")
+        name = name.strip()
+        where = f"--config.compress.variants entry {str(entry)!r}"
+        if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_.-]*", name) or name == "baseline":
+            raise UserError(f"bad variant name {name!r} in {where}: use letters, digits, _ . -"
+                            " (not 'baseline')")
+        if not eq and name not in RECIPES:
+            raise UserError(f"unknown variant {name!r} in --config.compress.variants: choose one of"
+                            f" {', '.join(RECIPES)}, or define it as name=step(...)+step(...)")
+        if name in recipes:
+            raise UserError(f"variant {name!r} appears twice in --config.compress.variants")
+        recipes[name] = parse_recipe(text if eq else RECIPES[name], where)
+    return recipes
+
+
+def describe(steps: tuple[Step, ...]) -> str:
+    """Recipe text with every setting spelled out (what results.json records)."""
+    return "+".join(s.describe() for s in steps) or "(uncompressed)"
+
+
+def run_recipe(steps: tuple[Step, ...], model, variables, ctx: Context) -> Variant:
+    """The variant made by `steps` from the population `variables` (leading member axis)."""
+    float32 = jax.tree.map(lambda a: a if ctx.abstract else jnp.asarray(a), variables)
+    variant = Variant(model, Compressed(float32, None))
+    for step in steps:
+        variant = step(variant, ctx)
+    return variant
