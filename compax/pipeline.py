@@ -19,14 +19,20 @@ results.json:
     {"dataset": {...}, "model": {...}, "epochs_trained": int,
      "members": [{"seed", "best_epoch", "val_loss", "val_accuracy"}, ...],
      "sparsity_search": {"levels", "val_accuracy" (population mean per level),
-                         "baseline_val_accuracy", "tolerance_pp", "chosen"},
-     "variants": {"baseline" | "pruned" | "w8a8" | "w4a8" | "pruned_w8a8" | "float16" |
-                  "bfloat16" | "dynamic_int8" | "ablated": {
+                         "baseline_val_accuracy", "tolerance_pp", "chosen"} (when a recipe
+                        prunes at amount=searched),
+     "inference": {variant: {"images_per_second", "speedup_vs_float32", "int8_images_per_second"}}
+                  (timings of member 0 on this machine, compax/compress/cost.py),
+     "variants": {"baseline" | <each name of compress.variants>: {
+         "recipe": the steps with every setting (compax/compress/registry.py),
          "accuracy": mean test accuracy over members, "accuracy_std", "member_accuracy": [...],
          "accuracy_diff_pp": mean over members of (variant - baseline) in percentage points,
          "sparsity": {"amount", "fraction_of_weights", "fraction_of_params", "layers"} or None,
          "weight_bits", "activation_bits", "bytes" (as stored), "compression_ratio",
-         ... and the analyses of compax/analyse_population.py}},
+         "bytes_on_disk_population" (the saved population), "params", "macs" (per image),
+         "int8": {"argmax_agreement", "max_logit_difference", "accuracy"} (8-bit activations),
+         ... what the steps report (e.g. "structure" of filter pruning) and the fields of each
+         enabled analysis (compax/analyses/*.py)}},
      "stages": {stage: {"finished", "wall_seconds", "code_version", "machine"}}}
 """
 
@@ -43,6 +49,8 @@ from compax import stages as stage_records
 from compax.analyse_population import analyse_population
 from compax.analyses import check_analyses
 from compax.compress import Compressed, storage_bytes
+from compax.compress.flops import model_macs
+from compax.compress.ptq import OBSERVERS
 from compax.compress.registry import variant_recipes
 from compax.compress.store import restore_compressed, save_compressed
 from compax.compress_population import abstract_variants, compress_population
@@ -146,7 +154,9 @@ class Run:
                                       if h["epoch"] == int(state.best_epoch[i]))}
                 for i, seed in enumerate(trained.seeds)],
             "variants": {"baseline": {
-                "params": params, "accuracy": float(np.mean(accuracy)),
+                "params": params, "macs": model_macs(model_apply(trained.model), first,
+                                                     dataset.test.images.shape[1:]),
+                "accuracy": float(np.mean(accuracy)),
                 "accuracy_std": float(np.std(accuracy)), "member_accuracy": accuracy.tolist(),
                 "sparsity": None, "weight_bits": 32, "activation_bits": 32,
                 "bytes": int(storage_bytes(first)), "compression_ratio": 1.0}},
@@ -230,6 +240,9 @@ def check_names(config: ml_collections.ConfigDict) -> None:
     """Every name in `config` (stages, variants and their steps and settings, analyses and their
     settings) against the registries: a one-line UserError listing the valid choices."""
     parse_stages(config.stages)
+    if config.compress.observer not in OBSERVERS:
+        raise UserError(f"unknown observer {config.compress.observer!r} in"
+                        f" --config.compress.observer: use one of {', '.join(OBSERVERS)}")
     variant_recipes(config.compress.variants)
     check_analyses(config.analysis)
 

@@ -109,6 +109,8 @@ def test_attack_is_deterministic_and_leaves_unfoolable_samples_alone():
         carlini_wagner_l2(linear_apply(weights, bias), images, labels[:3])
     np.testing.assert_array_equal(first["adversarial"], images)
     np.testing.assert_array_equal(first["l2"], 0)
+    np.testing.assert_array_equal(first["first_fooled"], -1)
+    assert ((first["iterations"] >= 1) & (first["iterations"] <= 20)).all()
 
 
 def test_early_stop_runs_fewer_iterations_and_counts_the_first_fooling_one():
@@ -316,7 +318,9 @@ CROSS_CHECK_IMAGES = 16
 @pytest.fixture(scope="module")
 def trained_lenet():
     """A float LeNet-5 trained for 150 Adam steps on `tiny_dataset` (4 classes, test accuracy 1.0),
-    its pixel-space apply, and 16 test images in [0, 1] with their labels."""
+    its pixel-space apply, and 16 test images in [0, 1] with their labels (for foolbox only: skipped,
+    untrained, without it)."""
+    pytest.importorskip("foolbox")
     dataset = tiny_dataset()
     model = get_model("lenet5", dataset.num_classes)
     variables = random_variables(model, 0)
@@ -354,7 +358,7 @@ def test_float_lenet_attack_agrees_with_foolbox(trained_lenet):
     against EagerPy's op-by-op float rounding move the iterates slightly), the median within 2%.
     Early stop: it keeps the first c that fools a sample instead of bisecting further, so its L2 is
     at least foolbox's (2% slack) and the median at most 10% above it (measured: +1.3%, single
-    images up to +31%); the success rate at most one image (1/16) apart (measured: both 1.0),
+    images up to +46%); the success rate at most one image (1/16) apart (measured: both 1.0),
     since both try the same c's until a sample is first fooled."""
     foolbox = pytest.importorskip("foolbox")
     apply_fn, images, labels = trained_lenet

@@ -5,6 +5,7 @@ import contextlib
 import pathlib
 import subprocess
 import sys
+import types
 
 import flax.linen as nn
 import jax
@@ -18,6 +19,7 @@ from jax import lax
 
 from compax.analysis.gradcam import grad_cam
 from compax.analysis.saliency import saliency_maps
+from compax.analysis.taps import cpu_convolutions_for
 from compax.compress import Compressed
 from compax.kernels import conv_cpu, cpu_convolutions
 from compax.models import get_model, init_variables
@@ -147,7 +149,9 @@ def test_only_eligible_convolutions_use_the_kernels():
     x, w = random(5, (2, 16, 16, 3), (3, 3, 3, 8))
     assert kernel_calls(lambda x, w: kernel_conv(x, w, "VALID"), x, w) == 1
     assert kernel_calls(lambda x, w: kernel_conv(x, w, ((1, 1), (1, 1))), x, w) == 1
-    assert kernel_calls(lambda x, w: kernel_conv(x, w, "SAME"), x, w) == 0  # XLA's padding rule
+    assert kernel_calls(lambda x, w: kernel_conv(x, w, "SAME"), x, w) == 1
+    assert kernel_calls(lambda x, w: kernel_conv(x, w, ((-1, 0), (0, 0))), x, w) == 0  # cropping
+    assert_close(jax.jit(lambda x, w: kernel_conv(x, w, "SAME"))(x, w), xla_conv(x, w, "SAME"))
     with xla_only():
         assert kernel_calls(lambda x, w: kernel_conv(x, w, "VALID"), x, w) == 0
     assert kernel_calls(lambda x, w: conv_cpu.conv_general_dilated(
@@ -215,30 +219,40 @@ def test_vmapped_models_with_kernels_equal_xla(name, width, classes, eligible, m
     x, = random(9, (8, 32, 32, 3))
     labels = jnp.arange(8) % classes
     with_kernels = population_gradients(model, x, labels, True)
-    hlo = with_kernels.lower(population).as_text()
+    hlo = with_kernels.lower(population).compile().as_text()  # the optimised HLO: calls inlined
     # Per member and eligible layer: forward, input gradient (forward kernel), weight gradient.
-    assert hlo.count("CompaxConvForward") == 2 * eligible * members
-    assert hlo.count("CompaxConvWeightGradient") == eligible * members
+    assert hlo.count('custom_call_target="CompaxConvForward"') == 2 * eligible * members
+    assert hlo.count('custom_call_target="CompaxConvWeightGradient"') == eligible * members
     assert_close(with_kernels(population), population_gradients(model, x, labels, False)(population),
                  relative=1e-5)
 
 
 def test_saliency_and_grad_cam_with_kernels_equal_xla():
-    """Float (kernels) and w8a8 (XLA: its interpreter needs the conv primitive) maps as before."""
     model = get_model("lenet5", 43)
-    variables = init_variables(model, jax.random.key(2))
+    float32 = Compressed(init_variables(model, jax.random.key(2)), None)
     x, = random(10, (40, 32, 32, 3))
     targets = jnp.arange(40) % 43
-    float32 = Compressed(variables, None)
 
     def maps(analysis):
         return jax.jit(lambda c: analysis(model, c, x, targets, 16))
 
-    for analysis in (saliency_maps, grad_cam):
-        assert kernel_calls(lambda c, a=analysis: a(model, c, x, targets, 16), float32) >= 3
+    # saliency: conv1, conv2 and both input gradients; Grad-CAM: the forward pass (dy/d conv2).
+    for analysis, calls in ((saliency_maps, 4), (grad_cam, 2)):
+        assert kernel_calls(lambda c, a=analysis: a(model, c, x, targets, 16), float32) == calls
         with xla_only():
             reference = maps(analysis)(float32)
         np.testing.assert_allclose(maps(analysis)(float32), reference, atol=1e-5, rtol=0)
+
+
+def test_activation_quantized_variants_keep_xla_convolutions():
+    """Their jaxpr interpreter places quantization points at the conv primitive."""
+    def variant(activation_bits):
+        config = types.SimpleNamespace(activation_bits=activation_bits)
+        return types.SimpleNamespace(qstate=types.SimpleNamespace(config=config))
+
+    assert isinstance(cpu_convolutions_for(variant(8)), contextlib.nullcontext)
+    assert not isinstance(cpu_convolutions_for(variant(None)), contextlib.nullcontext)  # int8 weights
+    assert not isinstance(cpu_convolutions_for(Compressed({}, None)), contextlib.nullcontext)
 
 
 def test_models_do_not_import_the_kernels():

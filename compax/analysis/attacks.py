@@ -134,7 +134,7 @@ def carlini_wagner_l2(apply_fn: Callable, images01, labels, *, confidence: float
     per_pixel = (-1,) + (1,) * len(pixel_axes)  # a per-sample mask broadcast over the pixels
     w_start = jnp.arctanh((2.0 * x - 1.0) * _TANH_SHRINK)
     tx = optax.adam(learning_rate)
-    check_every = -(-max_iterations // 10)  # ceil: the reference checks every tenth of the steps
+    check_every = max(1, -(-max_iterations // 10))  # ceil: the reference checks every tenth
 
     def objective(w, const):
         adversarial = (jnp.tanh(w) + 1.0) / 2.0

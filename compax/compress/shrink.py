@@ -34,20 +34,22 @@ Which channels depend on which ("discovered, not declared", like `fold.conv_bn_p
 `channel_graph` runs the model once, jit-compiled, with a `flax.linen.intercept_methods` interceptor
 that replaces the output of every `nn.Conv` / `nn.Dense` by probe values, makes every BatchNorm the
 identity, and records the inputs of every layer, BatchNorm and other module with parameters, and the
-model's output. The batch holds four probes per layer P: P outputs 1 in every channel; c + 1 in
-channel c; C - c in channel c; 0 while every other layer and the image output 1. An input index
-carries channel c of P alone when it is nonzero in the first probe, zero in the fourth (nothing else
-reaches it), and the second and third over the first give c + 1 and C - c at every spatial
-position. P is prunable when every index its output reaches is of that kind, in conv / dense layers
-and BatchNorms (axis -1) only, each channel reached equally often, and the model's output is not
-reached. So a residual sum ties its summands (ResNet-18: the stem, every block's conv2 and shortcut
-stay; each block's conv1 is pruned with bn1 and conv2's inputs), a concatenation is followed
-(SqueezeNet: the expand layers feed the next squeeze at their offsets), a flatten is followed
-(LeNet-5, VGG-6), and the classifier is never pruned. The ops between P and its consumers must act
-on each channel alone and keep zeros (ReLU, max / average pooling, reshapes, transposes,
+model's output (the other modules' outputs count as any other layer's that is not P). The batch
+holds four probes per layer P (P outputs 1 in every channel; c + 1 in channel c; C - c in channel c;
+0 while every other layer and the image output 1) and one probe in which everything is 0. P reaches
+an input index where its first probe differs from the all-zero one; the index carries channel c of P
+alone when it is 0 in the all-zero probe (no constant is added on the way) and in P's fourth
+(nothing else reaches it), and P's second and third over its first give c + 1 and C - c at every
+spatial position. P is prunable when every index it reaches is of that kind, in conv / dense layers
+and BatchNorms (axis -1) only, each of its channels reached equally often, and the model's output is
+not reached. So a residual sum ties its summands (ResNet-18: the stem, every block's conv2 and
+shortcut stay whole; each block's conv1 is pruned with bn1 and conv2's inputs), a concatenation is
+followed (SqueezeNet: the expand layers feed the next squeeze at their offsets), a flatten is
+followed (LeNet-5, VGG-6), and the classifier is never pruned. The ops between P and its consumers
+must act on each channel alone and keep zeros (ReLU, max / average pooling, reshapes, transposes,
 concatenation, dropout at evaluation); the probes reject the channel mixing, sums and offsets they
-see, but cannot prove that property for every op, so a new model should be checked as the tests
-check the four of compax.
+see, but cannot prove that property for every op, so check a new model as the tests check the four
+of compax.
 
 Applying the shrunk model: the modules are unchanged and still declare the dense `features`;
 inside `shrunk_layers()` every `nn.Conv` / `nn.Dense` takes its output features from the kernel in
@@ -60,18 +62,22 @@ shrunk model's; Li et al. report these as "FLOP".
 
 import contextlib
 import dataclasses
+import functools
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
 from compax.compress.flops import count_macs
+from compax.compress.paths import compile_exclude
+from compax.compress.prune import num_to_prune
 from compax.errors import UserError
-from compax.models import INPUT_SHAPE
+from compax.models import INPUT_SHAPE, count_params
 
 _OUTPUT = "<output>"
-_PROBES = 4  # per layer: ones, c + 1, C - c, and 0 with everything else 1 (module doc)
+_PROBES = 4  # per layer: ones, c + 1, C - c, and 0 with everything else 1; then one all 0 (module doc)
 
 
 def _shapes(tree):
@@ -189,13 +195,13 @@ def _discover(model, variables, x) -> list[tuple[str, str, int]]:
 
 
 def _probe_tables(channels: list[int]) -> list[np.ndarray]:
-    """Per layer, its (4L, C) outputs over the probe batch (module doc)."""
+    """Per layer, its (4L + 1, C) outputs over the probe batch (module doc)."""
     tables = []
     for q, c in enumerate(channels):
         rows = np.zeros((len(channels), _PROBES, c), np.float32)
         rows[:, 3] = 1.0
         rows[q] = [np.ones(c), np.arange(1, c + 1), c - np.arange(c), np.zeros(c)]
-        tables.append(rows.reshape(-1, c))
+        tables.append(np.concatenate([rows.reshape(-1, c), np.zeros((1, c), np.float32)]))
     return tables
 
 
@@ -206,13 +212,15 @@ def _range_over_positions(a):
 
 
 def _run_probes(model, variables, input_shape, calls) -> dict:
-    """{module path or output: (min, max) over positions, (4L, D)} for the probe batch."""
+    """{module path or output: (min, max) over positions, (4L + 1, D)} for the probe batch."""
     kinds = {p: k for p, k, _ in calls}
     layers = [(p, c) for p, k, c in calls if k == "layer"]
-    size = _PROBES * len(layers)
+    size = _PROBES * len(layers) + 1
     tables = dict(zip([p for p, _ in layers], _probe_tables([c for _, c in layers]), strict=True))
+    tables[""] = np.zeros(size, np.float32)  # other modules with parameters: 1 in every fourth probe
+    tables[""][3:-1:_PROBES] = 1.0
 
-    def probe(v, x):
+    def probe(v, x, tables):  # the tables are arguments: as constants XLA would fold the whole net
         records = {}
 
         def intercept(next_fun, args, kwargs, context):
@@ -225,8 +233,9 @@ def _run_probes(model, variables, input_shape, calls) -> dict:
             out = next_fun(*args, **kwargs)  # only its shape is used: XLA drops the computation
             if kinds[path] == "layer":
                 table = tables[path].reshape(size, *[1] * (out.ndim - 2), -1)
-                return jnp.broadcast_to(jnp.asarray(table, out.dtype), out.shape)
-            return out
+                return jnp.broadcast_to(table.astype(out.dtype), out.shape)
+            return jax.tree.map(  # an opaque module's output is another source, as other layers'
+                lambda o: jnp.broadcast_to(tables[""].reshape(-1, *[1] * (o.ndim - 1)), o.shape), out)
 
         with nn.intercept_methods(intercept):
             out = model.apply(v, x, train=False)
@@ -236,25 +245,27 @@ def _run_probes(model, variables, input_shape, calls) -> dict:
 
     x = np.zeros((len(layers), _PROBES, *input_shape), np.float32)
     x[:, 3] = 1.0
+    x = np.concatenate([x.reshape(-1, *input_shape), np.zeros((1, *input_shape), np.float32)])
     zeros = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), variables)
-    x = x.reshape(size, *input_shape)
-    compiled = jax.jit(probe).lower(_shapes(zeros), _shapes(x)).compile()
-    return jax.tree.map(np.asarray, compiled(zeros, x))  # runs now, also under an outer trace
+    compiled = jax.jit(probe).lower(*_shapes((zeros, x, tables))).compile()
+    return jax.tree.map(np.asarray, compiled(zeros, x, tables))  # runs now, even under a trace
 
 
-def _classify(lo, hi, channels: int):
-    """Per index of one record, for one layer's four probes (`lo`, `hi`: (4, D) minima and
-    maxima over positions): whether the layer reaches it, and the channel it carries alone (-1:
-    not alone, or not the same channel at every position)."""
-    reached = (lo[0] != 0) | (hi[0] != 0)
-    alone = reached & (lo[3] == 0) & (hi[3] == 0) & np.all(lo[:3] == hi[:3], axis=0)
+def _classify(lo, hi, base, channels: int):
+    """For one record and one layer's four probes (`lo`, `hi`: (4, D) minima and maxima over
+    positions; `base`: (2, D), those of the all-zero probe), per index: whether the layer reaches
+    it, whether it is nonzero with everything zero (an offset), and the channel it carries alone
+    (-1: not alone, or not the same channel at every position)."""
+    reached = (lo[0] != base[0]) | (hi[0] != base[1])
+    offset = (base[0] != 0) | (base[1] != 0)
+    alone = reached & ~offset & (lo[3] == 0) & (hi[3] == 0) & np.all(lo[:3] == hi[:3], axis=0)
     with np.errstate(divide="ignore", invalid="ignore"):
         up, down = hi[1] / hi[0], hi[2] / hi[0]
         whole = (np.abs(up - np.rint(up)) <= 1e-3 * np.abs(up)) & (
             np.abs(down - np.rint(down)) <= 1e-3 * np.abs(down))
     c_up, c_down = np.rint(np.nan_to_num(up)) - 1, channels - np.rint(np.nan_to_num(down))
     alone &= whole & (c_up == c_down) & (c_up >= 0) & (c_up < channels)
-    return reached, np.where(alone, c_up, -1).astype(np.int64)
+    return reached, offset, np.where(alone, c_up, -1).astype(np.int64)
 
 
 def _derive(model, variables, input_shape) -> ChannelGraph:
@@ -267,24 +278,28 @@ def _derive(model, variables, input_shape) -> ChannelGraph:
     maps = {}  # module -> (producer, channel) per index of its input
     for module, (lo, hi) in records.items():
         size = lo.shape[-1]
-        lo, hi = lo.reshape(len(layers), _PROBES, size), hi.reshape(len(layers), _PROBES, size)
+        base = np.stack([lo[-1], hi[-1]])
+        lo, hi = lo[:-1].reshape(len(layers), _PROBES, size), hi[:-1].reshape(len(layers), _PROBES, size)
         output, opaque = module.startswith(_OUTPUT), kinds.get(module) == "opaque"
         producer, channel = np.full(size, -1), np.full(size, -1)
         for p, c in enumerate(channels):
             if layers[p] == module:
                 continue
-            reached, ch = _classify(lo[p], hi[p], c)
+            reached, offset, ch = _classify(lo[p], hi[p], base, c)
             if not reached.any():
                 continue
             if output:
-                reasons[p] = reasons[p] or "its channels reach the model's output"
+                reason = "its channels reach the model's output"
             elif opaque:
-                reasons[p] = reasons[p] or f"its channels reach {module}, not a conv, dense or BatchNorm"
+                reason = f"its channels reach {module}, not a conv, dense or BatchNorm"
+            elif np.any(offset[reached]):
+                reason = f"a constant is added to its channels before {module} (zero is not kept)"
             elif np.any(ch[reached] < 0):
-                reasons[p] = reasons[p] or (f"its channels are summed with others or mixed before "
-                                            f"{module}")
+                reason = f"its channels are summed with others or mixed before {module}"
             else:
+                reason = None
                 producer[reached], channel[reached] = p, ch[reached]
+            reasons[p] = reasons[p] or reason
         if not (output or opaque):
             maps[module] = (producer, channel)
     changed = True
@@ -301,3 +316,146 @@ def _derive(model, variables, input_shape) -> ChannelGraph:
         inputs.append(ChannelMap(module, kinds[module], tuple(np.where(free, -1, producer).tolist()),
                                  tuple(np.where(free, -1, channel).tolist())))
     return ChannelGraph(tuple(layers), tuple(channels), tuple(reasons), tuple(inputs))
+
+
+_GRAPHS: dict = {}
+
+
+def channel_graph(model: nn.Module, variables, input_shape=INPUT_SHAPE) -> ChannelGraph:
+    """Which channels every conv / dense layer's and BatchNorm's input carries (module doc).
+
+    Depends only on the model and the shapes of `variables` (arrays, tracers or shapes), and is
+    cached for them; one jit-compiled probe run (about a second for ResNet-18 on a CPU).
+    """
+    shapes = _shapes(variables)
+    leaves, treedef = jax.tree_util.tree_flatten(shapes)
+    key = (model, treedef, tuple((s.shape, str(s.dtype)) for s in leaves), tuple(input_shape))
+    try:
+        hash(key)
+    except TypeError:  # a module with unhashable attributes: not cached
+        return _derive(model, shapes, tuple(input_shape))
+    if key not in _GRAPHS:
+        _GRAPHS[key] = _derive(model, shapes, tuple(input_shape))
+    return _GRAPHS[key]
+
+
+@dataclasses.dataclass(frozen=True)
+class ShrinkInfo:
+    """What `shrink` did, static (a pytree without leaves, so `shrink` may be jitted or vmapped
+    whole): per conv / dense layer in call order (path, channels before, after); the layers left
+    whole and why; parameters and multiply-adds for one image before and after."""
+
+    amount: float
+    channels: tuple[tuple[str, int, int], ...]
+    not_pruned: tuple[tuple[str, str], ...]
+    params_before: int
+    params_after: int
+    macs_before: int
+    macs_after: int
+
+    def as_dict(self) -> dict:
+        """JSON-ready: the fields, the kept channels by layer and the remaining fractions."""
+        return {
+            "amount": self.amount if isinstance(self.amount, int) else float(self.amount),
+            "channels": {path: {"before": before, "after": after}
+                         for path, before, after in self.channels},
+            "not_pruned": dict(self.not_pruned),
+            "params_before": self.params_before, "params_after": self.params_after,
+            "params_fraction": self.params_after / self.params_before,
+            "macs_before": self.macs_before, "macs_after": self.macs_after,
+            "macs_fraction": self.macs_after / self.macs_before,
+        }
+
+
+jax.tree_util.register_pytree_node(ShrinkInfo, lambda info: ((), info), lambda info, _: info)
+
+
+def _pruned_counts(graph: ChannelGraph, amount, exclude: str | None) -> dict[int, int]:
+    """{layer index: filters removed} of the layers `shrink` prunes."""
+    if isinstance(amount, jax.Array) or not isinstance(amount, int | float | np.number):
+        raise UserError(f"shrink needs a Python number as amount (the sizes are static), got {amount!r}")
+    pattern = compile_exclude(exclude)
+    counts = {}
+    for i, (path, channels, reason) in enumerate(zip(graph.layers, graph.channels, graph.reasons,
+                                                     strict=True)):
+        if reason is None and not (pattern and pattern.search(f"{path}/kernel")):
+            k = num_to_prune(amount, channels)
+            if k >= channels:
+                raise UserError(f"amount {amount} removes all {channels} filters of {path}: "
+                                "pass a smaller amount or exclude the layer")
+            counts[i] = k
+    return counts
+
+
+def _take_leaves(flat: dict, module: str, index, size: int, axis: int, only: str | None = None):
+    """Gathers `index` along `axis` of the leaves of `module` (in every collection of `flat`)
+    whose size there is `size`; `only` restricts to one leaf name."""
+    for leaves in flat.values():
+        for key, leaf in leaves.items():
+            owner, _, name = key.rpartition("/")
+            if (owner == module and (only is None or name == only) and leaf.ndim >= -axis
+                    and leaf.shape[axis] == size):
+                leaves[key] = jnp.take(leaf, index, axis=axis)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _remove_filters(variables, graph: ChannelGraph, removed: tuple[tuple[int, int], ...]):
+    """`variables` without the `removed` (layer index, count) lowest-L1 filters (module doc)."""
+    removed = dict(removed)
+    flat = {name: dict(traverse_util.flatten_dict(tree, sep="/")) for name, tree in variables.items()}
+    kept_flags = []  # per layer, its kept output channels (all of a layer left whole)
+    for i, (path, channels) in enumerate(zip(graph.layers, graph.channels, strict=True)):
+        flags = jnp.ones(channels, bool)
+        if i in removed:  # the lowest L1 norms, equal norms lower channel first (as layer_filter_masks)
+            kernel = flat["params"][f"{path}/kernel"].astype(jnp.float32)
+            norms = jnp.sum(jnp.abs(kernel), axis=tuple(range(kernel.ndim - 1)))
+            flags = flags.at[jnp.argsort(norms, stable=True)[:removed[i]]].set(False)
+        kept_flags.append(flags)
+    offsets = np.cumsum([0, *graph.channels])
+    flags = jnp.concatenate(kept_flags)
+    for entry in graph.inputs:  # the consumers' inputs and the BatchNorms' channels
+        producer, channel = np.asarray(entry.producer), np.asarray(entry.channel)
+        cut = np.isin(producer, list(removed))
+        if not cut.any():
+            continue
+        size = len(producer) - sum(removed[p] * int(np.sum(producer == p)) // graph.channels[p]
+                                   for p in set(producer[cut].tolist()))
+        keep = jnp.where(cut, flags[offsets[np.maximum(producer, 0)] + np.maximum(channel, 0)], True)
+        index = jnp.nonzero(keep, size=size)[0]
+        if entry.kind == "layer":
+            _take_leaves(flat, entry.module, index, len(producer), -2, only="kernel")
+        else:
+            _take_leaves(flat, entry.module, index, len(producer), -1)
+    for i, k in removed.items():  # the layers' own filters
+        index = jnp.nonzero(kept_flags[i], size=graph.channels[i] - k)[0]
+        _take_leaves(flat, graph.layers[i], index, graph.channels[i], -1)
+    return {name: traverse_util.unflatten_dict(leaves, sep="/") for name, leaves in flat.items()}
+
+
+def shrink(model: nn.Module, variables, amount, *, exclude: str | None = None,
+           input_shape=INPUT_SHAPE):
+    """(small_variables, ShrinkInfo): `variables` with the filters of smallest L1 norm removed.
+
+    In every prunable conv / dense layer (see `channel_graph`; those matching the regular
+    expression `exclude` in their kernel path, e.g. '^conv1/', stay whole) round(amount * C)
+    filters are removed (`amount` a Python fraction, or an integer count per layer), with their
+    biases, BatchNorm entries and the consumers' inputs (module doc; Li et al. 2017). Apply the
+    result with `shrunk_apply` or `Shrunk(model)`; it equals the dense model with those filters'
+    kernels, biases and BatchNorm scales and shifts zeroed. Pure in `variables`: jit with `model`,
+    `amount`, `exclude` static, vmap over a population (every member keeps as many channels).
+    """
+    graph = channel_graph(model, variables, input_shape)
+    removed = _pruned_counts(graph, amount, exclude)
+    small = _remove_filters(variables, graph, tuple(removed.items()))
+    after = dict(zip([graph.layers[i] for i in removed], [graph.channels[i] - k for i, k in removed.items()],
+                     strict=True))
+    info = ShrinkInfo(
+        amount=amount,
+        channels=tuple((p, c, after.get(p, c)) for p, c in zip(graph.layers, graph.channels, strict=True)),
+        not_pruned=tuple((p, r or "excluded") for i, (p, r) in enumerate(zip(graph.layers, graph.reasons,
+                                                                                 strict=True))
+                         if i not in removed),
+        params_before=count_params(variables["params"]), params_after=count_params(small["params"]),
+        macs_before=count_model_macs(model, variables, input_shape),
+        macs_after=count_model_macs(model, small, input_shape))
+    return small, info

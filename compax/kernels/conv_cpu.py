@@ -5,8 +5,8 @@ XLA:CPU runs convolutions over few channels (LeNet-5's conv1, 3 -> 6, and conv2,
 long as PyTorch's, and its saliency maps ~4x. Models know nothing of this: within
 `cpu_convolutions()` (a context manager, or a decorator) a `flax.linen.intercept_methods`
 interceptor routes every `nn.Conv.__call__` to `conv_general_dilated` here, which computes eligible
-convolutions (float32, NHWC/HWIO, stride 1, no dilation or groups, explicit or VALID padding, at
-most `MAX_CHANNELS` input and output channels) with the C++ kernels of `conv_cpu.cc` through the
+convolutions (float32, NHWC/HWIO, stride 1, no dilation or groups, explicit, VALID or SAME padding,
+at most `MAX_CHANNELS` input and output channels) with the C++ kernels of `conv_cpu.cc` through the
 XLA FFI, on a single-device CPU backend only; everything else goes to XLA's convolution, as does
 every call outside the context (post-training quantization's jaxpr interpreter must see XLA's
 convolution primitive). Interception acts while a function is traced: enter the context inside
@@ -175,11 +175,13 @@ def _conv_backward(residuals, grad):
 conv2d_valid.defvjp(_conv_forward, _conv_backward)
 
 
-def _explicit_padding(padding, ndim: int = 2):
-    """((top, bottom), (left, right)) of a lax padding argument, or None for SAME-like strings."""
+def _explicit_padding(lhs, rhs, padding):
+    """((top, bottom), (left, right)) of a lax padding argument of a stride-1 NHWC / HWIO
+    convolution (VALID, SAME and SAME_LOWER by XLA's rule), or None if it crops the input."""
     if isinstance(padding, str):
-        return ((0, 0),) * ndim if padding.upper() == "VALID" else None
-    return tuple(tuple(int(p) for p in pair) for pair in padding)
+        padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], (1, 1), padding)
+    pads = tuple(tuple(int(p) for p in pair) for pair in padding)
+    return pads if min(min(pair) for pair in pads) >= 0 else None
 
 
 def _eligible(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
@@ -187,12 +189,12 @@ def _eligible(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dim
     return (_ENABLED[0] and jax.default_backend() == "cpu" and jax.device_count() == 1
             and lhs.dtype == rhs.dtype == jnp.float32 and lhs.ndim == 4
             and lhs.shape[-1] <= MAX_CHANNELS and rhs.shape[-1] <= MAX_CHANNELS
-            and tuple(window_strides) == (1, 1) and _explicit_padding(padding) is not None
-            and all(d in (None, (1, 1)) for d in (lhs_dilation, rhs_dilation))
+            and tuple(window_strides) == (1, 1)
+            and all(d is None or tuple(d) == (1, 1) for d in (lhs_dilation, rhs_dilation))
             and feature_group_count == batch_group_count == 1
             and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
             == lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC"))
-            and load())
+            and _explicit_padding(lhs, rhs, padding) is not None and load())
 
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
@@ -204,7 +206,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
     """
     if _eligible(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
                  feature_group_count, batch_group_count):
-        (top, bottom), (left, right) = _explicit_padding(padding)
+        (top, bottom), (left, right) = _explicit_padding(lhs, rhs, padding)
         return conv2d_valid(jnp.pad(lhs, ((0, 0), (top, bottom), (left, right), (0, 0))), rhs)
     return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
                                     dimension_numbers, feature_group_count, batch_group_count,

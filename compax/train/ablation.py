@@ -103,7 +103,7 @@ def ablate(model_name: str, num_classes: int, width: float, variables: dict, dat
     time. The result works like any trained population, e.g. `compress("float32", model, member)`.
     """
     if epochs < 1:
-        raise UserError(f"ablation epochs must be >= 1, got {epochs}: set --config.compress.ablation_epochs")
+        raise UserError(f"ablation epochs must be >= 1, got {epochs}: set the epochs of the ablate step")
     steps = len(dataset.train) // batch_size
     if steps == 0:
         raise UserError(f"batch_size {batch_size} exceeds the {len(dataset.train)} training images:"
