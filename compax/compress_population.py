@@ -27,7 +27,6 @@ from compax.compress import (
     compression_ratio,
     int8_apply,
     size_bytes,
-    storage_bytes,
 )
 from compax.compress.cost import images_per_second
 from compax.compress.flops import model_macs
@@ -149,18 +148,25 @@ def measure(config, dataset: Dataset, model, variables, variant: Variant, chunk:
     return results
 
 
-def inference_cost(config, dataset: Dataset, variant: Variant, dense_rate: float | None) -> dict:
-    """Images/s of member 0 of `variant` on `eval_batch_size` test images (and of its true-int8
-    path where it has one), with the speed-up over the float32 model (`dense_rate`)."""
-    first = take_members(variant.compressed, 0)
+def inference_cost(config, dataset: Dataset, variants: dict[str, Variant]) -> dict:
+    """{name: {"images_per_second", "speedup_vs_float32", "int8_images_per_second"}} of member 0
+    of every variant (and "baseline", the float32 model), on `eval_batch_size` test images, timed
+    side by side (`cost.py`); the int8 path is timed where a variant has 8-bit activations."""
     x = normalize(dataset.test.images[:config.eval_batch_size], dataset.mean, dataset.std)
-    rate = images_per_second(lambda c, b: apply_compressed(variant.model, c, b), first, x)
-    cost = {"images_per_second": rate}
-    if dense_rate:
-        cost["speedup_vs_float32"] = rate / dense_rate
-    if first.qstate is not None and first.activation_bits <= 8:
-        cost["int8_images_per_second"] = images_per_second(
-            lambda c, b: int8_apply(variant.model, c.variables, c.qstate, b), first, x)
+    models = {}
+    for name, variant in variants.items():
+        first = take_members(variant.compressed, 0)
+        models[name] = (lambda c, b, m=variant.model: apply_compressed(m, c, b), first)
+        if first.qstate is not None and first.activation_bits <= 8:
+            models[f"{name}.int8"] = (
+                lambda c, b, m=variant.model: int8_apply(m, c.variables, c.qstate, b), first)
+    rates = images_per_second(models, x)
+    cost = {}
+    for name in variants:
+        cost[name] = {"images_per_second": rates[name],
+                      "speedup_vs_float32": rates[name] / rates["baseline"]}
+        if f"{name}.int8" in rates:
+            cost[name]["int8_images_per_second"] = rates[f"{name}.int8"]
     return cost
 
 
@@ -173,21 +179,19 @@ def compress_population(config: ml_collections.ConfigDict, model, variables, dat
     "populations": {name: Compressed with a leading member axis}, "models": {name: module}}.
     """
     ctx = recipe_context(config, model, variables, dataset, chunk)
-    results, populations, models, recipes, inference = {}, {}, {}, {}, {}
-    dense = Variant(model, Compressed(variables, None))
-    dense_cost = inference_cost(config, dataset, dense, None)
-    inference["baseline"] = dense_cost
+    results, recipes = {}, {}
+    made_variants = {"baseline": Variant(model, Compressed(variables, None))}
     for name, steps in variant_recipes(config.compress.variants).items():
         variant = run_recipe(steps, model, variables, ctx)
-        populations[name], models[name] = variant.compressed, variant.model
+        made_variants[name] = variant
         recipes[name] = describe(steps)
         results[name] = {"recipe": recipes[name],
                          **measure(config, dataset, model, variables, variant, chunk)}
-        inference[name] = inference_cost(config, dataset, variant,
-                                         dense_cost["images_per_second"])
+    inference = inference_cost(config, dataset, made_variants)
+    populations = {n: v.compressed for n, v in made_variants.items() if n != "baseline"}
+    models = {n: v.model for n, v in made_variants.items() if n != "baseline"}
     made = {"variants": results, "recipes": recipes, "inference": inference,
-            "populations": populations, "models": models,
-            "dense_bytes": int(storage_bytes(take_members(variables, 0)))}
+            "populations": populations, "models": models}
     if "sparsity_search" in ctx.cache:
         made["sparsity_search"] = ctx.cache["sparsity_search"]
     return made

@@ -50,7 +50,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.compress.sparsity_tolerance_pp = 1.0
     c.compress.prune_exclude = config_dict.placeholder(str)
     c.compress.calibration_images = 1000
-    c.compress.observer = "histogram"  # or "minmax"
+    # "histogram" (exact, one pass), "histogram_batches" (PyTorch's HistogramObserver fed batches
+    # of 128 images, merging their histograms as it does) or "minmax".
+    c.compress.observer = "histogram"
     c.compress.reduce_range = True  # fbgemm's 7-bit activation range, as PyTorch's default qconfig
     # Analyses (compax.analyses) of every variant against the uncompressed population: a
     # comma-separated subset of the registered ones, and the settings each declares (image counts

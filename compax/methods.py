@@ -2,5 +2,5 @@
 new module plus one import line here; importing this module makes the registries complete."""
 
 from compax.analyses import attacks, attention, calibration, classes, embeddings, hooker  # noqa: F401
-from compax.compress.methods import cast, filters, quantize, unstructured  # noqa: F401
+from compax.compress.methods import cast, dynamic, filters, half_storage, quantize, unstructured  # noqa: F401
 from compax.train import ablation  # noqa: F401

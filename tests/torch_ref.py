@@ -4,12 +4,14 @@ The reference is what Schwaiger et al. (2022) ran: `torch.ao.quantization` eager
 the fbgemm engine and `get_default_qconfig('fbgemm')` (HistogramObserver with reduce_range=True for
 activations, PerChannelMinMaxObserver qint8 per_channel_symmetric for weights), conv+relu and
 linear+relu fused, QuantStub / DeQuantStub around the network, calibrated on the same images in one
-batch (so that its histograms are exact, as compax's are). Weights port one to one from
+batch (so that its histograms are exact, as compax's are) or batch by batch (compax's
+`histogram_batches` observer). Also `quantize_dynamic` (dynamic int8 Linear layers). Weights port one to one from
 `compax.models.LeNet5`: conv kernels HWIO -> OIHW, dense kernels (in, out) -> (out, in), the
 feature map flattened in (C, H, W) order by both.
 """
 
 import contextlib
+import dataclasses
 
 import jax.numpy as jnp
 import numpy as np
@@ -89,8 +91,35 @@ def torch_qconfig(weight_bits: int):
     return tq.QConfig(activation=qconfig.activation, weight=weight)
 
 
-def torch_ptq(params, calib_images, images, weight_bits: int = 8):
-    """PyTorch's fbgemm PTQ of LeNet-5 on NHWC float images (as compax takes them).
+def _nchw(a):
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(np.asarray(a, np.float32).transpose(0, 3, 1, 2)))
+
+
+def torch_dynamic(params, images):
+    """(float logits, logits of `torch.ao.quantization.quantize_dynamic`) of LeNet-5 on NHWC images,
+    the fbgemm engine, every nn.Linear dynamically quantized with `per_channel_dynamic_qconfig`
+    (qint8 per-channel symmetric weights; per call, the input's min/max over the whole tensor,
+    quint8 with reduce_range), the convolutions in float; one call on all `images`."""
+    import torch
+    from torch import nn
+    from torch.ao import quantization as tq
+
+    model = torch_lenet(params)
+    with torch.no_grad(), _engine("fbgemm"):
+        float_logits = model(_nchw(images)).numpy()
+        dynamic = tq.quantize_dynamic(model, {nn.Linear: tq.per_channel_dynamic_qconfig},
+                                      dtype=torch.qint8)
+        logits = dynamic(_nchw(images)).numpy()
+    if not isinstance(dynamic.fc1, torch.ao.nn.quantized.dynamic.Linear):
+        raise AssertionError(f"quantize_dynamic left fc1 a {type(dynamic.fc1).__name__}")
+    return float_logits, logits
+
+
+def torch_ptq(params, calib_images, images, weight_bits: int = 8, calib_batch: int | None = None):
+    """PyTorch's fbgemm PTQ of LeNet-5 on NHWC float images (as compax takes them), calibrated on
+    `calib_images` in one batch or, with `calib_batch`, in batches of that many (a DataLoader).
 
     Returns (float logits, int8 logits, {point: (scale, zero point)}, {point: (histogram, min,
     max)} of its observers after calibration), points in order input, conv1, ..., fc3.
@@ -98,51 +127,62 @@ def torch_ptq(params, calib_images, images, weight_bits: int = 8):
     import torch
     from torch.ao import quantization as tq
 
-    def nchw(a):
-        return torch.from_numpy(np.ascontiguousarray(np.asarray(a, np.float32).transpose(0, 3, 1, 2)))
-
     model = torch_lenet(params)
     points = ("quant",) + LENET_LAYERS
     with torch.no_grad(), _engine("fbgemm"):
-        float_logits = model(nchw(images)).numpy()
+        float_logits = model(_nchw(images)).numpy()
         model.qconfig = torch_qconfig(weight_bits)
         tq.fuse_modules(model, [["conv1", "relu1"], ["conv2", "relu2"], ["fc1", "relu3"],
                                 ["fc2", "relu4"]], inplace=True)
         prepared = tq.prepare(model)
-        prepared(nchw(calib_images))
+        step = calib_batch or len(calib_images)
+        for start in range(0, len(calib_images), step):
+            prepared(_nchw(calib_images[start:start + step]))
         observed = {name: tuple(getattr(getattr(prepared, name).activation_post_process, a).numpy()
                                 for a in ("histogram", "min_val", "max_val")) for name in points}
         quantized = tq.convert(prepared)
-        int8_logits = quantized(nchw(images)).numpy()
+        int8_logits = quantized(_nchw(images)).numpy()
     qparams = {name: (float(getattr(quantized, name).scale), int(getattr(quantized, name).zero_point))
                for name in points}
     return float_logits, int8_logits, qparams, observed
 
 
 def compare_with_torch_ptq(model, variables, calib_images, images, labels,
-                           weight_bits: int = 8) -> dict:
+                           weight_bits: int = 8, calib_batch: int | None = None) -> dict:
     """Accuracy and agreement of compax's PTQ (w8a8, or w4a8 with weight_bits=4) and PyTorch's on
-    the same LeNet-5 weights.
+    the same LeNet-5 weights, PyTorch calibrated in one batch (compax: the exact `histogram`
+    observer) or in batches of `calib_batch` (compax: `histogram_batches` with that batch).
 
     Returns accuracies (float model, compax, torch), the share of images both predict alike, the
     largest logit difference in units of the output scale, the largest relative difference of the
     activation scales, whether all activation zero points are equal, and whether compax's observer
-    gives exactly PyTorch's (scale, zero point) from PyTorch's own calibration histograms. End to
+    gives exactly PyTorch's (scale, zero point) from PyTorch's own calibration histograms (with
+    `calib_batch`, also how far compax's exact one-pass histograms' scales are). End to
     end the scales can differ slightly: XLA's and PyTorch's float convolutions round differently, so
     the calibration histograms differ in a few counts and the L2 search can stop elsewhere.
     """
     labels = np.asarray(labels)
-    config = QuantConfig(weight_bits=weight_bits, batch_size=len(calib_images))
+    config = QuantConfig(weight_bits=weight_bits, batch_size=len(calib_images),
+                         observer="histogram_batches" if calib_batch else "histogram",
+                         calibration_batch=calib_batch or 128)
     variables_q, qstate = ptq(model, variables, jnp.asarray(calib_images, jnp.float32), config)
     ours = np.asarray(quantized_apply(model, variables_q, qstate, jnp.asarray(images, jnp.float32)))
     float_logits, theirs, qparams, observed = torch_ptq(variables["params"], calib_images, images,
-                                                         weight_bits)
+                                                         weight_bits, calib_batch)
     scales = np.asarray(qstate.activation_scale, np.float64)
     torch_scales, torch_zero_points = map(np.asarray, zip(*qparams.values(), strict=True))
     from_their_histograms = [
         affine_qparams(*histogram_range(hist, lo, hi, 2 ** config.activation_bits),
                        *config.observer_range) for hist, lo, hi in observed.values()]
+    exact = {}
+    if calib_batch:  # how far compax's exact one-pass histograms would be from PyTorch's batches
+        _, exact_state = ptq(model, variables, jnp.asarray(calib_images, jnp.float32),
+                             dataclasses.replace(config, observer="histogram"))
+        exact_scales = np.asarray(exact_state.activation_scale, np.float64)
+        exact["exact_max_scale_rel_diff"] = float(np.max(np.abs(exact_scales - torch_scales)
+                                                         / torch_scales))
     return {
+        **exact,
         "float_accuracy": float(np.mean(float_logits.argmax(1) == labels)),
         "compax_accuracy": float(np.mean(ours.argmax(1) == labels)),
         "torch_accuracy": float(np.mean(theirs.argmax(1) == labels)),

@@ -1,10 +1,12 @@
-"""Inference cost of a compressed model on this machine: images per second, measured.
+"""Inference cost of compressed models on this machine: images per second, measured side by side.
 
-Zee et al. report the inference time of each compressed VGG-6. Here one member is timed on a fixed
-batch of normalised test images: the jit-compiled forward pass runs once to compile, then
-`repeats` times; the median time per batch gives images/s = batch / median seconds. Unstructured
-pruning leaves dense tensors with zeros, which XLA computes like any others, so its speed equals
-the dense model's (the results say so); a structurally pruned model is a smaller dense one.
+Zee et al. report the inference time of each compressed VGG-6. Here member 0 of every variant is
+timed on the same batch of normalised test images: each jit-compiled forward pass runs once to
+compile, then all of them run in turn, `rounds` times, so that a slow spell of a shared machine
+hits every variant alike; the median time per batch gives images/s = batch / median seconds.
+Unstructured pruning leaves dense tensors with zeros, which XLA computes like any others, so its
+speed equals the dense model's within noise (the report says when a variant is no faster); a
+structurally pruned model is a smaller dense one.
 """
 
 import time
@@ -13,13 +15,16 @@ import jax
 import numpy as np
 
 
-def images_per_second(apply_fn, member, images, repeats: int = 5) -> float:
-    """Images/s of `apply_fn(member, images)` (jitted), the median over `repeats` timed calls."""
-    fn = jax.jit(apply_fn)
-    jax.block_until_ready(fn(member, images))
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        jax.block_until_ready(fn(member, images))
-        times.append(time.perf_counter() - started)
-    return float(images.shape[0] / np.median(times))
+def images_per_second(models: dict, images, rounds: int = 7) -> dict[str, float]:
+    """{name: images/s} of every `models[name] = (apply_fn, member)`, `apply_fn(member, images)`
+    jitted, timed in interleaved rounds (module doc)."""
+    compiled = {name: jax.jit(fn) for name, (fn, _) in models.items()}
+    for name, (_, member) in models.items():
+        jax.block_until_ready(compiled[name](member, images))
+    times = {name: [] for name in models}
+    for _ in range(rounds):
+        for name, (_, member) in models.items():
+            started = time.perf_counter()
+            jax.block_until_ready(compiled[name](member, images))
+            times[name].append(time.perf_counter() - started)
+    return {name: float(images.shape[0] / np.median(t)) for name, t in times.items()}

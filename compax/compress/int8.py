@@ -12,7 +12,9 @@ with c = 128 for 8-bit activations so that x_q - c fits int8 (c = 0 when codes f
 conv(1, w_q) the same convolution of ones, which accounts for zero padding standing for real 0 =
 code z_x. Requantization uses the same scales and rounding as `quantized_apply`, so the two agree up
 to float rounding in the accumulation. Between layers activations are carried as their float values
-on the grid, from which the codes are recovered exactly.
+on the grid, from which the codes are recovered exactly. A dynamically quantized model
+(`QuantConfig(dynamic=True)`) takes s_x, z_x of each layer input from that input's own range, as
+`quantized_apply` does, and runs the layers it leaves in float in float.
 """
 
 import jax.numpy as jnp
@@ -28,6 +30,8 @@ class _Integer(FakeQuant):
 
     def layer(self, eqn, args, tags):
         name = eqn.primitive.name
+        if self.qstate.config.dynamic and not self.quantizes_input(eqn):
+            return interpret.bind(eqn, args)[0]
         weight_path = tags[1].path and tags[1].path.removeprefix("params/")
         if tags[0].kind != interpret.GRID or weight_path not in self.qstate.weight_scale:
             raise UserError(f"int8 execution needs {name}(activation, kernel) with the kernel a "
@@ -46,8 +50,7 @@ class _Integer(FakeQuant):
         point = tags[0].point
         qmin, qmax = self.qstate.config.activation_range
         wmin, wmax = self.qstate.config.weight_range
-        s_x = self.qstate.activation_scale[point]
-        z_x = self.qstate.activation_zero_point[point]
+        s_x, z_x = self.input_qparams(x, point)
         s_w = self.qstate.weight_scale[weight_path]
         shift = 128 if qmax > 127 else 0
         x_q = (quantize(x, s_x, z_x, qmin, qmax) - shift).astype(jnp.int8)

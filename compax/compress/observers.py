@@ -172,3 +172,95 @@ def histogram_range(hist, lo, hi, dst_nbins: int = 256):
     out = jax.pure_callback(search, jax.ShapeDtypeStruct((2,), jnp.float32), hist, lo, hi,
                             vmap_method="sequential")
     return out[0], out[1]
+
+
+# ATen's SMALL_SCALE_THRESHOLD (quant_utils::ChooseQuantizationParams, as fbgemm's).
+SMALL_SCALE = 6.1e-5
+
+
+def choose_qparams(min_val, max_val, qmin: int, qmax: int):
+    """(scale float32, zero point int32) as ATen's `quant_utils::ChooseQuantizationParams` (the
+    parameters PyTorch's dynamic quantized Linear picks for its input at every call).
+
+    [min, max] is widened to contain 0, s = (max - min) / (qmax - qmin) (0 becomes 0.1; below
+    6.1e-5 it is raised to 6.1e-5 and [min, max] scaled with it) and the zero point is qmin - min / s
+    or qmax - max / s, whichever adds the smaller terms, rounded half to even and clipped to
+    [qmin, qmax]. Pass the reduced range (e.g. (0, 127)) for reduce_range. ATen computes s in
+    double and rounds it to float; here it is one float32 division, which can differ in the last
+    bit. For min <= 0 <= max and s above 6.1e-5 this is `affine_qparams`, up to that rounding.
+    """
+    f32 = jnp.float32
+    lo = jnp.minimum(jnp.asarray(min_val, f32), 0.0)
+    hi = jnp.maximum(jnp.asarray(max_val, f32), 0.0)
+    levels = f32(qmax - qmin)
+    scale = _divide(hi - lo, levels)
+    scale = jnp.where((scale == 0) | jnp.isinf(1 / scale), f32(0.1), scale)
+    small = scale < f32(SMALL_SCALE)
+    amplifier = _divide(f32(SMALL_SCALE), scale)
+    lo_small = jnp.where(lo == 0, 0.0, jnp.where(hi == 0, -f32(SMALL_SCALE) * levels, lo * amplifier))
+    hi_small = jnp.where(lo == 0, f32(SMALL_SCALE) * levels, jnp.where(hi == 0, 0.0, hi * amplifier))
+    lo, hi = jnp.where(small, lo_small, lo), jnp.where(small, hi_small, hi)
+    scale = jnp.where(small, f32(SMALL_SCALE), scale)
+    lo_steps, hi_steps = _divide(lo, scale), _divide(hi, scale)
+    from_min, from_max = qmin - lo_steps, qmax - hi_steps
+    from_min_error = abs(qmin) - jnp.abs(lo_steps)
+    from_max_error = abs(qmax) - jnp.abs(hi_steps)
+    zero_point = jnp.where(from_min_error < from_max_error, from_min, from_max)
+    return scale, jnp.clip(jnp.round(zero_point), qmin, qmax).astype(jnp.int32)
+
+
+# HistogramObserver fed batch by batch (PyTorch >= 2.5, `HistogramObserver.forward`): the first
+# batch's histogram spans its [min, max]; every later batch is binned over the union of the
+# running range and its own, and the running histogram, when that range grew, is re-binned into it
+# (`_combine_histograms` / `_upscale_histogram`: each bin split into 16 equal parts whose midpoints
+# fall into the new bins).
+UPSAMPLE_RATE = 16
+
+
+def _finite_minmax(x):
+    """(min, max) of the finite values of x (HistogramObserver drops +-inf)."""
+    x = jnp.asarray(x, jnp.float32).ravel()
+    finite = jnp.isfinite(x)
+    return jnp.min(jnp.where(finite, x, jnp.inf)), jnp.max(jnp.where(finite, x, -jnp.inf))
+
+
+def torch_linspace(start, end, steps: int):
+    """float32 `torch.linspace(start, end, steps)` as ATen's CPU kernel computes it element-wise:
+    step = (end - start) / (steps - 1), then start + step * i for i < steps // 2 and
+    end - step * (steps - 1 - i) above (its vectorized loop can differ in the last bit)."""
+    start, end = jnp.asarray(start, jnp.float32), jnp.asarray(end, jnp.float32)
+    step = _divide(end - start, steps - 1)
+    i = jnp.arange(steps, dtype=jnp.float32)
+    return jnp.where(i < steps // 2, start + step * i, end - step * (steps - 1 - i))
+
+
+def _upscale_histogram(hist, orig_min, orig_max, new_min, new_max, rate: int = UPSAMPLE_RATE):
+    """HistogramObserver._upscale_histogram: `hist` over [orig_min, orig_max] re-binned into
+    [new_min, new_max] (each bin split into `rate` parts, placed by their midpoints)."""
+    bins = hist.shape[0]
+    fine = jnp.repeat(hist, rate) / rate
+    bin_size = _divide(orig_max - orig_min, bins * rate)
+    mids = torch_linspace(orig_min, orig_max, bins * rate + 1)[:-1] + 0.5 * bin_size
+    bounds = torch_linspace(new_min, new_max, bins + 1)
+    index = jnp.clip(jnp.searchsorted(bounds, mids, side="right") - 1, 0, bins - 1)
+    return jnp.bincount(index, weights=fine, length=bins).astype(jnp.float32)
+
+
+def histogram_start(x, bins: int = BINS):
+    """(float32 histogram, min, max) of a HistogramObserver after its first batch `x`."""
+    lo, hi = _finite_minmax(x)
+    return histogram(x, lo, hi, bins).astype(jnp.float32), lo, hi
+
+
+def histogram_merge(hist, lo, hi, x):
+    """(histogram, min, max) of a HistogramObserver in state (hist, lo, hi) after batch `x`
+    (`HistogramObserver.forward`, PyTorch >= 2.5). jit- and vmap-compatible."""
+    x_min, x_max = _finite_minmax(x)
+    new_min, new_max = jnp.minimum(lo, x_min), jnp.maximum(hi, x_max)
+    update = histogram(x, new_min, new_max, hist.shape[0]).astype(jnp.float32)
+    # The running histogram of one value is that value's bin, with all its counts.
+    single = histogram(jnp.reshape(lo, (1,)), new_min, new_max, hist.shape[0]).astype(jnp.float32) * jnp.sum(hist)
+    upscaled = _upscale_histogram(hist, lo, hi, new_min, new_max)
+    same = (new_min == lo) & (new_max == hi)
+    merged = jnp.where(same, hist + update, jnp.where(lo == hi, single + update, update + upscaled))
+    return merged, new_min, new_max

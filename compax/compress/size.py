@@ -36,17 +36,21 @@ def kernel_bytes(kernel, bits: int) -> int:
 
 
 def storage_bytes(variables, *, weight_bits: int = 32, float_bits: int = 32, folds=(),
-                  activation_points: int = 0) -> int:
+                  activation_points: int = 0, quantized_kernels=None) -> int:
     """Bytes to store `variables` with kernels at `weight_bits` and other floats at `float_bits`.
 
-    `folds` are the `fold.BatchNormFold`s of a BatchNorm-folded model (as in `QuantState.folds`).
+    `folds` are the `fold.BatchNormFold`s of a BatchNorm-folded model (as in `QuantState.folds`);
+    `quantized_kernels`: the paths of the kernels stored at `weight_bits` when not all are (the
+    others are floats).
     """
     folded_bn = {f.bn for f in folds}
     dropped = ({f"{f.layer}/bias" for f in folds} | {f"{f.bn}/scale" for f in folds})
     total = activation_points * QPARAM_BYTES
     for path, leaf in jax.tree_util.tree_leaves_with_path(variables.get("params", {})):
         name = path_str(path)
-        if is_weight(path, leaf):
+        if is_weight(path, leaf) and quantized_kernels is not None and name not in quantized_kernels:
+            total += kernel_bytes(leaf, float_bits)
+        elif is_weight(path, leaf):
             total += kernel_bytes(leaf, weight_bits)
             total += leaf.shape[-1] * QPARAM_BYTES if weight_bits <= 8 else 0
         elif name.rsplit("/", 1)[0] in folded_bn:

@@ -9,9 +9,13 @@ The variants themselves are recipes of registered steps (`registry.py`, `RECIPES
 
     float32        the model as trained
     pruned         global L1 pruning at the searched level (`prune.py`), float32
-    float16        weights and computation in half precision (Hooker's float16)
+    float16        weights and computation in half precision
+    float16_storage  weights stored in float16, computed in float32 (TFLite's float16
+                   quantization on the CPU, as Hooker's thesis ran it)
     bfloat16       weights and computation in bfloat16
-    dynamic_int8   int8 per-channel weights, float activations (weight-only, BatchNorm folded)
+    weight_only_int8  int8 per-channel weights, float activations (BatchNorm folded)
+    dynamic_int8   int8 per-channel weights, each layer's input quantized at run time from its own
+                   range (`torch.ao.quantization.quantize_dynamic`; `methods/dynamic.py`)
     w8a8           PTQ, 8-bit weights and activations (Schwaiger et al.; `ptq.py`)
     w4a8           PTQ, 4-bit weights and 8-bit activations (Schwaiger et al.)
     pruned_w8a8    pruned, then w8a8 (Schwaiger et al.): pruned weights stay exactly zero, as
@@ -26,9 +30,9 @@ from compax.compress.ptq import QuantState, quantized_apply
 from compax.compress.size import storage_bytes
 
 FLOAT_TYPES = {"float32": jnp.float32, "float16": jnp.float16, "bfloat16": jnp.bfloat16}
-# The variants of Schwaiger et al. and Hooker et al. as compax first had them (`registry.RECIPES`).
-VARIANTS = ("float32", "pruned", "float16", "bfloat16", "dynamic_int8", "w8a8", "w4a8",
-            "pruned_w8a8")
+# The variants of Schwaiger et al. and Hooker et al. (`registry.RECIPES`).
+VARIANTS = ("float32", "pruned", "float16", "float16_storage", "bfloat16", "weight_only_int8",
+            "dynamic_int8", "w8a8", "w4a8", "pruned_w8a8")
 
 
 @flax.struct.dataclass
@@ -40,6 +44,8 @@ class Compressed:
     weight_bits: int = flax.struct.field(pytree_node=False, default=32)
     activation_bits: int = flax.struct.field(pytree_node=False, default=32)
     dtype: str = flax.struct.field(pytree_node=False, default="float32")  # of weights and compute
+    # Float type the weights are stored in when it is not `dtype` (they are computed in `dtype`).
+    storage_dtype: str | None = flax.struct.field(pytree_node=False, default=None)
 
 
 def compress(variant: str, model, variables, calib_images=None, masks=None, *,
@@ -84,9 +90,10 @@ def size_bytes(compressed: Compressed) -> int:
     qstate = compressed.qstate
     return storage_bytes(
         compressed.variables, weight_bits=compressed.weight_bits,
-        float_bits=jnp.finfo(FLOAT_TYPES[compressed.dtype]).bits,
+        float_bits=jnp.finfo(FLOAT_TYPES[compressed.storage_dtype or compressed.dtype]).bits,
         folds=qstate.folds if qstate else (),
-        activation_points=qstate.activation_scale.shape[0] if qstate else 0)
+        activation_points=qstate.activation_scale.shape[0] if qstate else 0,
+        quantized_kernels=set(qstate.weight_scale) if qstate else None)
 
 
 def compression_ratio(compressed: Compressed, variables) -> float:

@@ -49,6 +49,6 @@ class Filters(Step):
             small = jax.eval_shape(jax.vmap(member), variables)
         else:
             small = chunked_vmap(member, ctx.chunk, num_member_args=1)(variables)
-            info["structure"] = shrink(model, take_members(variables, 0), amount,
-                                       exclude=exclude)[1].as_dict()
+            info["structure"] = jax.eval_shape(
+                lambda v: shrink(model, v, amount, exclude=exclude), take_members(variables, 0))[1].as_dict()
         return Variant(Shrunk(model), compressed.replace(variables=small), info)
