@@ -2,10 +2,13 @@
 
 The workdir holds:
 
-    config.json            the config the run was started with
-    checkpoints/           orbax checkpoints of the training population (per epoch, newest 2)
+    .lock                  held (flock) by the run using the workdir: one run at a time
+    config.json            the config of the run whose stages results.json holds (written as
+                           each stage finishes; a failed run never changes it)
+    checkpoints/           orbax checkpoints of the training population (per epoch, newest 2),
+                           each with its checksums and the metrics up to it
     metrics.jsonl          training metrics per epoch and member
-    variants/<name>/       orbax checkpoint of each compressed population
+    variants/<name>/       orbax checkpoint of each compressed population, with its checksums
     stages/<stage>.json    each stage's record (compax/stages.py) with the results it measured
     analysis/arrays.npz    the arrays behind the figures (written by `analyse`)
     results.json           everything measured, merged from the stage records (schema below)
@@ -36,7 +39,6 @@ results.json:
      "stages": {stage: {"finished", "wall_seconds", "code_version", "machine"}}}
 """
 
-import json
 import pathlib
 import time
 
@@ -62,7 +64,10 @@ from compax.population import loss_and_accuracy, make_predict, model_apply, popu
 from compax.report import write_report
 from compax.stages import STAGES, StageRecords, parse_stages, write_json_atomic
 from compax.train import fit
+from compax.train.checkpoint import recorded_config
 from compax.train.memory import check_population_fits
+from compax.validate import validate_config
+from compax.workdir import lock_workdir, make_workdir
 
 # Training keys that may change between a run and its resumption: training continues from the
 # checkpoints (and the later stages run again).
@@ -70,30 +75,29 @@ EXTENDABLE_KEYS = ("max_epochs",)
 
 
 def prepare_workdir(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
-    """Creates the workdir and records the config; refuses a workdir trained with another config."""
-    try:
-        workdir.mkdir(parents=True, exist_ok=True)
-        probe = workdir / ".write_test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise UserError(f"workdir {workdir} is not writable ({e.strerror}): pass another"
-                        " --workdir") from e
-    wanted = {k: v for k, v in stage_records.stage_config(config, "train").items()
-              if k not in EXTENDABLE_KEYS}
-    recorded_path = workdir / "config.json"
-    if recorded_path.exists():
-        recorded_config = ml_collections.ConfigDict(json.loads(recorded_path.read_text()))
-        recorded = {k: v for k, v in stage_records.stage_config(recorded_config, "train").items()
-                    if k not in EXTENDABLE_KEYS}
-        changed = sorted(k for k in wanted.keys() | recorded.keys()
-                         if wanted.get(k) != recorded.get(k))
-        if changed:
-            k = changed[0]
-            raise UserError(f"workdir {workdir} holds a population trained with {k}="
-                            f"{recorded.get(k)!r}, not {wanted.get(k)!r}: use a new --workdir or"
-                            " delete the old one")
-    write_json_atomic(recorded_path, config.to_dict())
+    """Creates the workdir; refuses one whose population was trained with another config.
+
+    The population's config is the one in config.json, or, when a run was killed before it
+    finished its first stage, the one in the newest checkpoint. Nothing is written here:
+    config.json is written as each stage finishes (compax/stages.py), so a run that fails never
+    changes it.
+    """
+    make_workdir(workdir)
+    recorded, source = stage_records.read_config(workdir), workdir / "config.json"
+    if recorded is None:
+        recorded, source = recorded_config(workdir / "checkpoints"), workdir / "checkpoints"
+    if recorded is None:
+        return
+    wanted, recorded = (
+        {k: v for k, v in stage_records.stage_config(ml_collections.ConfigDict(c), "train").items()
+         if k not in EXTENDABLE_KEYS} for c in (config.to_dict(), recorded))
+    changed = sorted(k for k in wanted.keys() | recorded.keys()
+                     if wanted.get(k) != recorded.get(k))
+    if changed:
+        k = changed[0]
+        raise UserError(f"workdir {workdir} holds a population trained with {k}="
+                        f"{recorded.get(k)!r}, not {wanted.get(k)!r} ({source}): use a new"
+                        " --workdir or delete the old one")
 
 
 class Run:
@@ -250,8 +254,10 @@ def check_names(config: ml_collections.ConfigDict) -> None:
 def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
     """Runs the stages of `config` in `workdir` (skipping those up to date); returns results.json."""
     workdir = pathlib.Path(workdir)
+    validate_config(config)  # every value, before anything touches the workdir
     wanted = parse_stages(config.stages)
     check_names(config)  # bad names fail now, not after training
+    _lock = lock_workdir(workdir, is_main_process())  # one run per workdir, until run() returns
     prepare_workdir(config, workdir)
     pipeline = Run(config, workdir)
     records = pipeline.records

@@ -4,13 +4,20 @@ A run is `train -> compress -> analyse -> report`. Each stage writes its outputs
 atomically (a temporary name, then a rename) and then its record `stages/<stage>.json`:
 
     {"stage", "fingerprint", "config" (the keys the stage depends on), "inputs" (the fingerprints
-     of the stages it reads), "code_version", "started", "finished", "wall_seconds", "machine"}
+     of the stages it reads), "code_version", "started", "finished", "wall_seconds", "machine",
+     "outputs", "output_sha256" (of each output file, and of the checksum manifest of each output
+     folder that has one)}
 
 The fingerprint is the SHA-256 of the config keys and input fingerprints, so a stage is up to date
-exactly when its record exists and its fingerprint equals the one the current config gives; a
-change of a stage's keys (e.g. `compress.sparsity_tolerance_pp`) makes it and every stage after it
-run again, while the stages before it are skipped. The record is written last: a stage killed
-midway has no record and runs again, and its half-written outputs are never read.
+exactly when its record exists, its fingerprint equals the one the current config gives and its
+outputs are still those it wrote (a run with other keys, killed while it rewrote them, leaves
+them changed); a change of a stage's keys (e.g. `compress.sparsity_tolerance_pp`) makes it and
+every stage after it run again, while the stages before it are skipped. The record is written
+last: a stage killed midway has no record and runs again, and its half-written outputs are never
+read. After the record, `config.json` is rewritten with the config of the run (so it always
+describes the results of the stages that finished; a run that fails before finishing a stage
+never changes it). A record that cannot be read or lacks a field is a one-line error naming the
+file.
 """
 
 import datetime
@@ -19,13 +26,15 @@ import json
 import os
 import pathlib
 import platform
-import tempfile
 import time
 
 import ml_collections
 
 from compax.distributed import is_main_process
 from compax.errors import UserError
+from compax.workdir import MANIFEST, read_json, sha256_file, write_json_atomic
+
+CONFIG_FILE = "config.json"
 
 STAGES = ("train", "compress", "analyse", "report")
 # Config keys read by each stage (beyond those of the stages before it). Training reads every key
@@ -33,6 +42,10 @@ STAGES = ("train", "compress", "analyse", "report")
 STAGE_KEYS = {"compress": ("compress", "eval_batch_size"), "analyse": ("analysis",), "report": ()}
 # Keys that change how a run is carried out, not what it computes.
 RUNTIME_KEYS = ("progress", "data_dir", "download", "population_chunk", "stages")
+# The fields of every record, and the type of each.
+RECORD_FIELDS = {"stage": str, "fingerprint": str, "config": dict, "inputs": dict,
+                 "code_version": str, "finished": str, "wall_seconds": (int, float),
+                 "machine": dict, "outputs": list}
 
 
 def parse_stages(text: str) -> tuple[str, ...]:
@@ -70,19 +83,22 @@ def fingerprint(config_part: dict, inputs: dict) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def write_json_atomic(path: pathlib.Path, payload: dict) -> None:
-    """Writes JSON to a temporary file beside `path`, then renames it, so a kill leaves no half file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
-        json.dump(payload, f, indent=1, allow_nan=False, default=_plain)
-    os.replace(f.name, path)
+def read_config(workdir: pathlib.Path) -> dict | None:
+    """The config recorded in `workdir/config.json` (None when there is none)."""
+    path = pathlib.Path(workdir) / CONFIG_FILE
+    if not path.exists():
+        return None
+    config = read_json(path, "recorded config", "delete it (the next run that finishes a stage"
+                       " writes it again)")
+    if not isinstance(config, dict):
+        raise UserError(f"recorded config {path} is not a config: delete it (the next run that"
+                        " finishes a stage writes it again)")
+    return config
 
 
-def _plain(value):
-    """JSON form of numpy scalars and arrays."""
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+def write_config(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> None:
+    """Records `config` as the one whose results the workdir holds (`config.json`)."""
+    write_json_atomic(pathlib.Path(workdir) / CONFIG_FILE, config.to_dict())
 
 
 class StageRecords:
@@ -96,8 +112,19 @@ class StageRecords:
         return self.directory / f"{stage}.json"
 
     def read(self, stage: str) -> dict | None:
+        """The record of `stage`, or None when it has none; a damaged record is a UserError."""
         path = self.path(stage)
-        return json.loads(path.read_text()) if path.exists() else None
+        if not path.exists():
+            return None
+        fix = f"delete it and stage {stage} runs again"
+        record = read_json(path, "stage record", fix)
+        if not isinstance(record, dict):
+            raise UserError(f"stage record {path} is not a record: {fix}")
+        for field, kind in RECORD_FIELDS.items():
+            if not isinstance(record.get(field), kind):
+                raise UserError(f"stage record {path} lacks its field {field!r} or it is damaged:"
+                                f" {fix}")
+        return record
 
     def expected(self, stage: str) -> str | None:
         """The fingerprint `stage` must have for the current config, or None when an input stage
@@ -114,7 +141,14 @@ class StageRecords:
         """Whether `stage` has a record for the current config and inputs, and its outputs exist."""
         record = self.read(stage)
         return (record is not None and record["fingerprint"] == self.expected(stage)
-                and all((self.directory.parent / p).exists() for p in record["outputs"]))
+                and all((self.directory.parent / p).exists() for p in record["outputs"])
+                and self._outputs_unchanged(record))
+
+    def _outputs_unchanged(self, record: dict) -> bool:
+        """Whether the outputs of `record` are those its stage wrote (records without
+        output_sha256, from an older compax, are taken as they are)."""
+        recorded = record.get("output_sha256")
+        return recorded is None or output_sha256(self.directory.parent, recorded) == recorded
 
     def why_stale(self, stage: str) -> str:
         """Why `stage` has to run, in words."""
@@ -128,6 +162,8 @@ class StageRecords:
             return f"config changed ({', '.join(changed)})"
         if not all((self.directory.parent / p).exists() for p in record["outputs"]):
             return "outputs missing"
+        if not self._outputs_unchanged(record):
+            return "outputs changed since it finished"
         return "an earlier stage was run again"
 
     def finish(self, stage: str, started: float, outputs: list[str], **extra) -> dict:
@@ -146,11 +182,26 @@ class StageRecords:
             "wall_seconds": round(time.time() - started, 1),
             "machine": machine(),
             "outputs": outputs,
+            "output_sha256": output_sha256(self.directory.parent, outputs),
             **extra,
         }
         if is_main_process():  # multi-host: one writer, on the shared workdir
             write_json_atomic(self.path(stage), record)
+            write_config(self.directory.parent, self.config)
         return record
+
+
+def output_sha256(workdir: pathlib.Path, outputs) -> dict:
+    """{output: SHA-256} of each output file and of the checksum manifest of each output folder
+    that has one (the compressed variants); other folders (checkpoints/) are left out."""
+    digests = {}
+    for output in outputs:
+        path = pathlib.Path(workdir) / output
+        if path.is_file():
+            digests[output] = sha256_file(path)
+        elif (path / MANIFEST).is_file():
+            digests[output] = sha256_file(path / MANIFEST)
+    return digests
 
 
 def _iso(seconds: float) -> str:

@@ -123,9 +123,10 @@ def test_quantized_taps_match_a_hand_written_fake_quantized_lenet(lenet):
 
 
 @pytest.mark.parametrize("name, variant", [("lenet5", "float16"), ("lenet5", "dynamic_int8"),
-                                           ("vgg6", "dynamic_int8")])
+                                           ("vgg6", "dynamic_int8"), ("vgg6", "weight_only_int8")])
 def test_taps_keep_the_logits_of_every_kind_of_variant(name, variant):
-    """float16 computes in half precision; dynamic_int8 folds BatchNorm, which VGG-6 taps (bn6)."""
+    """float16 computes in half precision; weight_only_int8 and dynamic_int8 (layer inputs
+    quantized at run time) fold BatchNorm, which VGG-6 taps (bn6)."""
     model = get_model(name, 10, 0.25)
     variables = random_variables(model, 0)
     x = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))

@@ -61,16 +61,19 @@ def test_dynamic_int8_agrees_with_torch_quantize_dynamic(lenet, images):
     ours = np.asarray(jax.jit(apply_compressed, static_argnums=0)(model, c, x))
     integer = np.asarray(jax.jit(int8_apply, static_argnums=0)(model, c.variables, c.qstate, x))
     float_logits, theirs = torch_dynamic(variables["params"], np.asarray(x))
-    # The same codes on both sides: the logits differ by float rounding of the accumulation
-    # (measured 2e-8 fake-quantized, 0 in integers, on logits of about 0.15), 100x below what the
-    # dynamic quantization itself changes (1.3e-3). A one-ulp difference of the float convolutions
-    # may move one input code now and then, hence the bound of a hundredth of that change.
-    effect = np.max(np.abs(theirs - float_logits))
-    assert effect > 5e-3 * np.max(np.abs(theirs))
-    for got in (ours, integer):
-        assert np.max(np.abs(got - theirs)) <= 1e-2 * effect
-        assert np.mean(np.abs(got - theirs) <= 1e-6 * np.max(np.abs(theirs))) >= 0.999
-        assert np.mean(got.argmax(1) == theirs.argmax(1)) >= 0.99
+    # fbgemm accumulates the codes in int32 and scales the sums to float, as int8_apply does: the
+    # same up to float rounding of that scaling (measured: 0 here, 1e-7 of the logits' range on a
+    # trained LeNet-5). Fake quantization accumulates dequantized values in float, which rounds
+    # apart by 1e-7 relative and now and then moves a code of the next layer's input by one
+    # (measured: max 2e-8 here; on a trained LeNet-5 and 2,000 images 0.05% of the logits, by at
+    # most 0.05 of 39), so it is held to the same codes almost everywhere and to the same argmax.
+    effect = np.max(np.abs(theirs - float_logits))  # what dynamic quantization changes: 1.3e-3
+    scale = np.max(np.abs(theirs))  # 0.15
+    assert effect > 5e-3 * scale
+    assert np.max(np.abs(integer - theirs)) <= 1e-5 * scale
+    assert np.mean(np.abs(ours - theirs) <= 1e-6 * scale) >= 0.999
+    assert np.max(np.abs(ours - theirs)) <= 0.5 * effect
+    assert np.mean(ours.argmax(1) == theirs.argmax(1)) >= 0.99
 
 
 def test_dynamic_int8_quantizes_every_layer_input_per_call(lenet, images):

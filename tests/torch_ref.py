@@ -5,9 +5,9 @@ the fbgemm engine and `get_default_qconfig('fbgemm')` (HistogramObserver with re
 activations, PerChannelMinMaxObserver qint8 per_channel_symmetric for weights), conv+relu and
 linear+relu fused, QuantStub / DeQuantStub around the network, calibrated on the same images in one
 batch (so that its histograms are exact, as compax's are) or batch by batch (compax's
-`histogram_batches` observer). Also `quantize_dynamic` (dynamic int8 Linear layers). Weights port one to one from
-`compax.models.LeNet5`: conv kernels HWIO -> OIHW, dense kernels (in, out) -> (out, in), the
-feature map flattened in (C, H, W) order by both.
+`histogram_batches` observer). Also `quantize_dynamic` (dynamic int8 Linear layers). Weights port
+one to one from `compax.models.LeNet5`: conv kernels HWIO -> OIHW, dense kernels (in, out) ->
+(out, in), the feature map flattened in (C, H, W) order by both.
 """
 
 import contextlib

@@ -14,7 +14,10 @@ quant_min=-8, quant_max=7 gives.
 Ranges: `minmax` (MinMaxObserver), `per_channel_minmax` (PerChannelMinMaxObserver), and the
 HistogramObserver's: a `histogram` of the values (torch.histc binning, 2048 bins over [min, max])
 and `histogram_range`, the min/max that `HistogramObserver._non_linear_param_search` picks by
-minimising the L2 error of quantizing the histogram to `dst_nbins` levels.
+minimising the L2 error of quantizing the histogram to `dst_nbins` levels; `histogram_start` and
+`histogram_merge`, the HistogramObserver fed batch by batch (each batch's histogram merged into the
+running one by re-binning). `choose_qparams`: ATen's ChooseQuantizationParams, the per-call
+parameters of PyTorch's dynamic quantization.
 """
 
 import functools
@@ -132,7 +135,9 @@ def _non_linear_param_search(hist, min_val, max_val, dst_nbins: int):
     min_val, max_val = f32(min_val), f32(max_val)
     bins = hist.size
     total = float(hist.sum(dtype=f32))
-    csum = np.cumsum(hist, dtype=f32)
+    # torch.cumsum on the CPU accumulates float32 in double; it matters for the fractional
+    # counts of merged histograms (`histogram_merge`).
+    csum = np.cumsum(hist, dtype=np.float64).astype(f32)
     # Thresholds compare as float32, as a float32 tensor element against a Python float.
     below, above = (_ALPHAS * total).astype(f32), (_BETAS * total).astype(f32)
     bin_width_item = (float(max_val) - float(min_val)) / bins
@@ -259,7 +264,7 @@ def histogram_merge(hist, lo, hi, x):
     new_min, new_max = jnp.minimum(lo, x_min), jnp.maximum(hi, x_max)
     update = histogram(x, new_min, new_max, hist.shape[0]).astype(jnp.float32)
     # The running histogram of one value is that value's bin, with all its counts.
-    single = histogram(jnp.reshape(lo, (1,)), new_min, new_max, hist.shape[0]).astype(jnp.float32) * jnp.sum(hist)
+    single = histogram(jnp.reshape(lo, (1,)), new_min, new_max, hist.shape[0]) * jnp.sum(hist)
     upscaled = _upscale_histogram(hist, lo, hi, new_min, new_max)
     same = (new_min == lo) & (new_max == hi)
     merged = jnp.where(same, hist + update, jnp.where(lo == hi, single + update, update + upscaled))

@@ -1,44 +1,75 @@
-"""Compressed populations on disk, as orbax checkpoints.
+"""Compressed populations on disk, as orbax checkpoints verified by checksums.
 
 A `Compressed` pytree holds arrays (weights, scales, zero points) and static data (the variant, the
 quantization config, the BatchNorm folds). Orbax stores the arrays; the static data are rebuilt
 from the config, by tracing the compression abstractly (`jax.eval_shape`), which also gives the
-shapes that restoring checks the files against.
+shapes that restoring checks the files against. Beside orbax's files, `compax_manifest.json` holds
+the SHA-256 of each of them; restoring checks them first, so a damaged file is an error that names
+it, never a silently different model.
 """
 
 import math
 import pathlib
+import shutil
 
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
+from compax.distributed import is_main_process
 from compax.errors import UserError
+from compax.workdir import (
+    MANIFEST,
+    check_free_space,
+    read_json,
+    tree_checksums,
+    verify_checksums,
+    write_json_atomic,
+)
 
 
 def save_compressed(path: pathlib.Path, compressed) -> None:
-    """Writes the arrays of `compressed` to the orbax checkpoint `path` (replaced if present).
+    """Writes the arrays of `compressed` to the orbax checkpoint `path` (replaced if present),
+    then the checksums of its files.
 
-    Orbax writes into a temporary folder and renames it when complete, so a killed save leaves no
-    checkpoint that looks finished.
+    Orbax writes into a temporary folder and renames it when complete, and the checksums come
+    last, so a killed save leaves no variant that restores; the stage record is written after
+    every variant, so the compress stage runs again.
     """
+    path = pathlib.Path(path).absolute()
     leaves = jax.tree.leaves(compressed)  # empty arrays (no activation points) are rebuilt
+    arrays = {str(i): x for i, x in enumerate(leaves) if x.size}
+    check_free_space(path.parent, int(1.1 * sum(x.nbytes for x in arrays.values())) + 2**20,
+                     f"the compressed variant {path.name}")
+    if is_main_process() and path.parent.is_dir():  # leftovers of a save killed midway
+        for stale in path.parent.glob(f"{path.name}.orbax-checkpoint-tmp*"):
+            shutil.rmtree(stale, ignore_errors=True)
     with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(pathlib.Path(path).absolute(),
-                          {str(i): x for i, x in enumerate(leaves) if x.size}, force=True)
+        checkpointer.save(path, arrays, force=True)
+    if is_main_process():
+        write_json_atomic(path / MANIFEST, {"sha256": tree_checksums(path, skip=(MANIFEST,))})
 
 
 def restore_compressed(path: pathlib.Path, like):
-    """The compressed population saved at `path`, structured like `like` (e.g. from jax.eval_shape)."""
+    """The compressed population saved at `path`, structured like `like` (e.g. from jax.eval_shape),
+    after checking its files against their checksums."""
+    path = pathlib.Path(path).absolute()
+    fix = "delete it and run --config.stages=compress again"
+    what = f"compressed variant {path}"
+    if not (path / MANIFEST).is_file():
+        raise UserError(f"{what} has no checksums ({MANIFEST}; its save was interrupted or an"
+                        f" older compax wrote it): {fix}")
+    manifest = read_json(path / MANIFEST, "checksums of the compressed variant", fix)
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("sha256"), dict):
+        raise UserError(f"checksums of the compressed variant {path / MANIFEST} are damaged: {fix}")
+    verify_checksums(path, manifest["sha256"], what, fix)
     leaves, treedef = jax.tree.flatten(like)
     abstract = {str(i): jax.ShapeDtypeStruct(x.shape, x.dtype) for i, x in enumerate(leaves)
                 if math.prod(x.shape)}
     try:
         with ocp.StandardCheckpointer() as checkpointer:
-            restored = checkpointer.restore(pathlib.Path(path).absolute(), abstract)
+            restored = checkpointer.restore(path, abstract)
     except Exception as e:  # orbax raises many types for unreadable or mismatched files.
-        raise UserError(f"compressed variant {path} cannot be restored ({type(e).__name__}:"
-                        f" {str(e).splitlines()[0][:200]}): delete it and run"
-                        " --config.stages=compress again") from e
+        raise UserError(f"{what} cannot be restored ({type(e).__name__}): {fix}") from None
     return jax.tree.unflatten(treedef, [restored[str(i)] if str(i) in restored
                                         else jnp.zeros(x.shape, x.dtype) for i, x in enumerate(leaves)])

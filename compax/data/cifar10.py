@@ -33,6 +33,8 @@ CLASS_NAMES = (
 DECODED_SHA256_FILE = f"{NAME}/decoded_sha256.json"
 IMAGE_SHAPE = (32, 32, 3)
 _WHAT = "CIFAR-10"
+# Shape ("N": the number of images) and dtype kinds of each array of the offline copy.
+SHAPES = {"jpeg": (("M",), "u1"), "offsets": (("N+1",), "iu"), "label": (("N",), "iu")}
 
 
 def decode_jpegs(jpeg: np.ndarray, offsets: np.ndarray) -> np.ndarray:
@@ -82,6 +84,7 @@ def _read_split(root: Path, split: str) -> Split:
     images = _cached_images(cache_path, expected)
     if images is None:
         arrays = files.read_npz(path, ("jpeg", "offsets", "label"), _WHAT)
+        files.check_arrays(path, arrays, SHAPES, _WHAT, len(CLASS_NAMES))
         images = decode_jpegs(arrays["jpeg"], arrays["offsets"])
         actual = files.sha256_array(images)
         if actual != expected:
@@ -95,6 +98,12 @@ def _read_split(root: Path, split: str) -> Split:
         labels = arrays["label"]
     else:
         labels = files.read_npz(path, ("label",), _WHAT)["label"]
+    files.check_arrays(path, {"label": labels}, {"label": SHAPES["label"]}, _WHAT, len(CLASS_NAMES))
+    if len(labels) != len(images):
+        raise UserError(
+            f"{_WHAT} file {path} has {len(labels)} labels for {len(images)} images: copy it "
+            f"again from the offline copy ({files.README_HINT})"
+        )
     return Split(images=images, labels=labels.astype(np.int32), boxes=None)
 
 

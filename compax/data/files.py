@@ -162,3 +162,44 @@ def read_npz(path: Path, keys: Sequence[str], what: str) -> dict[str, np.ndarray
             f"{what} file {path} cannot be read ({type(e).__name__}: {e}): copy it again from the "
             f"offline copy ({README_HINT})"
         ) from e
+
+
+def check_arrays(
+    path: Path,
+    arrays: dict[str, np.ndarray],
+    shapes: dict[str, tuple[tuple, str]],
+    what: str,
+    num_classes: int,
+) -> None:
+    """Raises a UserError naming `path` when its arrays are not what the loader needs.
+
+    `shapes` gives, per array, its shape (ints; "N" for the number of examples, "N+1" for one
+    more) and the numpy dtype kinds it may have ("u" unsigned, "i" signed integers, "f" floats;
+    "u1" exactly uint8). Every array must agree on N, and `label` must lie in [0, num_classes).
+    """
+    fix = f"copy it again from the offline copy ({README_HINT}) or run online with download=True"
+    counts = {}
+    for key, (shape, kinds) in shapes.items():
+        a = arrays[key]
+        dtype_ok = a.dtype == np.uint8 if kinds == "u1" else a.dtype.kind in kinds
+        dims_ok = a.ndim == len(shape) and all(
+            isinstance(s, str) or s == d for s, d in zip(shape, a.shape, strict=False)
+        )
+        if not (dtype_ok and dims_ok):
+            wanted = "x".join(map(str, shape))
+            raise UserError(
+                f"{what} file {path}: array {key!r} is {a.shape} {a.dtype}, not ({wanted}) "
+                f"{'uint8' if kinds == 'u1' else 'of dtype kind ' + kinds}: {fix}"
+            )
+        for s, d in zip(shape, a.shape, strict=True):
+            if s in ("N", "N+1"):
+                counts[key] = d - (s == "N+1")
+    if len(set(counts.values())) > 1:
+        sizes = ", ".join(f"{k} {n}" for k, n in counts.items())
+        raise UserError(f"{what} file {path} holds different numbers of examples ({sizes}): {fix}")
+    labels = arrays.get("label")
+    if labels is not None and labels.size and not (0 <= labels.min() and labels.max() < num_classes):
+        raise UserError(
+            f"{what} file {path} has labels from {labels.min()} to {labels.max()}, outside 0.."
+            f"{num_classes - 1}: {fix}"
+        )

@@ -16,15 +16,20 @@ NAME = "gtsrb"
 TRAIN_KEYS = ("image", "label", "track", "frame", "roi")
 TEST_KEYS = ("image", "label", "roi")
 _WHAT = "GTSRB"
+# Shape ("N": the number of images) and dtype kinds of each array of the offline copy.
+SHAPES = {"image": (("N", 32, 32, 3), "u1"), "label": (("N",), "iu"), "track": (("N",), "iu"),
+          "frame": (("N",), "iu"), "roi": (("N", 4), "fiu")}
 
 
 def _read_offline(data_dir: str | None) -> dict[str, dict[str, np.ndarray]]:
     """The arrays of both splits of the offline copy, checked against SHA256SUMS."""
     root = files.find_data_dir(data_dir)
-    return {
-        split: files.read_npz(files.verified_file(root, f"{NAME}/{split}.npz", _WHAT), keys, _WHAT)
-        for split, keys in (("train", TRAIN_KEYS), ("test", TEST_KEYS))
-    }
+    arrays = {}
+    for split, keys in (("train", TRAIN_KEYS), ("test", TEST_KEYS)):
+        path = files.verified_file(root, f"{NAME}/{split}.npz", _WHAT)
+        arrays[split] = files.read_npz(path, keys, _WHAT)
+        files.check_arrays(path, arrays[split], {k: SHAPES[k] for k in keys}, _WHAT, len(CLASS_NAMES))
+    return arrays
 
 
 def _split(arrays: dict[str, np.ndarray]) -> Split:

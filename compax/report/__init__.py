@@ -116,7 +116,7 @@ def cost_table(results: dict) -> Table:
                                                             if speedup < 1.05 else ""),
             f"{v['bytes_on_disk_population']:,}" if "bytes_on_disk_population" in v else "–"])
     return Table(["variant", "params", "MACs / image", "int8 argmax agreement %",
-                  "int8 max |Δ logit|", "images/s", "int8 path images/s", "speed-up",
+                  "int8 max abs Δ logit", "images/s", "int8 path images/s", "speed-up",
                   "bytes on disk (all members, orbax)"], rows)
 
 

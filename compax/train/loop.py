@@ -2,9 +2,10 @@
 
 One loop serves one seed and many: a run trains `config.population` members with seeds
 `config.seed + i` in one program (`jax.vmap`), stops each member on its own validation loss, and
-ends with every member's best-validation weights. Each epoch ends with an orbax checkpoint and a
-line in `metrics.jsonl`; a killed run started again with the same workdir resumes from the last
-checkpoint and ends with the same parameters as an uninterrupted run.
+ends with every member's best-validation weights. Each epoch ends with an orbax checkpoint that
+holds the metrics so far (`compax/train/checkpoint.py`), then a line in `metrics.jsonl`; a killed
+run started again with the same workdir resumes from the last checkpoint, rewrites
+`metrics.jsonl` from it, and ends with the same parameters and metrics as an uninterrupted run.
 """
 
 import dataclasses
@@ -45,6 +46,7 @@ from compax.train.population import (
     variables_of,
 )
 from compax.train.steps import epoch_order, make_train_step
+from compax.workdir import write_text_atomic
 
 
 class TrainingDiverged(UserError):
@@ -74,12 +76,16 @@ def population_seeds(config: ml_collections.ConfigDict) -> np.ndarray:
     return np.arange(config.population, dtype=np.int32) + config.seed
 
 
-def _read_history(path: pathlib.Path, up_to_epoch: int) -> list[dict]:
-    """Metric lines of epochs <= up_to_epoch (a killed run may have written one more)."""
-    if not path.exists():
-        return []
-    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [line for line in lines if line["epoch"] <= up_to_epoch]
+def _metrics_line(record: dict) -> str:
+    """One line of metrics.jsonl (NaN, for members that have stopped, as null)."""
+    return json.dumps(record).replace("NaN", "null") + "\n"
+
+
+def _write_metrics(path: pathlib.Path, history: list[dict]) -> None:
+    """Makes metrics.jsonl hold exactly `history` (atomically; untouched when it already does)."""
+    text = "".join(map(_metrics_line, history))
+    if not path.is_file() or path.read_bytes() != text.encode():
+        write_text_atomic(path, text)
 
 
 def _check_finite(losses: np.ndarray, active: np.ndarray, epoch: int, seeds: np.ndarray) -> None:
@@ -113,82 +119,89 @@ def fit(config: ml_collections.ConfigDict, dataset: Dataset, workdir: str | path
 
     state = shard_members(init_population(model, tx, jnp.asarray(seeds)), mesh)
     checkpoints = PopulationCheckpoints(workdir / "checkpoints")
-    if checkpoints.latest_epoch() is not None:
-        state = checkpoints.restore(state)
-        logging.info("Resuming from the checkpoint of epoch %d in %s", int(state.epoch), workdir)
-    metrics_path = workdir / "metrics.jsonl"
-    history = _read_history(metrics_path, int(state.epoch))
-    if is_main_process():
-        metrics_path.write_text("".join(json.dumps(h) + "\n" for h in history))
-
-    chunk = population_chunk(config.population_chunk, len(seeds), mesh)
-    train_step = make_train_step(model, tx, dataset.mean, dataset.std, config.augment, chunk, mesh)
-    predict = make_predict(model_apply(model), dataset.mean, dataset.std, config.eval_batch_size,
-                           chunk, mesh)
-    images, labels = replicate((dataset.train.images, dataset.train.labels), mesh)
-    data_keys = member_keys(jnp.asarray(seeds), DATA)
-    aug_keys = member_keys(jnp.asarray(seeds), AUGMENT)
-    dropout_keys = member_keys(jnp.asarray(seeds), DROPOUT)
-
-    bar = tqdm(total=config.max_epochs, initial=int(state.epoch),
-               disable=not (progress and is_main_process()),
-               desc=f"train {config.model} x{len(seeds)}", unit="epoch", dynamic_ncols=True)
-    while int(state.epoch) < config.max_epochs and not bool(state.stopped.all()):
-        epoch = int(state.epoch) + 1
-        active = ~to_host(state.stopped)
-        start = time.perf_counter()
-        # Only members that have not stopped train; the others keep their weights untouched.
-        members = np.flatnonzero(active)
-        order = epoch_order(data_keys[members], jnp.int32(epoch), len(dataset.train), steps,
-                            batch_size)
-        params, batch_stats, opt_state = take_members(
-            (state.params, state.batch_stats, state.opt_state), members)
-        step_losses, step_accuracies = [], []
-        for step in range(steps):
-            params, batch_stats, opt_state, loss, accuracy = train_step(
-                params, batch_stats, opt_state, order, aug_keys[members], dropout_keys[members],
-                images, labels, jnp.int32(epoch), jnp.int32(step))
-            step_losses.append(loss)
-            step_accuracies.append(accuracy)
-        state = shard_members(state.replace(
-            params=put_members(state.params, members, params),
-            batch_stats=put_members(state.batch_stats, members, batch_stats),
-            opt_state=put_members(state.opt_state, members, opt_state)), mesh)
-        losses = np.full((steps, len(seeds)), np.nan, np.float32)
-        losses[:, members] = to_host(jnp.stack(step_losses))
-        accuracies = np.full((steps, len(seeds)), np.nan, np.float32)
-        accuracies[:, members] = to_host(jnp.stack(step_accuracies))
-        _check_finite(losses, active, epoch, seeds)
-        val_loss, val_accuracy = loss_and_accuracy(
-            predict(variables_of(state.params, state.batch_stats), dataset.val.images),
-            dataset.val.labels)
-        state = update_early_stopping(state, jnp.asarray(val_loss), jnp.int32(config.patience))
-        checkpoints.save(state)
-        record = {
-            "epoch": epoch,
-            "seconds": round(time.perf_counter() - start, 3),
-            "active": active.tolist(),
-            "train_loss": losses.mean(0).tolist(),
-            "train_accuracy": accuracies.mean(0).tolist(),
-            "val_loss": np.where(active, val_loss, np.nan).tolist(),
-            "val_accuracy": np.where(active, val_accuracy, np.nan).tolist(),
-            "best_epoch": np.asarray(state.best_epoch).tolist(),
-        }
-        history.append(record)
+    try:
+        history = []
+        if checkpoints.latest_epoch() is not None:
+            state, history = checkpoints.restore(state)
+            logging.info("Resuming from the checkpoint of epoch %d in %s", int(state.epoch), workdir)
+            if int(state.epoch) > config.max_epochs:
+                raise UserError(f"the checkpoints in {workdir} hold epoch {int(state.epoch)}, beyond"
+                                f" --config.max_epochs={config.max_epochs}: pass"
+                                f" --config.max_epochs={int(state.epoch)} or more, or a new --workdir")
+        metrics_path = workdir / "metrics.jsonl"
         if is_main_process():
-            with metrics_path.open("a") as f:
-                f.write(json.dumps(record).replace("NaN", "null") + "\n")
-        bar.update(1)
-        bar.set_postfix(loss=f"{np.nanmean(record['train_loss']):.3f}",
-                        acc=f"{np.nanmean(record['train_accuracy']):.3f}",
-                        val_loss=f"{np.nanmean(record['val_loss']):.3f}",
-                        val_acc=f"{np.nanmean(record['val_accuracy']):.3f}",
-                        active=int(active.sum()))
-        logging.info("epoch %d: train loss %.4f acc %.4f, val loss %.4f acc %.4f, %d active, %.1fs",
-                     epoch, np.nanmean(record["train_loss"]), np.nanmean(record["train_accuracy"]),
-                     np.nanmean(record["val_loss"]), np.nanmean(record["val_accuracy"]),
-                     active.sum(), record["seconds"])
-    bar.close()
-    checkpoints.close()
+            _write_metrics(metrics_path, history)
+        trained_with = json.loads(json.dumps(config.to_dict()))
+
+        chunk = population_chunk(config.population_chunk, len(seeds), mesh)
+        train_step = make_train_step(model, tx, dataset.mean, dataset.std, config.augment, chunk, mesh)
+        predict = make_predict(model_apply(model), dataset.mean, dataset.std, config.eval_batch_size,
+                               chunk, mesh)
+        images, labels = replicate((dataset.train.images, dataset.train.labels), mesh)
+        data_keys = member_keys(jnp.asarray(seeds), DATA)
+        aug_keys = member_keys(jnp.asarray(seeds), AUGMENT)
+        dropout_keys = member_keys(jnp.asarray(seeds), DROPOUT)
+
+        bar = tqdm(total=config.max_epochs, initial=int(state.epoch),
+                   disable=not (progress and is_main_process()),
+                   desc=f"train {config.model} x{len(seeds)}", unit="epoch", dynamic_ncols=True)
+        while int(state.epoch) < config.max_epochs and not bool(state.stopped.all()):
+            epoch = int(state.epoch) + 1
+            active = ~to_host(state.stopped)
+            start = time.perf_counter()
+            # Only members that have not stopped train; the others keep their weights untouched.
+            members = np.flatnonzero(active)
+            order = epoch_order(data_keys[members], jnp.int32(epoch), len(dataset.train), steps,
+                                batch_size)
+            params, batch_stats, opt_state = take_members(
+                (state.params, state.batch_stats, state.opt_state), members)
+            step_losses, step_accuracies = [], []
+            for step in range(steps):
+                params, batch_stats, opt_state, loss, accuracy = train_step(
+                    params, batch_stats, opt_state, order, aug_keys[members], dropout_keys[members],
+                    images, labels, jnp.int32(epoch), jnp.int32(step))
+                step_losses.append(loss)
+                step_accuracies.append(accuracy)
+            state = shard_members(state.replace(
+                params=put_members(state.params, members, params),
+                batch_stats=put_members(state.batch_stats, members, batch_stats),
+                opt_state=put_members(state.opt_state, members, opt_state)), mesh)
+            losses = np.full((steps, len(seeds)), np.nan, np.float32)
+            losses[:, members] = to_host(jnp.stack(step_losses))
+            accuracies = np.full((steps, len(seeds)), np.nan, np.float32)
+            accuracies[:, members] = to_host(jnp.stack(step_accuracies))
+            _check_finite(losses, active, epoch, seeds)
+            val_loss, val_accuracy = loss_and_accuracy(
+                predict(variables_of(state.params, state.batch_stats), dataset.val.images),
+                dataset.val.labels)
+            state = update_early_stopping(state, jnp.asarray(val_loss), jnp.int32(config.patience))
+            record = {
+                "epoch": epoch,
+                "seconds": round(time.perf_counter() - start, 3),
+                "active": active.tolist(),
+                "train_loss": losses.mean(0).tolist(),
+                "train_accuracy": accuracies.mean(0).tolist(),
+                "val_loss": np.where(active, val_loss, np.nan).tolist(),
+                "val_accuracy": np.where(active, val_accuracy, np.nan).tolist(),
+                "best_epoch": np.asarray(state.best_epoch).tolist(),
+            }
+            history.append(record)
+            checkpoints.save(state, history, trained_with)  # the epoch's metrics go with it
+            if is_main_process():  # a kill mid-line is repaired from the checkpoint on resume
+                with metrics_path.open("a") as f:
+                    f.write(_metrics_line(record))
+            bar.update(1)
+            bar.set_postfix(loss=f"{np.nanmean(record['train_loss']):.3f}",
+                            acc=f"{np.nanmean(record['train_accuracy']):.3f}",
+                            val_loss=f"{np.nanmean(record['val_loss']):.3f}",
+                            val_acc=f"{np.nanmean(record['val_accuracy']):.3f}",
+                            active=int(active.sum()))
+            logging.info("epoch %d: train loss %.4f acc %.4f, val loss %.4f acc %.4f, %d active, %.1fs",
+                         epoch, np.nanmean(record["train_loss"]), np.nanmean(record["train_accuracy"]),
+                         np.nanmean(record["val_loss"]), np.nanmean(record["val_accuracy"]),
+                         active.sum(), record["seconds"])
+        bar.close()
+    finally:
+        checkpoints.close()  # also on errors: orbax's threads would print tracebacks at exit
     return TrainResult(model=model, state=state, variables=best_variables(state), seeds=seeds,
                        history=history)

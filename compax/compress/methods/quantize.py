@@ -6,8 +6,9 @@ Static PTQ as PyTorch eager mode with the fbgemm engine (Schwaiger et al. 2022; 
 BatchNorm folded, weights per output channel symmetric, w_q = clip(round(w / s_w), -2^(b-1),
 2^(b-1) - 1) with s_w = max|w| / ((2^b - 1) / 2); activations per tensor affine with observers
 calibrated on training images (`compax.compress.ptq`). `activation_bits=none` quantizes the weights
-only and keeps activations in float. `observer` and `reduce_range` default to the config's
-`compress.observer` and `compress.reduce_range`.
+only and keeps activations in float. `observer` (`histogram`, `histogram_batches`: PyTorch's
+HistogramObserver fed batches of 128 images, `minmax`; see `compax.compress.ptq`) and
+`reduce_range` default to the config's `compress.observer` and `compress.reduce_range`.
 """
 
 import dataclasses
