@@ -7,13 +7,13 @@ import numpy as np
 import optax
 import pytest
 
-from compax.train.ablation import HEAD_LAYERS, _EvalModeModel, ablate, ablated_model, transfer_body
 from compax.compress import apply_compressed, compress
 from compax.data import normalize
 from compax.errors import UserError
 from compax.models import get_model, init_variables
 from compax.models.layers import scaled
 from compax.population import model_apply, take_members
+from compax.train.ablation import HEAD_LAYERS, _EvalModeModel, ablate, ablated_model, transfer_body
 from compax.train.population import INIT, member_keys
 from compax.train.steps import epoch_order, make_train_step
 from tests.helpers import tiny_dataset
