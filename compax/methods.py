@@ -3,4 +3,4 @@ new module plus one import line here; importing this module makes the registries
 
 from compax.analyses import attacks, attention, calibration, classes, embeddings, hooker  # noqa: F401
 from compax.compress.methods import cast, dynamic, filters, half_storage, quantize, unstructured  # noqa: F401
-from compax.train import ablation  # noqa: F401
+from compax.train import ablation, compression  # noqa: F401

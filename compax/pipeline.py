@@ -257,7 +257,12 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
     validate_config(config)  # every value, before anything touches the workdir
     wanted = parse_stages(config.stages)
     check_names(config)  # bad names fail now, not after training
-    _lock = lock_workdir(workdir, is_main_process())  # one run per workdir, until run() returns
+    with lock_workdir(workdir, is_main_process()):  # one run per workdir at a time
+        return _run_stages(config, workdir, wanted)
+
+
+def _run_stages(config: ml_collections.ConfigDict, workdir: pathlib.Path, wanted) -> dict:
+    """The stages `wanted` of `config` in `workdir`, which this process has locked."""
     prepare_workdir(config, workdir)
     pipeline = Run(config, workdir)
     records = pipeline.records

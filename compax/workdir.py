@@ -19,7 +19,6 @@ import os
 import pathlib
 import shutil
 import uuid
-import weakref
 
 from compax.errors import UserError
 
@@ -27,14 +26,11 @@ LOCK_FILE = ".lock"
 # The checksums of the files of a folder written by orbax (a checkpoint, a compressed variant).
 MANIFEST = "compax_manifest.json"
 _HASH_CHUNK = 1 << 24
-# Locks this process holds, by lock-file path: a run() that ended with an exception may still be
-# referenced by its traceback (a test's `pytest.raises`), and a later run of the same process on
-# the same workdir takes its lock over instead of being refused by it.
-_HELD: "weakref.WeakValueDictionary[str, WorkdirLock]" = weakref.WeakValueDictionary()
 
 
 class WorkdirLock:
-    """An exclusive flock on a workdir's lock file, released by `release()` or when collected."""
+    """An exclusive flock on a workdir's lock file, released by `release()`, at the end of a
+    `with` block, or when collected."""
 
     def __init__(self, fd: int | None, path: pathlib.Path):
         self.fd, self.path = fd, path
@@ -67,20 +63,17 @@ def make_workdir(workdir: pathlib.Path) -> None:
 
 
 def lock_workdir(workdir: str | pathlib.Path, main_process: bool = True) -> WorkdirLock:
-    """Creates `workdir` and takes its lock, or raises a UserError when another run holds it.
+    """Creates `workdir` and takes its lock, or raises a UserError when another run (another
+    process, or another thread of this one) holds it.
 
     Only the main process of a multi-host run locks (the others share its workdir). The lock is
-    held until the returned object is released or garbage-collected.
+    held until the returned object is released (use it in a `with` block).
     """
     workdir = pathlib.Path(workdir)
     make_workdir(workdir)
     path = workdir / LOCK_FILE
     if not main_process:
         return WorkdirLock(None, path)
-    key = str(path.resolve())
-    held = _HELD.get(key)
-    if held is not None and held.fd is not None:
-        return held
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -94,9 +87,7 @@ def lock_workdir(workdir: str | pathlib.Path, main_process: bool = True) -> Work
             raise
         os.close(fd)
         return WorkdirLock(None, path)
-    lock = WorkdirLock(fd, path)
-    _HELD[key] = lock
-    return lock
+    return WorkdirLock(fd, path)
 
 
 def _umask() -> int:

@@ -56,6 +56,8 @@ class Variant:
     model: Any
     compressed: Compressed
     info: dict = dataclasses.field(default_factory=dict)
+    # The folded float32 variables a quantize step rounded (for `qat`); later steps drop them.
+    float_variables: Any = None
 
 
 @dataclasses.dataclass
@@ -157,6 +159,11 @@ RECIPES = {
     "pruned_layer": "l1_layer(amount=searched)",
     "filters_pruned": "filters(amount=0.25)",
     "ablated": "ablate(epochs=5)",
+    # Training-time compression (compax/train/compression.py).
+    "gmp_90": "gmp(final=0.9)",
+    "pruned_ft": "l1_global(amount=searched)+finetune(epochs=5)",
+    "qat_w8a8": "quantize(weight_bits=8,activation_bits=8)+qat(epochs=3)",
+    "qat_w4a8": "quantize(weight_bits=4,activation_bits=8)+qat(epochs=3)",
     # Hooker et al.'s fixed sparsity levels, global L1 without fine-tuning.
     **{f"sparsity_{round(100 * s)}": f"l1_global(amount={s})" for s in (0.1, 0.3, 0.5, 0.7, 0.9)},
 }

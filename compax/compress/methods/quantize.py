@@ -14,6 +14,9 @@ HistogramObserver fed batches of 128 images, `minmax`; see `compax.compress.ptq`
 import dataclasses
 from typing import ClassVar
 
+import jax
+
+from compax.compress.fold import fold_batchnorm
 from compax.compress.ptq import OBSERVERS, QuantConfig, ptq
 from compax.compress.registry import Context, MemberStep, Variant, register_step
 from compax.compress.variants import Compressed
@@ -49,6 +52,15 @@ class Quantize(MemberStep):
             raise UserError("quantize must act on a float32 model: put it before any other"
                             " quantize or cast step in the recipe")
         return (ctx.calibration(),)
+
+    def __call__(self, variant: Variant, ctx: Context) -> Variant:
+        made = super().__call__(variant, ctx)
+        # The folded float weights before rounding, from which `qat` trains.
+        folds = made.compressed.qstate.folds
+        fold = jax.vmap(lambda v: fold_batchnorm(v, folds))
+        made.float_variables = (jax.eval_shape(fold, variant.compressed.variables) if ctx.abstract
+                                else fold(variant.compressed.variables))
+        return made
 
     def member(self, model, compressed, calib, *, ctx):
         variables, qstate = ptq(model, compressed.variables, calib, self.config(ctx))

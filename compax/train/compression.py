@@ -1,0 +1,478 @@
+"""Training-time compression as recipe steps: gradual magnitude pruning, recovery fine-tuning, QAT.
+
+    gmp(final, begin, end, every, unit, scope, initial, epochs, patience, start, exclude)
+        Gradual magnitude pruning (Zhu & Gupta 2017, "To prune, or not to prune"): at optimizer
+        step t the target sparsity is s_t = s_f + (s_i - s_f)(1 - (t - t_0)/(n Δt))^3 (clipped to
+        t_0 <= t <= t_0 + nΔt = `end`), and the masks are recomputed from |w| (all conv and dense
+        kernels ranked together, `scope=global`, or each kernel alone, `scope=layer`) at every
+        t = t_0 + kΔt and at t = `end`, so the last masks hold exactly round(s_f * n) zeros. As
+        TF-MOT's `prune_low_magnitude` with `PolynomialDecay(power=3)`. The sparsity is data, not a
+        Python constant: s_f lives in the optimizer state (one per member), the count is traced.
+    finetune(epochs, patience, learning_rate)
+        Recovery fine-tuning after one-shot pruning: masks = the zero entries of the incoming
+        kernels, kept at zero while the rest trains (`l1_global(amount=searched)+finetune(epochs=5)`).
+    qat(epochs, patience, learning_rate)
+        Quantization-aware training after a `quantize(...)` step (Jacob et al. 2018): the folded
+        float weights train through the straight-through fake quantizer (`compax.compress.quant`).
+
+Common to all three. Every member i trains with its own streams of seed `config.seed + i`
+(`compax.train.population`: data order, augmentation, dropout and, for gmp from scratch, the
+initialisation; the same streams as the baseline member, so a gmp member starts from the baseline
+member's initial weights and sees its data order), with Adam at the run's learning rate, batch
+size and augmentation, `ctx.chunk` members vmapped at a time through `make_train_step`. Masked
+entries are kept at zero by the optimizer (`masked`): their gradients are zeroed before Adam and
+their update is -w, so the weight after each step is exactly 0. Early stopping keeps each member's
+weights of the epoch with the lowest validation loss (`patience` None: never stop early, keep the
+best epoch); candidates are, for finetune and qat, also the incoming weights (epoch 0: the step
+never makes validation loss worse), for gmp only the epochs that end at or after `end` (when the
+masks hold the final sparsity). Each step reports in the variant's info (results.json) under
+`training.<step>`: optimizer steps, epochs, wall seconds (compilation included) and training
+images per second over all members.
+
+Not done: a step killed midway starts again from its beginning (no checkpoints), and nothing is
+logged to TensorBoard.
+"""
+
+import dataclasses
+import time
+from typing import Any, ClassVar, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from compax.compress.paths import is_weight
+from compax.compress.prune import global_l1_masks, kernel_masks, layer_l1_masks
+from compax.compress.ptq import quantize_weights, quantized_apply
+from compax.compress.registry import Context, Step, Variant, register_step
+from compax.compress.sparsity import sparsity_report
+from compax.errors import UserError
+from compax.kernels import conv_cpu
+from compax.population import loss_and_accuracy, make_predict, take_members
+from compax.train.early_stopping import update_early_stopping
+from compax.train.population import (
+    AUGMENT,
+    DATA,
+    DROPOUT,
+    PopulationState,
+    init_population,
+    member_keys,
+    variables_of,
+)
+from compax.train.steps import epoch_order, make_train_step
+
+
+def _is_none(x) -> bool:
+    return x is None
+
+
+def gmp_sparsity(step, initial, final, begin, end):
+    """Zhu & Gupta's target sparsity at optimizer step `step` (jnp; every argument may be traced):
+    final + (initial - final) * (1 - p)^3 with p = clip((step - begin) / (end - begin), 0, 1)."""
+    step = jnp.asarray(step, jnp.float32)
+    span = jnp.maximum(jnp.asarray(end - begin, jnp.float32), 1.0)
+    p = jnp.clip((step - begin) / span, 0.0, 1.0)
+    p = jnp.where(step >= end, 1.0, p)  # begin == end: one pruning step to the final sparsity
+    return final + (initial - final) * (1.0 - p) ** 3
+
+
+def gmp_update_step(step, begin, end, every):
+    """Whether the masks are recomputed at optimizer step `step`: begin <= step <= end and
+    (step - begin) % every == 0 (TF-MOT's pruning turns), or step == end (the final sparsity)."""
+    return (step >= begin) & (step <= end) & (((step - begin) % every == 0) | (step == end))
+
+
+class MaskedState(NamedTuple):
+    """`masked`'s state: optimizer steps taken, the masks (True = kept), the final sparsity and the
+    wrapped optimizer's state."""
+
+    count: jax.Array
+    masks: Any
+    final: jax.Array
+    inner: optax.OptState
+
+
+def masked(inner: optax.GradientTransformation, init_masks, schedule=None) -> optax.GradientTransformation:
+    """`inner` restricted to the entries its masks keep; masked-out weights are set to zero.
+
+    `init_masks(params)` gives the first masks (pytree like params, bool for masked kernels, None
+    elsewhere). `schedule`, if given, is `(recompute(t), masks_at(params, t, final))`, t = 1 at the
+    first update: at every update t where `recompute` holds, the masks become `masks_at` of the
+    current weights (before the update). Gradients of masked entries are zeroed before `inner`, and
+    their update is -w, so they are exactly 0 after the step.
+    """
+    def init(params):
+        return MaskedState(jnp.zeros((), jnp.int32), init_masks(params), jnp.zeros((), jnp.float32),
+                           inner.init(params))
+
+    def update(grads, state, params):
+        masks = state.masks
+        if schedule is not None:
+            recompute, masks_at = schedule
+            t = state.count + 1  # the number of this update: 1 at the first
+            masks = jax.lax.cond(recompute(t), lambda: masks_at(params, t, state.final),
+                                 lambda: state.masks)
+
+        def keep(m, x, other):
+            return x if m is None else jnp.where(m, x, other)
+
+        grads = jax.tree.map(lambda m, g: keep(m, g, jnp.zeros_like(g)), masks, grads, is_leaf=_is_none)
+        updates, inner_state = inner.update(grads, state.inner, params)
+        updates = jax.tree.map(lambda m, u, p: keep(m, u, -p), masks, updates, params, is_leaf=_is_none)
+        return updates, MaskedState(state.count + 1, masks, state.final, inner_state)
+
+    return optax.GradientTransformation(init, update)
+
+
+def zero_masks(params):
+    """Masks keeping every kernel entry that is not exactly zero (True = kept)."""
+    return kernel_masks(params, lambda kernels: [k == 0 for k in kernels])
+
+
+def masked_sparsity(params, masks) -> dict:
+    """`sparsity_report` averaged over the members of a population."""
+    size = jax.tree.leaves(params)[0].shape[0]
+    reports = [sparsity_report(take_members(params, i), take_members(masks, i)) for i in range(size)]
+    return {
+        "fraction_of_weights": float(np.mean([r["fraction_of_weights"] for r in reports])),
+        "fraction_of_params": float(np.mean([r["fraction_of_params"] for r in reports])),
+        "layers": {n: float(np.mean([r["layers"][n] for r in reports])) for n in reports[0]["layers"]},
+    }
+
+
+class _Trainable:
+    """How a step's model trains: `apply(variables, x, train, mutable, rngs) -> (logits, updates)`
+    as `make_train_step` calls it, and `evaluate(variables, x) -> logits` for validation."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def apply(self, variables, x, train, mutable, rngs):
+        return self.model.apply(variables, x, train=train, mutable=mutable, rngs=rngs)
+
+    def evaluate(self, variables, x):
+        return self.model.apply(variables, x, train=False)
+
+
+@dataclasses.dataclass
+class Trained:
+    """A trained population: each member's best params and batch stats, the final optimizer state
+    and the cost of the training (`info`)."""
+
+    params: dict
+    batch_stats: dict
+    opt_state: Any
+    info: dict
+
+
+def train_population(trainable, tx, params, batch_stats, ctx: Context, *, epochs: int,
+                     patience: int | None, learning_rate_note: float, start_candidate: bool,
+                     first_candidate_epoch: int = 1, opt_state=None) -> Trained:
+    """Trains every member of `params` (leading member axis) for `epochs` epochs (module doc)."""
+    config, dataset = ctx.config, ctx.dataset
+    if dataset is None:
+        raise UserError("training steps need the run's dataset: run them inside a population run")
+    batch_size = config.batch_size
+    steps = len(dataset.train) // batch_size
+    if steps == 0:
+        raise UserError(f"batch_size {batch_size} exceeds the {len(dataset.train)} training images:"
+                        " lower the batch size")
+    size = jax.tree.leaves(params)[0].shape[0]
+    seeds = jnp.arange(size, dtype=jnp.int32) + config.seed
+    opt_state = jax.vmap(tx.init)(params) if opt_state is None else opt_state
+    predict = make_predict(trainable.evaluate, dataset.mean, dataset.std, config.eval_batch_size,
+                           ctx.chunk)
+
+    def val_loss(p, b):
+        return jnp.asarray(loss_and_accuracy(predict(variables_of(p, b), dataset.val.images),
+                                             dataset.val.labels)[0])
+
+    start_time = time.perf_counter()
+    best_val = val_loss(params, batch_stats) if start_candidate else jnp.full((size,), jnp.inf)
+    state = PopulationState(
+        epoch=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats, opt_state=opt_state,
+        best_params=params, best_batch_stats=batch_stats, best_val_loss=best_val.astype(jnp.float32),
+        best_epoch=jnp.zeros((size,), jnp.int32), epochs_since_best=jnp.zeros((size,), jnp.int32),
+        stopped=jnp.zeros((size,), bool))
+    train_step = make_train_step(trainable, tx, dataset.mean, dataset.std, config.augment, ctx.chunk)
+    images, labels = jnp.asarray(dataset.train.images), jnp.asarray(dataset.train.labels)
+    data_keys, aug_keys, dropout_keys = (member_keys(seeds, s) for s in (DATA, AUGMENT, DROPOUT))
+    history = []
+    for epoch in range(1, epochs + 1):
+        order = epoch_order(data_keys, jnp.int32(epoch), len(dataset.train), steps, batch_size)
+        p, b, o = state.params, state.batch_stats, state.opt_state
+        losses = []
+        for step in range(steps):
+            p, b, o, loss, _ = train_step(p, b, o, order, aug_keys, dropout_keys, images, labels,
+                                          jnp.int32(epoch), jnp.int32(step))
+            losses.append(loss)
+        if not np.all(np.isfinite(np.asarray(jnp.stack(losses)))):
+            raise UserError(f"training loss became non-finite in epoch {epoch}: lower the learning"
+                            f" rate ({learning_rate_note})")
+        # Stopped members train on but their best weights are frozen (update_early_stopping).
+        state = state.replace(params=p, batch_stats=b, opt_state=o)
+        loss = val_loss(p, b)
+        history.append(np.asarray(loss).tolist())
+        if epoch >= first_candidate_epoch:
+            state = update_early_stopping(state, loss, jnp.int32(patience or epochs + 1))
+        else:
+            state = state.replace(epoch=state.epoch + 1)
+        if bool(state.stopped.all()):
+            break
+    jax.block_until_ready(state.best_params)
+    seconds = time.perf_counter() - start_time
+    done = len(history)
+    info = {"steps": done * steps, "epochs": done, "seconds": round(seconds, 3),
+            "images_per_second": round(done * steps * batch_size * size / seconds, 1),
+            "batch_size": batch_size, "learning_rate": learning_rate_note, "members": size,
+            "best_epoch": np.asarray(state.best_epoch).tolist(), "val_loss": history}
+    return Trained(state.best_params, state.best_batch_stats, state.opt_state, info)
+
+
+def _with_training(info: dict, name: str, stats: dict) -> dict:
+    info = dict(info)
+    info["training"] = {**info.get("training", {}), name: stats}
+    return info
+
+
+def _check_epochs(name, epochs, patience):
+    if not isinstance(epochs, int) or epochs < 1:
+        raise UserError(f"{name}: epochs must be an integer >= 1, got {epochs!r}")
+    if patience is not None and (not isinstance(patience, int) or patience < 1):
+        raise UserError(f"{name}: patience must be an integer >= 1 or none, got {patience!r}")
+
+
+def _float_model(variant: Variant, name: str):
+    if variant.compressed.qstate is not None or variant.compressed.dtype != "float32":
+        raise UserError(f"{name} trains a float32 model: put it before quantize or cast")
+
+
+@register_step
+@dataclasses.dataclass(frozen=True)
+class GradualMagnitudePruning(Step):
+    """Recipe step `gmp`: every member trained with Zhu & Gupta's schedule (module doc).
+
+    `begin`, `end`, `every` are in `unit` (`epochs`: converted to optimizer steps as
+    round(x * steps per epoch), so end=8 is the last update of epoch 8; `steps`: updates t counted
+    from 1 at the first update; end is at least 1).
+    `start=init` (default) trains from the baseline member's initialisation, as Hooker et al. train
+    each pruned model from scratch, so the pruned population is a population of its own and not a
+    retouched baseline; `start=trained` starts from the trained weights instead. `final` may be
+    `searched` (the run's searched global-L1 level); `exclude` defaults to compress.prune_exclude.
+    """
+
+    name: ClassVar[str] = "gmp"
+    prunes: ClassVar[bool] = False  # its masks come from training, not from given masks
+    final: float | str = 0.9
+    begin: float = 1
+    end: float = 8
+    every: float = 0.5
+    unit: str = "epochs"
+    scope: str = "global"
+    initial: float = 0.0
+    epochs: int = 12
+    patience: int | None = None
+    start: str = "init"
+    exclude: str | None = None
+
+    def __post_init__(self):
+        _check_epochs(self.name, self.epochs, self.patience)
+        if self.final != "searched" and not (isinstance(self.final, int | float) and 0 <= self.final < 1):
+            raise UserError(f"gmp: final must be a fraction in [0, 1) or 'searched', got {self.final!r}")
+        if not (isinstance(self.initial, int | float) and 0 <= self.initial < 1):
+            raise UserError(f"gmp: initial must be a fraction in [0, 1), got {self.initial!r}")
+        if self.unit not in ("epochs", "steps"):
+            raise UserError(f"gmp: unit must be epochs or steps, got {self.unit!r}")
+        if self.scope not in ("global", "layer"):
+            raise UserError(f"gmp: scope must be global or layer, got {self.scope!r}")
+        if self.start not in ("init", "trained"):
+            raise UserError(f"gmp: start must be init or trained, got {self.start!r}")
+        for key in ("begin", "end", "every"):
+            if not isinstance(getattr(self, key), int | float) or getattr(self, key) < 0:
+                raise UserError(f"gmp: {key} must be a number >= 0, got {getattr(self, key)!r}")
+        if not self.begin <= self.end or self.every <= 0:
+            raise UserError(f"gmp: need begin <= end and every > 0, got begin={self.begin},"
+                            f" end={self.end}, every={self.every}")
+        if self.unit == "epochs" and self.end > self.epochs:
+            raise UserError(f"gmp: end={self.end} epochs is after the last of epochs={self.epochs}")
+
+    def schedule_steps(self, steps_per_epoch: int) -> tuple[int, int, int]:
+        """(begin, end, every) in optimizer steps."""
+        scale = steps_per_epoch if self.unit == "epochs" else 1
+        begin, end = round(self.begin * scale), max(1, round(self.end * scale))
+        every = max(1, round(self.every * scale))
+        if end > self.epochs * steps_per_epoch:
+            raise UserError(f"gmp: end={end} steps is beyond the {self.epochs * steps_per_epoch}"
+                            " steps of training: raise epochs or lower end")
+        return begin, end, every
+
+    def transform(self, learning_rate: float, steps_per_epoch: int, exclude: str | None):
+        """The masked Adam of this schedule (the final sparsity is in its state: `MaskedState.final`)."""
+        begin, end, every = self.schedule_steps(steps_per_epoch)
+        prune = global_l1_masks if self.scope == "global" else layer_l1_masks
+
+        def masks_at(params, count, final):
+            return prune(params, gmp_sparsity(count, self.initial, final, begin, end), exclude=exclude)
+
+        def dense(params):
+            return kernel_masks(params, lambda ks: [jnp.zeros(k.shape, bool) for k in ks], exclude)
+
+        return masked(optax.adam(learning_rate), dense,
+                      (lambda count: gmp_update_step(count, begin, end, every), masks_at))
+
+    def train(self, model, variables, ctx: Context, final) -> tuple[dict, Any, dict]:
+        """(variables, final masks, training info) of the population trained with the schedule;
+        `final` is a fraction or an array (P,) of one per member."""
+        config = ctx.config
+        steps_per_epoch = len(ctx.dataset.train) // config.batch_size
+        exclude = self.exclude if self.exclude is not None else config.compress.prune_exclude
+        tx = self.transform(config.learning_rate, max(steps_per_epoch, 1), exclude)
+        size = jax.tree.leaves(variables)[0].shape[0]
+        if self.start == "init":
+            state = init_population(model, tx, jnp.arange(size, dtype=jnp.int32) + config.seed)
+            params, batch_stats = state.params, state.batch_stats
+        else:
+            params, batch_stats = variables["params"], variables.get("batch_stats", {})
+        opt_state = jax.vmap(tx.init)(params)
+        opt_state = opt_state._replace(final=jnp.broadcast_to(jnp.asarray(final, jnp.float32), (size,)))
+        _, end, _ = self.schedule_steps(max(steps_per_epoch, 1))
+        trained = train_population(
+            _Trainable(model), tx, params, batch_stats, ctx, epochs=self.epochs,
+            patience=self.patience, learning_rate_note=config.learning_rate, start_candidate=False,
+            first_candidate_epoch=-(-end // max(steps_per_epoch, 1)), opt_state=opt_state)
+        return (variables_of(trained.params, trained.batch_stats), trained.opt_state.masks,
+                trained.info)
+
+    def __call__(self, variant: Variant, ctx: Context) -> Variant:
+        _float_model(variant, self.name)
+        if ctx.abstract:
+            return Variant(variant.model, variant.compressed, dict(variant.info))
+        final = ctx.searched_sparsity() if self.final == "searched" else float(self.final)
+        variables, masks, info = self.train(variant.model, variant.compressed.variables, ctx, final)
+        result = _with_training(variant.info, self.name, info)
+        result["sparsity"] = {"amount": final, **masked_sparsity(variables["params"], masks)}
+        return Variant(variant.model, variant.compressed.replace(variables=variables), result)
+
+
+@register_step
+@dataclasses.dataclass(frozen=True)
+class FineTune(Step):
+    """Recipe step `finetune`: masked training of the incoming (pruned) float32 population, the
+    masks being its kernels' zero entries, for `epochs` epochs with early stopping on validation
+    loss (the incoming weights are the epoch-0 candidate); `learning_rate` None: the run's."""
+
+    name: ClassVar[str] = "finetune"
+    epochs: int = 5
+    patience: int | None = None
+    learning_rate: float | None = None
+
+    def __post_init__(self):
+        _check_epochs(self.name, self.epochs, self.patience)
+
+    def __call__(self, variant: Variant, ctx: Context) -> Variant:
+        _float_model(variant, self.name)
+        if ctx.abstract:
+            return Variant(variant.model, variant.compressed, dict(variant.info))
+        variables = variant.compressed.variables
+        params, batch_stats = variables["params"], variables.get("batch_stats", {})
+        rate = self.learning_rate or ctx.config.learning_rate
+        tx = masked(optax.adam(rate), zero_masks)
+        trained = train_population(_Trainable(variant.model), tx, params, batch_stats, ctx,
+                                   epochs=self.epochs, patience=self.patience,
+                                   learning_rate_note=rate, start_candidate=True)
+        info = _with_training(variant.info, self.name, trained.info)
+        return Variant(variant.model, variant.compressed.replace(
+            variables={**variables, **variables_of(trained.params, trained.batch_stats)}), info)
+
+
+class _QuantAware(_Trainable):
+    """The PTQ model with its weights fake-quantized from the current float weights at every call
+    (per channel, `ptq.quantize_weights`) and activations with the fixed calibrated parameters.
+    The member's QuantState travels in `batch_stats` (`{"model": ..., "qstate": ...}`) so that
+    `make_train_step` vmaps it with the member; nothing in it changes during training."""
+
+    def evaluate(self, variables, x):
+        packed = variables["batch_stats"]
+        params, _ = quantize_weights(variables["params"], packed["qstate"].config)
+        inner = {**variables_of(params, packed["model"]), **packed["rest"]}
+        return quantized_apply(self.model, inner, packed["qstate"], x)
+
+    def apply(self, variables, x, train, mutable, rngs):
+        del train, mutable, rngs  # BatchNorm is folded, dropout off: evaluation mode throughout
+        with nn.intercept_methods(_xla_convolution):
+            logits = self.evaluate(variables, x)
+        return logits, {"batch_stats": variables["batch_stats"]}
+
+
+def _xla_convolution(next_fun, args, kwargs, context):
+    """Interceptor: `nn.Conv` calls use XLA's convolution primitive, which the quantization points
+    of `interpret.py` need, also inside `make_train_step`'s `cpu_convolutions()`. Entered later, it
+    runs innermost (flax runs the last entered interceptor next to the method), so it overrides the
+    convolution that `cpu_convolutions` set, and puts it back after the call."""
+    module = context.module
+    if (context.method_name != "__call__" or not isinstance(module, nn.Conv)
+            or module.conv_general_dilated_cls is not None
+            or module.conv_general_dilated not in (None, conv_cpu.conv_general_dilated)):
+        return next_fun(*args, **kwargs)
+    previous = module.conv_general_dilated
+    object.__setattr__(module, "conv_general_dilated", jax.lax.conv_general_dilated)
+    try:
+        return next_fun(*args, **kwargs)
+    finally:
+        object.__setattr__(module, "conv_general_dilated", previous)
+
+
+@register_step
+@dataclasses.dataclass(frozen=True)
+class QuantizationAwareTraining(Step):
+    """Recipe step `qat` (after `quantize`): quantization-aware training of the PTQ population.
+
+    Starts from the PTQ model: BatchNorm folded, activation observers calibrated (their scales and
+    zero points are kept fixed throughout), the float weights being the folded float weights the
+    quantize step rounded (`Variant.float_variables`; the grid weights if a step in between dropped
+    them). Each step re-quantizes the weights per output channel from the current float weights
+    (scale max|w| / ((2^b - 1) / 2)) and backpropagates through the straight-through estimator.
+    The result is a Compressed like PTQ's: weights on the grid of their new per-channel scales, the
+    QuantState's weight scales replaced, everything else the same. Folded BatchNorm means no batch
+    statistics are updated (PyTorch's QAT can keep BatchNorm training; this one does not), and the
+    model runs in evaluation mode (no dropout).
+    """
+
+    name: ClassVar[str] = "qat"
+    epochs: int = 5
+    patience: int | None = None
+    learning_rate: float | None = None
+
+    def __post_init__(self):
+        _check_epochs(self.name, self.epochs, self.patience)
+
+    def __call__(self, variant: Variant, ctx: Context) -> Variant:
+        compressed = variant.compressed
+        qstate = compressed.qstate
+        if qstate is None or qstate.config.dynamic:
+            raise UserError("qat trains a statically quantized model: put it right after"
+                            " quantize(...) in the recipe")
+        if ctx.abstract:
+            return Variant(variant.model, compressed, dict(variant.info))
+        start = getattr(variant, "float_variables", None) or compressed.variables
+        config = qstate.config
+        packed = {"model": start.get("batch_stats", {}), "qstate": qstate,
+                  "rest": {k: v for k, v in start.items() if k not in ("params", "batch_stats")}}
+        rate = self.learning_rate or ctx.config.learning_rate
+        trained = train_population(_QuantAware(variant.model), optax.adam(rate), start["params"],
+                                   packed, ctx, epochs=self.epochs, patience=self.patience,
+                                   learning_rate_note=rate, start_candidate=True)
+        params, scales = jax.vmap(lambda p: quantize_weights(p, config))(trained.params)
+        variables = {**compressed.variables, "params": params}
+        new_qstate = qstate.replace(weight_scale=scales)
+        info = _with_training(variant.info, self.name, trained.info)
+        return Variant(variant.model, compressed.replace(variables=variables, qstate=new_qstate), info)
+
+
+def kernel_zero_counts(params) -> list[int]:
+    """Exactly-zero kernel entries of every member (for tests and reports)."""
+    size = jax.tree.leaves(params)[0].shape[0]
+    leaves = [leaf for p, leaf in jax.tree_util.tree_leaves_with_path(params) if is_weight(p, leaf[0])]
+    return [int(sum(np.count_nonzero(np.asarray(leaf[i]) == 0) for leaf in leaves)) for i in range(size)]
