@@ -65,7 +65,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from compax.compress import Compressed, apply_compressed
+from compax.analysis.taps import apply_with_cpu_convolutions
+from compax.compress import Compressed
 from compax.errors import UserError
 from compax.population import chunked_vmap, take_members
 
@@ -77,7 +78,7 @@ def pixel_space_apply(model, compressed: Compressed, mean, std) -> Callable:
     """`apply_fn(images01) -> logits` of a variant for images in [0, 1]: the model sees
     (images01 - mean) / std per channel, as `compax.data.normalize` gives for uint8 images / 255."""
     mean, std = jnp.asarray(mean, jnp.float32), jnp.asarray(std, jnp.float32)
-    return lambda images01: apply_compressed(model, compressed, (images01 - mean) / std)
+    return lambda images01: apply_with_cpu_convolutions(model, compressed, (images01 - mean) / std)
 
 
 def true_class_margin(logits, labels):

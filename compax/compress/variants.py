@@ -25,6 +25,7 @@ The variants themselves are recipes of registered steps (`registry.py`, `RECIPES
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from compax.compress.ptq import QuantState, quantized_apply
 from compax.compress.size import storage_bytes
@@ -69,11 +70,19 @@ def compress(variant: str, model, variables, calib_images=None, masks=None, *,
                         "pass masks to the pruning variants only")
     config = base_config()
     config.compress.reduce_range, config.compress.observer = reduce_range, observer
-    ctx = registry.Context(
-        config=config, masks=masks,
-        calib_images=None if calib_images is None else jnp.asarray(calib_images, jnp.float32))
-    population = jax.tree.map(lambda a: jnp.asarray(a)[None], variables)
+    # Shapes only (e.g. from jax.eval_shape) give the variant's shapes and static data.
+    abstract = any(isinstance(a, jax.ShapeDtypeStruct) for a in jax.tree.leaves(variables))
+    if abstract:
+        population = jax.tree.map(lambda a: jax.ShapeDtypeStruct((1, *a.shape), a.dtype), variables)
+        calib = None if calib_images is None else jax.ShapeDtypeStruct(np.shape(calib_images),
+                                                                       jnp.float32)
+    else:
+        population = jax.tree.map(lambda a: jnp.asarray(a)[None], variables)
+        calib = None if calib_images is None else jnp.asarray(calib_images, jnp.float32)
+    ctx = registry.Context(config=config, masks=masks, calib_images=calib, abstract=abstract)
     made = registry.run_recipe(recipe, model, population, ctx)
+    if abstract:
+        return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), made.compressed)
     return jax.tree.map(lambda a: a[0], made.compressed)
 
 
