@@ -137,7 +137,7 @@ def test_pruned_ft_keeps_the_zeros_and_lowers_validation_loss(trained):
     assert tuned.info["sparsity"] == pruned.info["sparsity"]
 
 
-@pytest.mark.parametrize("recipe", ["qat_w8a8", "qat_w4a8"])
+@pytest.mark.parametrize("recipe", ["qat_w8a8", pytest.param("qat_w4a8", marks=pytest.mark.slow)])
 def test_qat_weights_on_the_grid_and_int8_agrees(trained, recipe):
     config, dataset, model, variables = trained
     ctx = _ctx(trained)
