@@ -92,15 +92,16 @@ def calibration_images(config: ml_collections.ConfigDict, dataset: Dataset) -> j
 
 
 def recipe_context(config, model, variables, dataset: Dataset, chunk: int, *,
-                   abstract: bool = False) -> Context:
-    """The `Context` the recipes of a run share (one sparsity search, one calibration set)."""
+                   abstract: bool = False, log_dir=None) -> Context:
+    """The `Context` the recipes of a run share (one sparsity search, one calibration set);
+    training steps write TensorBoard scalars under `log_dir` (None: none), see `Context`."""
     if abstract:
         count = min(config.compress.calibration_images, len(dataset.train))
         calib = jax.ShapeDtypeStruct((count, *dataset.train.images.shape[1:]), jnp.float32)
     else:
         calib = calibration_images(config, dataset)
     return Context(config=config, dataset=dataset, original=variables, chunk=chunk,
-                   abstract=abstract, calib_images=calib,
+                   abstract=abstract, calib_images=calib, log_dir=log_dir,
                    searcher=lambda: search_sparsity(config, model, variables, dataset, chunk))
 
 
@@ -171,18 +172,21 @@ def inference_cost(config, dataset: Dataset, variants: dict[str, Variant]) -> di
 
 
 def compress_population(config: ml_collections.ConfigDict, model, variables, dataset: Dataset,
-                        chunk: int) -> dict:
+                        chunk: int, log_dir=None) -> dict:
     """Every variant in `config.compress.variants` of the population `variables`.
+
+    The training steps of a variant write their per-epoch scalars as TensorBoard event files in
+    `<log_dir>/<variant>/<step>` (`compax/train/scalars.py`; None: none).
 
     Returns {"variants": {name: results (schema in pipeline.py)}, "sparsity_search": ... (when a
     recipe searched the level), "recipes": {name: recipe text}, "inference": {name: cost},
     "populations": {name: Compressed with a leading member axis}, "models": {name: module}}.
     """
-    ctx = recipe_context(config, model, variables, dataset, chunk)
+    ctx = recipe_context(config, model, variables, dataset, chunk, log_dir=log_dir)
     results, recipes = {}, {}
     made_variants = {"baseline": Variant(model, Compressed(variables, None))}
     for name, steps in variant_recipes(config.compress.variants).items():
-        variant = run_recipe(steps, model, variables, ctx)
+        variant = run_recipe(steps, model, variables, ctx, name)
         made_variants[name] = variant
         recipes[name] = describe(steps)
         results[name] = {"recipe": recipes[name],

@@ -8,6 +8,8 @@ The workdir holds:
     checkpoints/           orbax checkpoints of the training population (per epoch, newest 2),
                            each with its checksums and the metrics up to it
     metrics.jsonl          training metrics per epoch and member
+    tensorboard/           the same scalars as event files (train/), and those of the training
+                           steps of variants (<variant>/<step>/)
     variants/<name>/       orbax checkpoint of each compressed population, with its checksums
     stages/<stage>.json    each stage's record (compax/stages.py) with the results it measured
     analysis/arrays.npz    the arrays behind the figures (written by `analyse`)
@@ -172,15 +174,16 @@ class Run:
     def compress(self) -> tuple[dict, list[str]]:
         trained = self.trained
         made = compress_population(self.config, trained.model, trained.variables, self.dataset,
-                                   self.chunk)
+                                   self.chunk, log_dir=self.workdir / "tensorboard")
         variants = made["variants"]
         baseline = self.records.read("train")["results"]["variants"]["baseline"]
         for name, population in made["populations"].items():
             path = self.workdir / "variants" / name
             save_compressed(path, population)
             variant = variants[name]
-            variant["bytes_on_disk_population"] = sum(f.stat().st_size for f in path.rglob("*")
-                                                      if f.is_file())
+            variant["bytes_on_disk_population"] = sum(  # orbax's files, without compax's manifest
+                f.stat().st_size for f in path.rglob("*")
+                if f.is_file() and f.name != "compax_manifest.json")
             variant["accuracy_diff_pp"] = float(100 * np.mean(
                 np.asarray(variant["member_accuracy"]) - np.asarray(baseline["member_accuracy"])))
             logging.info("%s: test accuracy %.4f (%+.2f pp), %d bytes (%.2fx smaller)", name,

@@ -269,7 +269,7 @@ def test_chunk_is_lowered_to_what_fits_device_memory(monkeypatch, caplog):
     import jax
     import jax.numpy as jnp
 
-    import compax.train.population as population
+    import compax.population as population
 
     def member(w, x):  # a (256, 256) temporary per member
         return jnp.tanh(x @ w).sum(0)

@@ -25,6 +25,7 @@ training), which is how a saved variant's structure is rebuilt for restoring.
 
 import ast
 import dataclasses
+import pathlib
 import re
 from collections.abc import Callable
 from typing import Any, ClassVar
@@ -34,6 +35,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from compax.compress.variants import Compressed
+from compax.distributed import is_main_process
 from compax.errors import UserError
 from compax.population import chunked_vmap
 
@@ -67,6 +69,9 @@ class Context:
     `abstract`: only shapes are wanted (restoring a saved variant); steps skip data and training.
     `masks`: given pruning masks (one member, `compress`'s single-model API) that replace those a
     pruning step would compute.
+    `log_dir`: where training steps write TensorBoard scalars (`compax/train/scalars.py`), each in
+    `<log_dir>/<variant>/<step>`: `run_recipe` (given the variant's name) sets `step_log_dir` to
+    that directory while the step runs. None: no event files.
     """
 
     config: ml_collections.ConfigDict
@@ -78,6 +83,8 @@ class Context:
     calib_images: Any = None
     cache: dict = dataclasses.field(default_factory=dict)
     searcher: Callable | None = None  # () -> sparsity search results, see `searched_sparsity`
+    log_dir: pathlib.Path | None = None
+    step_log_dir: pathlib.Path | None = None  # the running step's (set by run_recipe)
 
     def calibration(self):
         """Normalised calibration images (training images, `compress.calibration_images`)."""
@@ -254,10 +261,28 @@ def describe(steps: tuple[Step, ...]) -> str:
     return "+".join(s.describe() for s in steps) or "(uncompressed)"
 
 
-def run_recipe(steps: tuple[Step, ...], model, variables, ctx: Context) -> Variant:
-    """The variant made by `steps` from the population `variables` (leading member axis)."""
+def step_log_dirs(steps: tuple[Step, ...]) -> list[str]:
+    """The directory name of each step's TensorBoard scalars: its name, with `_2`, `_3`, ...
+    appended to the later ones of a name that appears more than once."""
+    seen: dict[str, int] = {}
+    names = []
+    for step in steps:
+        seen[step.name] = seen.get(step.name, 0) + 1
+        names.append(step.name if seen[step.name] == 1 else f"{step.name}_{seen[step.name]}")
+    return names
+
+
+def run_recipe(steps: tuple[Step, ...], model, variables, ctx: Context,
+               name: str | None = None) -> Variant:
+    """The variant made by `steps` from the population `variables` (leading member axis);
+    `name`, the variant's, places its training steps' scalars under `ctx.log_dir / name`."""
     float32 = jax.tree.map(lambda a: a if ctx.abstract else jnp.asarray(a), variables)
     variant = Variant(model, Compressed(float32, None))
-    for step in steps:
-        variant = step(variant, ctx)
+    logs = name is not None and ctx.log_dir is not None and not ctx.abstract and is_main_process()
+    for step, directory in zip(steps, step_log_dirs(steps), strict=True):
+        # The same context (its cache included) with this step's directory; steps that do not
+        # train write nothing there.
+        step_ctx = dataclasses.replace(
+            ctx, step_log_dir=pathlib.Path(ctx.log_dir) / name / directory if logs else None)
+        variant = step(variant, step_ctx)
     return variant

@@ -13,7 +13,9 @@ their running statistics, in training exactly as at test time, and keep them; Sq
 (before its classifier) is off. The frozen layers get zero updates (`optax.multi_transform` with
 `optax.set_to_zero`), so they keep their trained values exactly.
 
-As a recipe step: `ablate(epochs=5)` (the recipe `ablated`).
+As a recipe step: `ablate(epochs=5)` (the recipe `ablated`). Each epoch's training loss (mean over
+its steps) and validation loss per member go to TensorBoard event files in `log_dir` (the step's
+`<workdir>/tensorboard/<variant>/ablate` in a run; `compax/train/scalars.py`).
 """
 
 import dataclasses
@@ -40,6 +42,7 @@ from compax.train.population import (
     member_keys,
     variables_of,
 )
+from compax.train.scalars import ScalarWriter
 from compax.train.steps import epoch_order, make_train_step
 
 # The layers after the dropped block: re-initialised and trained.
@@ -91,7 +94,7 @@ class _EvalModeModel:
 
 def ablate(model_name: str, num_classes: int, width: float, variables: dict, dataset: Dataset, *,
            epochs: int, batch_size: int, learning_rate: float, seed: int, chunk: int,
-           augment: bool = False) -> tuple[nn.Module, dict]:
+           augment: bool = False, log_dir=None) -> tuple[nn.Module, dict]:
     """(ablated model, its variables) of a trained population (Zee et al.'s layer ablation).
 
     `variables` hold the trained population (`params`, `batch_stats` where the model has BatchNorm)
@@ -101,6 +104,7 @@ def ablate(model_name: str, num_classes: int, width: float, variables: dict, dat
     images (augmented with random flips and crops if `augment`) for `epochs` epochs, and each member
     keeps the head of its epoch with the lowest validation loss. `chunk` members are vmapped at a
     time. The result works like any trained population, e.g. `compress("float32", model, member)`.
+    The per-epoch losses go to TensorBoard event files in `log_dir` (None: nowhere).
     """
     if epochs < 1:
         raise UserError(f"ablation epochs must be >= 1, got {epochs}: set the epochs of the ablate step")
@@ -127,18 +131,22 @@ def ablate(model_name: str, num_classes: int, width: float, variables: dict, dat
     predict = make_predict(model_apply(model), dataset.mean, dataset.std, batch_size, chunk)
     images, train_labels = jnp.asarray(dataset.train.images), jnp.asarray(dataset.train.labels)
     data_keys, aug_keys, dropout_keys = (member_keys(seeds, s) for s in (DATA, AUGMENT, DROPOUT))
-    for epoch in range(1, epochs + 1):
-        order = epoch_order(data_keys, jnp.int32(epoch), len(dataset.train), steps, batch_size)
-        params, opt_state = state.params, state.opt_state
-        for step in range(steps):
-            params, _, opt_state, _, _ = train_step(params, state.batch_stats, opt_state, order, aug_keys,
-                                                    dropout_keys, images, train_labels, jnp.int32(epoch),
-                                                    jnp.int32(step))
-        state = state.replace(params=params, opt_state=opt_state)
-        val_loss, _ = loss_and_accuracy(predict(variables_of(params, state.batch_stats), dataset.val.images),
-                                        dataset.val.labels)
-        # patience = epochs never stops a member early: every epoch runs, the best head is kept.
-        state = update_early_stopping(state, jnp.asarray(val_loss), jnp.int32(epochs))
+    with ScalarWriter(log_dir) as scalars:
+        for epoch in range(1, epochs + 1):
+            order = epoch_order(data_keys, jnp.int32(epoch), len(dataset.train), steps, batch_size)
+            params, opt_state = state.params, state.opt_state
+            losses = []
+            for step in range(steps):
+                params, _, opt_state, loss, _ = train_step(
+                    params, state.batch_stats, opt_state, order, aug_keys, dropout_keys, images,
+                    train_labels, jnp.int32(epoch), jnp.int32(step))
+                losses.append(loss)
+            state = state.replace(params=params, opt_state=opt_state)
+            val_loss, _ = loss_and_accuracy(
+                predict(variables_of(params, state.batch_stats), dataset.val.images), dataset.val.labels)
+            scalars.write(epoch, {"train_loss": jnp.stack(losses).mean(0), "val_loss": val_loss})
+            # patience = epochs never stops a member early: every epoch runs, the best head is kept.
+            state = update_early_stopping(state, jnp.asarray(val_loss), jnp.int32(epochs))
     return model, best_variables(state)
 
 
@@ -174,5 +182,5 @@ class Ablate(Step):
             model, variables = ablate(
                 name, classes, width, compressed.variables, ctx.dataset, epochs=self.epochs,
                 batch_size=config.batch_size, learning_rate=config.learning_rate,
-                seed=config.seed, chunk=ctx.chunk, augment=config.augment)
+                seed=config.seed, chunk=ctx.chunk, augment=config.augment, log_dir=ctx.step_log_dir)
         return Variant(model, compressed.replace(variables=variables), dict(variant.info))

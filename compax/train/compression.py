@@ -29,8 +29,11 @@ masks hold the final sparsity). Each step reports in the variant's info (results
 `training.<step>`: optimizer steps, epochs, wall seconds (compilation included) and training
 images per second over all members.
 
-Not done: a step killed midway starts again from its beginning (no checkpoints), and nothing is
-logged to TensorBoard.
+Each epoch's training loss (mean over its steps) and validation loss per member (and epoch 0's
+validation loss, where the incoming weights are a candidate) also go to TensorBoard event files in
+`ctx.step_log_dir` (`<workdir>/tensorboard/<variant>/<step>` in a run; `compax/train/scalars.py`).
+
+Not done: a step killed midway starts again from its beginning (no checkpoints).
 """
 
 import dataclasses
@@ -61,6 +64,7 @@ from compax.train.population import (
     member_keys,
     variables_of,
 )
+from compax.train.scalars import ScalarWriter
 from compax.train.steps import epoch_order, make_train_step
 
 
@@ -200,27 +204,34 @@ def train_population(trainable, tx, params, batch_stats, ctx: Context, *, epochs
     images, labels = jnp.asarray(dataset.train.images), jnp.asarray(dataset.train.labels)
     data_keys, aug_keys, dropout_keys = (member_keys(seeds, s) for s in (DATA, AUGMENT, DROPOUT))
     history = []
-    for epoch in range(1, epochs + 1):
-        order = epoch_order(data_keys, jnp.int32(epoch), len(dataset.train), steps, batch_size)
-        p, b, o = state.params, state.batch_stats, state.opt_state
-        losses = []
-        for step in range(steps):
-            p, b, o, loss, _ = train_step(p, b, o, order, aug_keys, dropout_keys, images, labels,
-                                          jnp.int32(epoch), jnp.int32(step))
-            losses.append(loss)
-        if not np.all(np.isfinite(np.asarray(jnp.stack(losses)))):
-            raise UserError(f"training loss became non-finite in epoch {epoch}: lower the learning"
-                            f" rate ({learning_rate_note})")
-        # Stopped members train on but their best weights are frozen (update_early_stopping).
-        state = state.replace(params=p, batch_stats=b, opt_state=o)
-        loss = val_loss(p, b)
-        history.append(np.asarray(loss).tolist())
-        if epoch >= first_candidate_epoch:
-            state = update_early_stopping(state, loss, jnp.int32(patience or epochs + 1))
-        else:
-            state = state.replace(epoch=state.epoch + 1)
-        if bool(state.stopped.all()):
-            break
+    scalars = ScalarWriter(ctx.step_log_dir)
+    if start_candidate:
+        scalars.write(0, {"val_loss": best_val})
+    try:
+        for epoch in range(1, epochs + 1):
+            order = epoch_order(data_keys, jnp.int32(epoch), len(dataset.train), steps, batch_size)
+            p, b, o = state.params, state.batch_stats, state.opt_state
+            losses = []
+            for step in range(steps):
+                p, b, o, loss, _ = train_step(p, b, o, order, aug_keys, dropout_keys, images, labels,
+                                              jnp.int32(epoch), jnp.int32(step))
+                losses.append(loss)
+            if not np.all(np.isfinite(np.asarray(jnp.stack(losses)))):
+                raise UserError(f"training loss became non-finite in epoch {epoch}: lower the learning"
+                                f" rate ({learning_rate_note})")
+            # Stopped members train on but their best weights are frozen (update_early_stopping).
+            state = state.replace(params=p, batch_stats=b, opt_state=o)
+            loss = val_loss(p, b)
+            history.append(np.asarray(loss).tolist())
+            scalars.write(epoch, {"train_loss": jnp.stack(losses).mean(0), "val_loss": loss})
+            if epoch >= first_candidate_epoch:
+                state = update_early_stopping(state, loss, jnp.int32(patience or epochs + 1))
+            else:
+                state = state.replace(epoch=state.epoch + 1)
+            if bool(state.stopped.all()):
+                break
+    finally:
+        scalars.close()
     jax.block_until_ready(state.best_params)
     seconds = time.perf_counter() - start_time
     done = len(history)

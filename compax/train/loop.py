@@ -6,6 +6,8 @@ ends with every member's best-validation weights. Each epoch ends with an orbax 
 holds the metrics so far (`compax/train/checkpoint.py`), then a line in `metrics.jsonl`; a killed
 run started again with the same workdir resumes from the last checkpoint, rewrites
 `metrics.jsonl` from it, and ends with the same parameters and metrics as an uninterrupted run.
+The same scalars go to TensorBoard event files in `<workdir>/tensorboard/train`
+(`compax/train/scalars.py`), rewritten from the checkpoint on resume too (no epoch twice).
 """
 
 import dataclasses
@@ -45,6 +47,7 @@ from compax.train.population import (
     member_keys,
     variables_of,
 )
+from compax.train.scalars import ScalarWriter
 from compax.train.steps import epoch_order, make_train_step
 from compax.workdir import write_text_atomic
 
@@ -74,6 +77,14 @@ def population_seeds(config: ml_collections.ConfigDict) -> np.ndarray:
     if config.population < 1:
         raise UserError(f"population must be >= 1, got {config.population}: set --config.population")
     return np.arange(config.population, dtype=np.int32) + config.seed
+
+
+# The scalars of a metrics.jsonl record that go to TensorBoard (per member, and the epoch's seconds).
+SCALARS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "seconds")
+
+
+def _scalars(record: dict) -> dict:
+    return {k: record[k] for k in SCALARS}
 
 
 def _metrics_line(record: dict) -> str:
@@ -119,6 +130,7 @@ def fit(config: ml_collections.ConfigDict, dataset: Dataset, workdir: str | path
 
     state = shard_members(init_population(model, tx, jnp.asarray(seeds)), mesh)
     checkpoints = PopulationCheckpoints(workdir / "checkpoints")
+    scalars = ScalarWriter(None)
     try:
         history = []
         if checkpoints.latest_epoch() is not None:
@@ -131,6 +143,11 @@ def fit(config: ml_collections.ConfigDict, dataset: Dataset, workdir: str | path
         metrics_path = workdir / "metrics.jsonl"
         if is_main_process():
             _write_metrics(metrics_path, history)
+        # A finished population is only restored: its files, event files included, stay untouched.
+        if is_main_process() and int(state.epoch) < config.max_epochs and not bool(state.stopped.all()):
+            scalars = ScalarWriter(workdir / "tensorboard" / "train")  # deletes its old event files
+            for record in history:  # so a resumed run logs each epoch once
+                scalars.write(record["epoch"], _scalars(record))
         trained_with = json.loads(json.dumps(config.to_dict()))
 
         chunk = population_chunk(config.population_chunk, len(seeds), mesh)
@@ -190,6 +207,7 @@ def fit(config: ml_collections.ConfigDict, dataset: Dataset, workdir: str | path
             if is_main_process():  # a kill mid-line is repaired from the checkpoint on resume
                 with metrics_path.open("a") as f:
                     f.write(_metrics_line(record))
+                scalars.write(epoch, _scalars(record))
             bar.update(1)
             bar.set_postfix(loss=f"{np.nanmean(record['train_loss']):.3f}",
                             acc=f"{np.nanmean(record['train_accuracy']):.3f}",
@@ -203,5 +221,6 @@ def fit(config: ml_collections.ConfigDict, dataset: Dataset, workdir: str | path
         bar.close()
     finally:
         checkpoints.close()  # also on errors: orbax's threads would print tracebacks at exit
+        scalars.close()
     return TrainResult(model=model, state=state, variables=best_variables(state), seeds=seeds,
                        history=history)
