@@ -45,7 +45,7 @@ def base_config() -> ml_collections.ConfigDict:
     # images), which the quantize steps use unless they set their own.
     c.compress = ml_collections.ConfigDict()
     c.compress.variants = ("pruned", "w8a8", "w4a8", "pruned_w8a8", "float16", "bfloat16",
-                           "dynamic_int8")
+                           "weight_only_int8", "dynamic_int8")
     c.compress.sparsity_step = 0.01
     c.compress.sparsity_tolerance_pp = 1.0
     c.compress.prune_exclude = config_dict.placeholder(str)

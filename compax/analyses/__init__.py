@@ -19,6 +19,7 @@ A new analysis is one module with an `@register_analysis` class, plus its import
 import dataclasses
 from typing import Any, ClassVar
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -54,8 +55,10 @@ def parse_analyses(text: str) -> tuple[str, ...]:
 
 def check_analyses(settings: ml_collections.ConfigDict) -> tuple["Analysis", ...]:
     """The enabled analyses, each having checked its settings (one-line UserError otherwise)."""
-    return tuple(ANALYSES[name]() for name in parse_analyses(settings.analyses)
-                 if ANALYSES[name].check(settings) or True)
+    enabled = parse_analyses(settings.analyses)
+    for name in enabled:
+        ANALYSES[name].check(settings)
+    return tuple(ANALYSES[name]() for name in enabled)
 
 
 def subset(count: int, total: int, seed: int) -> np.ndarray:
@@ -67,7 +70,6 @@ def subset(count: int, total: int, seed: int) -> np.ndarray:
 
 def member_mean(tree):
     """Mean over the member axis of every array in `tree`, as plain floats / lists (NaN ignored)."""
-    import jax
     return jax.tree.map(lambda a: np.asarray(jnp.nanmean(jnp.asarray(a, jnp.float32), 0)).tolist(),
                         tree)
 
