@@ -179,23 +179,19 @@ def compress_population(config: ml_collections.ConfigDict, model, variables, dat
     `<log_dir>/<variant>/<step>` (`compax/train/scalars.py`; None: none).
 
     Returns {"variants": {name: results (schema in pipeline.py)}, "sparsity_search": ... (when a
-    recipe searched the level), "recipes": {name: recipe text}, "inference": {name: cost},
-    "populations": {name: Compressed with a leading member axis}, "models": {name: module}}.
+    recipe searched the level), "inference": {name: cost}, "populations": {name: Compressed with a
+    leading member axis}}. Training steps write TensorBoard scalars under `log_dir`.
     """
     ctx = recipe_context(config, model, variables, dataset, chunk, log_dir=log_dir)
-    results, recipes = {}, {}
+    results = {}
     made_variants = {"baseline": Variant(model, Compressed(variables, None))}
     for name, steps in variant_recipes(config.compress.variants).items():
         variant = run_recipe(steps, model, variables, ctx, name)
         made_variants[name] = variant
-        recipes[name] = describe(steps)
-        results[name] = {"recipe": recipes[name],
+        results[name] = {"recipe": describe(steps),
                          **measure(config, dataset, model, variables, variant, chunk)}
-    inference = inference_cost(config, dataset, made_variants)
-    populations = {n: v.compressed for n, v in made_variants.items() if n != "baseline"}
-    models = {n: v.model for n, v in made_variants.items() if n != "baseline"}
-    made = {"variants": results, "recipes": recipes, "inference": inference,
-            "populations": populations, "models": models}
+    made = {"variants": results, "inference": inference_cost(config, dataset, made_variants),
+            "populations": {n: v.compressed for n, v in made_variants.items() if n != "baseline"}}
     if "sparsity_search" in ctx.cache:
         made["sparsity_search"] = ctx.cache["sparsity_search"]
     return made

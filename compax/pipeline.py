@@ -51,11 +51,8 @@ from absl import logging
 
 from compax import stages as stage_records
 from compax.analyse_population import analyse_population
-from compax.analyses import check_analyses
 from compax.compress import Compressed, storage_bytes
 from compax.compress.flops import model_macs
-from compax.compress.ptq import OBSERVERS
-from compax.compress.registry import variant_recipes
 from compax.compress.store import restore_compressed, save_compressed
 from compax.compress_population import abstract_variants, compress_population
 from compax.data import load_dataset
@@ -243,23 +240,11 @@ class Run:
         return merged
 
 
-def check_names(config: ml_collections.ConfigDict) -> None:
-    """Every name in `config` (stages, variants and their steps and settings, analyses and their
-    settings) against the registries: a one-line UserError listing the valid choices."""
-    parse_stages(config.stages)
-    if config.compress.observer not in OBSERVERS:
-        raise UserError(f"unknown observer {config.compress.observer!r} in"
-                        f" --config.compress.observer: use one of {', '.join(OBSERVERS)}")
-    variant_recipes(config.compress.variants)
-    check_analyses(config.analysis)
-
-
 def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
     """Runs the stages of `config` in `workdir` (skipping those up to date); returns results.json."""
     workdir = pathlib.Path(workdir)
-    validate_config(config)  # every value, before anything touches the workdir
+    validate_config(config)  # every value and name, before anything touches the workdir
     wanted = parse_stages(config.stages)
-    check_names(config)  # bad names fail now, not after training
     with lock_workdir(workdir, is_main_process()):  # one run per workdir at a time
         return _run_stages(config, workdir, wanted)
 

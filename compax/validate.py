@@ -6,9 +6,9 @@ never trains, never creates a workdir and never changes a finished one. `RULES` 
 key of `compax/config.py` but the settings the analyses declare, which each analysis checks itself
 (`compax/analyses`); a test checks that every key is covered, and keys that a config does not have
 are skipped. The checks that need more than one key (seeds within int32, the t-SNE sample count,
-an exclusion regex that leaves something to prune) follow the table, then the names of datasets,
-models and stages. The names the registries hold (variants and their steps, observers, analyses
-and their settings) are checked by `pipeline.check_names`, also before the workdir is touched.
+an exclusion regex that leaves something to prune) follow the table, then every name: datasets,
+models, stages, the observer, and what the registries hold (variants and their steps and settings,
+`compax.compress.registry`; analyses and their settings, `compax.analyses`).
 Values that depend on the data (a batch larger than the training set) are checked where the data
 are loaded, before the first epoch.
 """
@@ -194,11 +194,12 @@ def _check_exclude_leaves_weights(exclude: str, model_name: str, width) -> None:
 
 
 def _check_names(config: ml_collections.ConfigDict) -> None:
-    """Names checked against what compax has: datasets, models, stages.
-
-    ---- The registries' name checks (variants and their steps, observers, analyses and their
-    settings) are `pipeline.check_names`; they may move here. ----
-    """
+    """Names checked against what compax has: datasets, models, stages, observers, and the
+    registries' variants (their steps and settings) and analyses (their settings)."""
+    from compax import methods  # noqa: F401  (fills the registries)
+    from compax.analyses import check_analyses
+    from compax.compress.ptq import OBSERVERS
+    from compax.compress.registry import variant_recipes
     from compax.data import DATASETS
     from compax.models import MODELS
     from compax.stages import parse_stages
@@ -210,3 +211,11 @@ def _check_names(config: ml_collections.ConfigDict) -> None:
         raise unknown("model", model, sorted(MODELS))
     if stages is not MISSING:
         parse_stages(stages)
+    observer = lookup(config, "compress.observer")
+    if observer is not MISSING and observer not in OBSERVERS:
+        raise unknown("compress.observer", observer, OBSERVERS)
+    variants = lookup(config, "compress.variants")
+    if variants is not MISSING:
+        variant_recipes(variants)
+    if lookup(config, "analysis.analyses") is not MISSING:
+        check_analyses(config.analysis)

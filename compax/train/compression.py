@@ -367,20 +367,35 @@ class GradualMagnitudePruning(Step):
         return Variant(variant.model, variant.compressed.replace(variables=variables), result)
 
 
-@register_step
 @dataclasses.dataclass(frozen=True)
-class FineTune(Step):
-    """Recipe step `finetune`: masked training of the incoming (pruned) float32 population, the
-    masks being its kernels' zero entries, for `epochs` epochs with early stopping on validation
-    loss (the incoming weights are the epoch-0 candidate); `learning_rate` None: the run's."""
+class _Retraining(Step):
+    """Settings shared by the steps that retrain an incoming model (`finetune`, `qat`): `epochs`,
+    early-stopping `patience` (None: keep the best epoch, never stop early) and `learning_rate`
+    (None: the run's)."""
 
-    name: ClassVar[str] = "finetune"
     epochs: int = 5
     patience: int | None = None
     learning_rate: float | None = None
 
     def __post_init__(self):
         _check_epochs(self.name, self.epochs, self.patience)
+        if self.learning_rate is not None and not (isinstance(self.learning_rate, int | float)
+                                                   and 0 < self.learning_rate < float("inf")):
+            raise UserError(f"{self.name}: learning_rate must be a number > 0 or none, got"
+                            f" {self.learning_rate!r}")
+
+    def rate(self, ctx: Context) -> float:
+        return self.learning_rate if self.learning_rate is not None else ctx.config.learning_rate
+
+
+@register_step
+@dataclasses.dataclass(frozen=True)
+class FineTune(_Retraining):
+    """Recipe step `finetune`: masked training of the incoming (pruned) float32 population, the
+    masks being its kernels' zero entries, for `epochs` epochs with early stopping on validation
+    loss (the incoming weights are the epoch-0 candidate); `learning_rate` None: the run's."""
+
+    name: ClassVar[str] = "finetune"
 
     def __call__(self, variant: Variant, ctx: Context) -> Variant:
         _float_model(variant, self.name)
@@ -388,7 +403,7 @@ class FineTune(Step):
             return Variant(variant.model, variant.compressed, dict(variant.info))
         variables = variant.compressed.variables
         params, batch_stats = variables["params"], variables.get("batch_stats", {})
-        rate = self.learning_rate or ctx.config.learning_rate
+        rate = self.rate(ctx)
         tx = masked(optax.adam(rate), zero_masks)
         trained = train_population(_Trainable(variant.model), tx, params, batch_stats, ctx,
                                    epochs=self.epochs, patience=self.patience,
@@ -437,7 +452,7 @@ def _xla_convolution(next_fun, args, kwargs, context):
 
 @register_step
 @dataclasses.dataclass(frozen=True)
-class QuantizationAwareTraining(Step):
+class QuantizationAwareTraining(_Retraining):
     """Recipe step `qat` (after `quantize`): quantization-aware training of the PTQ population.
 
     Starts from the PTQ model: BatchNorm folded, activation observers calibrated (their scales and
@@ -452,12 +467,6 @@ class QuantizationAwareTraining(Step):
     """
 
     name: ClassVar[str] = "qat"
-    epochs: int = 5
-    patience: int | None = None
-    learning_rate: float | None = None
-
-    def __post_init__(self):
-        _check_epochs(self.name, self.epochs, self.patience)
 
     def __call__(self, variant: Variant, ctx: Context) -> Variant:
         compressed = variant.compressed
@@ -467,11 +476,11 @@ class QuantizationAwareTraining(Step):
                             " quantize(...) in the recipe")
         if ctx.abstract:
             return Variant(variant.model, compressed, dict(variant.info))
-        start = getattr(variant, "float_variables", None) or compressed.variables
+        start = compressed.variables if variant.float_variables is None else variant.float_variables
         config = qstate.config
         packed = {"model": start.get("batch_stats", {}), "qstate": qstate,
                   "rest": {k: v for k, v in start.items() if k not in ("params", "batch_stats")}}
-        rate = self.learning_rate or ctx.config.learning_rate
+        rate = self.rate(ctx)
         trained = train_population(_QuantAware(variant.model), optax.adam(rate), start["params"],
                                    packed, ctx, epochs=self.epochs, patience=self.patience,
                                    learning_rate_note=rate, start_candidate=True)

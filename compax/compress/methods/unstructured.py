@@ -46,34 +46,22 @@ class PruningStep(Step):
         raise NotImplementedError
 
     def __call__(self, variant: Variant, ctx: Context) -> Variant:
-        if ctx.masks is not None:
-            amount = None  # the given masks decide
-        elif self.amount == "searched":
-            amount = ctx.searched_sparsity()
-        else:
-            amount = float(self.amount)
+        if ctx.abstract:  # pruning keeps every shape
+            return Variant(variant.model, variant.compressed, dict(variant.info))
         exclude = self.exclude if self.exclude is not None else ctx.config.compress.prune_exclude
         variables = variant.compressed.variables
         if ctx.masks is not None:  # given masks (compress's single-model API): one member
+            amount = None
             masks = jax.tree.map(lambda m: None if m is None else m[None], ctx.masks,
                                  is_leaf=lambda m: m is None)
-        elif ctx.abstract:
-            masks = jax.eval_shape(jax.vmap(lambda p: self.masks(p, amount, exclude)),
-                                   variables["params"])
         else:
+            amount = ctx.searched_sparsity() if self.amount == "searched" else float(self.amount)
             masks = chunked_vmap(lambda p: self.masks(p, amount, exclude), ctx.chunk,
                                  num_member_args=1)(variables["params"])
-
-        def prune(v, m):
-            return {**v, "params": apply_masks(v["params"], m)}
-
-        if ctx.abstract:
-            pruned = jax.eval_shape(jax.vmap(prune), variables, masks)
-        else:
-            pruned = chunked_vmap(prune, ctx.chunk, num_member_args=2)(variables, masks)
-        info = dict(variant.info)
-        if not ctx.abstract:
-            info["sparsity"] = _population_sparsity(variables["params"], masks, amount)
+        pruned = chunked_vmap(lambda v, m: {**v, "params": apply_masks(v["params"], m)},
+                              ctx.chunk, num_member_args=2)(variables, masks)
+        info = {**variant.info,
+                "sparsity": _population_sparsity(variables["params"], masks, amount)}
         return Variant(variant.model, variant.compressed.replace(variables=pruned), info)
 
 
