@@ -15,11 +15,12 @@ from compax.analyses import Compared, Reference, check_analyses
 
 
 def analyse_population(config, dataset, model, original, models: dict, populations: dict,
-                       chunk: int) -> tuple[dict, dict]:
+                       chunk: int, designs: dict | None = None) -> tuple[dict, dict]:
     """(summary for results.json, arrays for the figures) of every variant in `populations`.
 
     `original` is the uncompressed population as a `Compressed` (leading member axis), `models`
-    and `populations` give each variant's flax module and compressed population.
+    and `populations` give each variant's flax module and compressed population, `designs` each
+    variant's "paired" (the default) or "independent" (`Compared.design`).
     """
     analyses = check_analyses(config.analysis)
     ref = Reference(config, dataset, model, original, chunk)
@@ -34,7 +35,8 @@ def analyse_population(config, dataset, model, original, models: dict, populatio
                      time.time() - started)
     for name, population in populations.items():
         started = time.time()
-        variant = Compared(name, models[name], population, ref.predict(models[name], population))
+        variant = Compared(name, models[name], population, ref.predict(models[name], population),
+                           (designs or {}).get(name, "paired"))
         variants[name] = {}
         for analysis in analyses:
             results, variant_arrays = analysis.compare(ref, variant)

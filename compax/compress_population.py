@@ -92,9 +92,10 @@ def calibration_images(config: ml_collections.ConfigDict, dataset: Dataset) -> j
 
 
 def recipe_context(config, model, variables, dataset: Dataset, chunk: int, *,
-                   abstract: bool = False, log_dir=None) -> Context:
+                   abstract: bool = False, log_dir=None, checkpoint_dir=None) -> Context:
     """The `Context` the recipes of a run share (one sparsity search, one calibration set);
-    training steps write TensorBoard scalars under `log_dir` (None: none), see `Context`."""
+    training steps write TensorBoard scalars under `log_dir` and checkpoints under
+    `checkpoint_dir` (None: none), see `Context`."""
     if abstract:
         count = min(config.compress.calibration_images, len(dataset.train))
         calib = jax.ShapeDtypeStruct((count, *dataset.train.images.shape[1:]), jnp.float32)
@@ -102,6 +103,7 @@ def recipe_context(config, model, variables, dataset: Dataset, chunk: int, *,
         calib = calibration_images(config, dataset)
     return Context(config=config, dataset=dataset, original=variables, chunk=chunk,
                    abstract=abstract, calib_images=calib, log_dir=log_dir,
+                   checkpoint_dir=checkpoint_dir,
                    searcher=lambda: search_sparsity(config, model, variables, dataset, chunk))
 
 
@@ -172,17 +174,20 @@ def inference_cost(config, dataset: Dataset, variants: dict[str, Variant]) -> di
 
 
 def compress_population(config: ml_collections.ConfigDict, model, variables, dataset: Dataset,
-                        chunk: int, log_dir=None) -> dict:
+                        chunk: int, log_dir=None, checkpoint_dir=None) -> dict:
     """Every variant in `config.compress.variants` of the population `variables`.
 
     The training steps of a variant write their per-epoch scalars as TensorBoard event files in
-    `<log_dir>/<variant>/<step>` (`compax/train/scalars.py`; None: none).
+    `<log_dir>/<variant>/<step>` (`compax/train/scalars.py`; None: none) and their per-epoch
+    checkpoints in `<checkpoint_dir>/<variant>/<step>` (`compax/train/retrain.py`; None: none),
+    from which a killed run resumes.
 
     Returns {"variants": {name: results (schema in pipeline.py)}, "sparsity_search": ... (when a
     recipe searched the level), "inference": {name: cost}, "populations": {name: Compressed with a
-    leading member axis}}. Training steps write TensorBoard scalars under `log_dir`.
+    leading member axis}}.
     """
-    ctx = recipe_context(config, model, variables, dataset, chunk, log_dir=log_dir)
+    ctx = recipe_context(config, model, variables, dataset, chunk, log_dir=log_dir,
+                         checkpoint_dir=checkpoint_dir)
     results = {}
     made_variants = {"baseline": Variant(model, Compressed(variables, None))}
     for name, steps in variant_recipes(config.compress.variants).items():

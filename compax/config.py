@@ -100,3 +100,35 @@ def study_config(dataset: str, model: str, size: str = "cpu") -> ml_collections.
     else:
         c.model_width, c.max_epochs, c.patience = CPU_SIZED.get(model, CPU_SIZED["lenet5"])
     return c
+
+
+HOOKER_LEVELS = (0.3, 0.5, 0.7, 0.9)
+
+
+def hooker_config(dataset: str, arg: str = "") -> ml_collections.ConfigDict:
+    """Hooker et al. (2019) as they ran it, on LeNet-5: `members` (30; `arg` "members=N")
+    independently seeded members per level.
+
+    Level 0 is the baseline population (the CPU-sized `study_config`). Sparsity 0.3, 0.5, 0.7 and
+    0.9 are reached by gradual magnitude pruning during training (Zhu & Gupta 2017, `gmp`), each
+    level a population of its own, trained from scratch with seeds of its own (`seed_offset`: level
+    0.3 uses seeds 1000.., and so on) and analysed as an independent sample (Welch). Beside them the
+    post-training variants of the baseline members (one-shot global L1 at the searched level and at
+    the same fixed levels, w8a8, w4a8, pruned+w8a8, float16, dynamic int8), analysed as paired
+    samples (paired t, Wilcoxon, and Welch). Every analysis; saliency on 2,000 test images.
+    """
+    members = 30
+    if arg:
+        key, _, value = arg.partition("=")
+        if key != "members" or not value.isdigit() or int(value) < 2:
+            raise ValueError(f"unknown config argument {arg!r}: use members=N with N >= 2")
+        members = int(value)
+    c = study_config(dataset, "lenet5", "cpu")
+    c.population = members
+    gradual = tuple(f"gmp{round(100 * s)}=gmp(final={s},seed_offset={1000 * (i + 1)})"
+                    for i, s in enumerate(HOOKER_LEVELS))
+    one_shot = tuple(f"sparsity_{round(100 * s)}" for s in HOOKER_LEVELS)
+    c.compress.variants = gradual + ("pruned",) + one_shot + (
+        "w8a8", "w4a8", "pruned_w8a8", "float16", "dynamic_int8")
+    c.analysis.saliency_images = 2000
+    return c

@@ -171,7 +171,8 @@ class Run:
     def compress(self) -> tuple[dict, list[str]]:
         trained = self.trained
         made = compress_population(self.config, trained.model, trained.variables, self.dataset,
-                                   self.chunk, log_dir=self.workdir / "tensorboard")
+                                   self.chunk, log_dir=self.workdir / "tensorboard",
+                                   checkpoint_dir=self.workdir / "step_checkpoints")
         variants = made["variants"]
         baseline = self.records.read("train")["results"]["variants"]["baseline"]
         for name, population in made["populations"].items():
@@ -204,7 +205,8 @@ class Run:
         summary, arrays = analyse_population(
             self.config, self.dataset, trained.model, original,
             {name: model for name, (model, _) in loaded.items()},
-            {name: population for name, (_, population) in loaded.items()}, self.chunk)
+            {name: population for name, (_, population) in loaded.items()}, self.chunk,
+            {name: variant.info.get("design", "paired") for name, variant in self.variants().items()})
         path = self.workdir / "analysis" / "arrays.npz"
         if is_main_process():
             path.parent.mkdir(exist_ok=True)

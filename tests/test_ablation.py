@@ -84,8 +84,8 @@ def test_ablated_model_drops_the_last_block_and_keeps_every_other_layer(name):
 def lenet_ablation():
     dataset = tiny_dataset()
     trained = random_population(get_model("lenet5", dataset.num_classes), members=2, seed=0)
-    model, variables = ablate("lenet5", dataset.num_classes, 1.0, trained, dataset, epochs=3, batch_size=32,
-                              learning_rate=3e-3, seed=5, chunk=1)
+    model, variables, _ = ablate("lenet5", dataset.num_classes, 1.0, trained, dataset, epochs=3,
+                                 batch_size=32, learning_rate=3e-3, seed=5, chunk=1)
     return dataset, trained, model, variables
 
 
@@ -116,7 +116,7 @@ def test_lenet_ablation_learns_the_tiny_dataset_and_works_as_a_variant(lenet_abl
 def test_a_member_is_the_ablation_of_its_own_seed(lenet_ablation):
     dataset, trained, _, variables = lenet_ablation
     # Members in reverse order from seed 4: trained member 0 is now member 1, with seed 4 + 1 = 5 as before.
-    _, reversed_run = ablate("lenet5", dataset.num_classes, 1.0, take_members(trained, np.array([1, 0])),
+    _, reversed_run, _ = ablate("lenet5", dataset.num_classes, 1.0, take_members(trained, np.array([1, 0])),
                              dataset, epochs=3, batch_size=32, learning_rate=3e-3, seed=4, chunk=1)
     for got, want in zip(jax.tree.leaves(take_members(reversed_run, 1)),
                          jax.tree.leaves(take_members(variables, 0)), strict=True):
@@ -163,7 +163,7 @@ def test_head_training_runs_the_frozen_batchnorms_in_evaluation_mode():
 def test_vgg_ablation_keeps_its_batchnorm_body_and_trains_its_head():
     dataset = tiny_dataset(per_class=16)
     trained = random_population(get_model("vgg6", dataset.num_classes, 0.25), members=1, seed=1)
-    model, variables = ablate("vgg6", dataset.num_classes, 0.25, trained, dataset, epochs=1, batch_size=16,
+    model, variables, _ = ablate("vgg6", dataset.num_classes, 0.25, trained, dataset, epochs=1, batch_size=16,
                               learning_rate=1e-3, seed=0, chunk=1)
     for collection in ("params", "batch_stats"):
         for layer, leaves in variables[collection].items():

@@ -1,5 +1,6 @@
 """The run behind launch.py: results.json's schema, and bad input through the command line."""
 
+import importlib.util
 import json
 import os
 import pathlib
@@ -46,11 +47,17 @@ def test_run_trains_compresses_analyses_and_reports(study_run):
                 "delta_ece", "saliency_mad_mean", "roi_saliency_mass_change", "gradcam_mad_mean",
                 "cie", "band"} <= set(v)
         assert isinstance(v["cie"]["significant_classes"], list) and v["cie"]["pies"] >= 0
+        # Post-training variants are paired with their originals: paired tests beside Welch.
+        assert v["cie"]["design"] == "paired" and v["cie"]["normalization"] == "subtract"
+        assert set(v["cie"]["counts"]) == {"welch", "paired_t", "wilcoxon"}
+        assert v["pie_claims"]["in_sample"]["cies"] == v["cie"]["pies"]
+        assert v["pie_claims"]["held_out"] is None  # 2 members: no held-out halves
     assert set(results["stages"]) == {"train", "compress", "analyse", "report"}
     page = (tmp_path / "report" / "index.html").read_text()
     for image in re.findall(r"src='([^']+)'", page):
         assert (tmp_path / "report" / image).is_file(), image
-    assert "Table 1" in (tmp_path / "report" / "summary.md").read_text()
+    summary = (tmp_path / "report" / "summary.md").read_text()
+    assert "Table 1" in summary and "Impacted classes per test and normalisation" in summary
 
 
 def test_stages_are_skipped_when_current_and_rerun_when_their_config_changes(tmp_path, monkeypatch,
@@ -176,3 +183,13 @@ def test_run_killed_mid_training_resumes_to_the_same_results(tmp_path):
     first = json.loads((tmp_path / "straight" / "results.json").read_text())
     second = json.loads((workdir / "results.json").read_text())
     assert first["variants"] == second["variants"] and first["members"] == second["members"]
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.py")),
+                         ids=lambda p: p.stem)
+def test_every_config_file_loads_and_passes_validation(path):
+    from compax.validate import validate_config
+    spec = importlib.util.spec_from_file_location(f"config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    validate_config(module.get_config())

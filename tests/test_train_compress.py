@@ -79,9 +79,10 @@ def _tmp():
     return tempfile.mkdtemp(prefix="train_compress_")
 
 
-def _ctx(trained, abstract=False):
+def _ctx(trained, abstract=False, checkpoint_dir=None):
     config, dataset, model, variables = trained
-    return recipe_context(config, model, variables, dataset, 2, abstract=abstract)
+    return recipe_context(config, model, variables, dataset, 2, abstract=abstract,
+                          checkpoint_dir=checkpoint_dir)
 
 
 def _val_loss(model, variables, dataset):
@@ -201,3 +202,83 @@ def test_training_steps_run_abstractly(trained):
         assert "training" not in made.info
     assert {"gmp", "finetune", "qat"} <= set(STEPS)
     assert get_model(config.model, dataset.num_classes, config.model_width) == model
+
+
+class Killed(BaseException):
+    """Stands for a SIGKILL in process: nothing after the raise runs."""
+
+
+def _assert_same_trees(a, b):
+    leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
+    assert len(leaves_a) == len(leaves_b)
+    for x, y in zip(leaves_a, leaves_b, strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+RESUMABLE = ["gmp(final=0.9,begin=0.5,end=2,every=0.5,epochs=3)",
+             "l1_global(amount=0.5)+finetune(epochs=3)",
+             "quantize(weight_bits=8,activation_bits=8)+qat(epochs=3)",
+             "ablate(epochs=3)"]
+
+
+@pytest.mark.parametrize("recipe", RESUMABLE)
+def test_a_killed_training_step_resumes_to_the_same_weights_and_a_finished_one_is_restored(
+        trained, tmp_path, monkeypatch, recipe):
+    """Killed right after the checkpoint of epoch 2 (the masks, gmp's schedule count and Adam's
+    moments are in it), the step resumes at epoch 3 and ends as the uninterrupted run; run again,
+    it is restored from its last checkpoint without one training step."""
+    from compax.train import checkpoint, retrain
+    config, dataset, model, variables = trained
+    steps = parse_recipe(recipe, "t")
+    name = steps[-1].name
+    whole = run_recipe(steps, model, variables, _ctx(trained, checkpoint_dir=tmp_path / "a"), "v")
+    original = checkpoint.PopulationCheckpoints.save
+    epochs_trained = []
+
+    def save(self, state, *args):
+        original(self, state, *args)
+        epochs_trained.append(int(state.epoch))
+        if int(state.epoch) == 2:
+            raise Killed
+    with monkeypatch.context() as patch:
+        patch.setattr(checkpoint.PopulationCheckpoints, "save", save)
+        with pytest.raises(Killed):
+            run_recipe(steps, model, variables, _ctx(trained, checkpoint_dir=tmp_path / "b"), "v")
+        resumed = run_recipe(steps, model, variables, _ctx(trained, checkpoint_dir=tmp_path / "b"), "v")
+    assert epochs_trained == [1, 2, 3]  # epoch 3 only, after the resume
+    _assert_same_trees(resumed.compressed, whole.compressed)
+    for key in ("epochs", "steps", "best_epoch", "val_loss"):
+        assert resumed.info["training"][name][key] == whole.info["training"][name][key], key
+    assert (tmp_path / "b" / "v" / name).is_dir()
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished step trained again")
+    with monkeypatch.context() as patch:
+        patch.setattr(retrain, "epoch_order", no_training)
+        again = run_recipe(steps, model, variables, _ctx(trained, checkpoint_dir=tmp_path / "a"), "v")
+    _assert_same_trees(again.compressed, whole.compressed)
+
+
+def test_step_checkpoints_of_other_settings_are_discarded_and_damaged_ones_refused(trained, tmp_path):
+    from compax.errors import UserError
+    config, dataset, model, variables = trained
+    ctx = _ctx(trained, checkpoint_dir=tmp_path)
+    run_recipe(parse_recipe("l1_global(amount=0.5)+finetune(epochs=2)", "t"), model, variables, ctx, "v")
+    # Other settings under the same variant and step name: trained from the start, not resumed.
+    longer = run_recipe(parse_recipe("l1_global(amount=0.5)+finetune(epochs=3)", "t"), model,
+                        variables, ctx, "v")
+    assert len(longer.info["training"]["finetune"]["val_loss"]) == 3
+    # Other inputs (another pruning level) likewise.
+    other = run_recipe(parse_recipe("l1_global(amount=0.7)+finetune(epochs=3)", "t"), model,
+                       variables, ctx, "v")
+    assert other.info["training"]["finetune"]["val_loss"] != longer.info["training"]["finetune"]["val_loss"]
+    # A flipped byte in the newest checkpoint: one UserError naming the folder and the way back.
+    folder = tmp_path / "v" / "finetune" / "3"
+    largest = max((p for p in folder.rglob("*") if p.is_file() and p.name != "compax_manifest.json"),
+                  key=lambda p: p.stat().st_size)
+    data = bytearray(largest.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    largest.write_bytes(bytes(data))
+    with pytest.raises(UserError, match=f"delete the folder {folder}"):
+        run_recipe(parse_recipe("l1_global(amount=0.7)+finetune(epochs=3)", "t"), model, variables,
+                   ctx, "v")

@@ -117,12 +117,15 @@ class Reference:
 
 @dataclasses.dataclass
 class Compared:
-    """One compressed population under analysis, with its test logits (P, N, C)."""
+    """One compressed population under analysis, with its test logits (P, N, C). `design`:
+    "paired" when member m was compressed from original member m, "independent" when the
+    population was trained on its own (`Variant.info["design"]`)."""
 
     name: str
     model: Any
     population: Any
     logits: np.ndarray
+    design: str = "paired"
 
     @property
     def preds(self) -> np.ndarray:

@@ -2,13 +2,24 @@
 
 Per class, a two-sided Welch t-test of normalised class recall between the original and the
 compressed population decides which classes are significantly impacted (p-values adjusted by
-`correction`: none, bonferroni, holm, fdr_bh); compression identified exemplars (CIEs, Hooker's
-PIEs) are test samples whose modal label differs between the populations. Both need 2+ members.
-The single-model band rule of the Hooker thesis (classes whose accuracy crosses one standard
+`correction`: none, bonferroni, holm, fdr_bh). `normalization`: "subtract" (default, Hooker et
+al.'s released code: recall minus the population's mean accuracy) or "ratio" (recall / the
+member's accuracy). A variant compressed member by member from the originals (the variant's
+`design` "paired": every post-training method) also gets the paired t-test and the Wilcoxon
+signed-rank test on the per-member differences; a population trained on its own (`design`
+"independent", e.g. gmp from initialisation) only Welch. The counts of impacted classes are
+reported for every test under both normalisations, with and without Holm's correction.
+Compression identified exemplars (CIEs, Hooker's PIEs) are test samples whose modal label
+differs between the populations (ties toward the larger label). The numbers behind Hooker's PIE
+claims (`hooker.pie_claims`: accuracy on CIEs against the rest, in sample and held out; Spearman
+against class frequency) and, in the report, impacted classes and CIEs against the compression
+level per family of variants (`hooker.level_trend`). All of this needs 2+ members. The
+single-model band rule of the Hooker thesis (classes whose accuracy crosses one standard
 deviation around the overall accuracy) runs for every member (`compax.analysis.hooker`).
 """
 
 import html
+import re
 
 import jax.numpy as jnp
 import numpy as np
@@ -24,10 +35,14 @@ CORRECTIONS = ("none", "bonferroni", "holm", "fdr_bh")
 class Hooker(Analysis):
     name = "hooker"
     title = "Populations (Hooker et al.)"
-    settings = {"alpha": 0.05, "correction": "holm"}
+    settings = {"alpha": 0.05, "correction": "holm", "normalization": "subtract"}
 
     @classmethod
     def check(cls, settings):
+        if settings.normalization not in hooker.NORMALIZATIONS:
+            raise UserError(f"unknown normalization {settings.normalization!r} in"
+                            f" --config.analysis.normalization: use one of"
+                            f" {', '.join(hooker.NORMALIZATIONS)}")
         if settings.correction not in CORRECTIONS:
             raise UserError(f"unknown correction {settings.correction!r} in"
                             f" --config.analysis.correction: use one of {', '.join(CORRECTIONS)}")
@@ -49,9 +64,14 @@ class Hooker(Analysis):
             correction = None if settings.correction == "none" else settings.correction
             summary = hooker.population_summary(ref.labels, ref.preds, variant.preds,
                                                 ref.num_classes, alpha=settings.alpha,
-                                                correction=correction)
+                                                correction=correction,
+                                                normalization=settings.normalization,
+                                                paired=variant.design == "paired")
             summary.pop("band", None)
             results["cie"] = summary
+            train_counts = np.bincount(ref.dataset.train.labels, minlength=ref.num_classes)
+            results["pie_claims"] = hooker.pie_claims(ref.labels, ref.preds, variant.preds,
+                                                      ref.num_classes, train_counts)
             cies = hooker.compression_identified_exemplars(ref.preds, variant.preds,
                                                            ref.num_classes, ref.labels)
             arrays["cie_per_class"] = np.asarray(cies["per_class"])
@@ -97,3 +117,77 @@ class Hooker(Analysis):
             page.figure(self.title, figures.example_images(page.directory, page.images, index,
                                                            f"cie_{variant}.png", titles),
                         f"CIEs of {html.escape(variant)}")
+
+        self._report_tests(page, results)
+        self._report_pie_claims(page, results)
+        self._report_levels(page, results)
+
+    def _report_tests(self, page, results):
+        columns = [(test, normalization) for test in hooker.TESTS for normalization in hooker.NORMALIZATIONS]
+        rows = []
+        for variant, v in page.compressed(results):
+            counts = (v.get("cie") or {}).get("counts")
+            if not counts:
+                continue
+            cells = [f"{c['none']} / {c['holm']}" if (c := counts.get(t, {}).get(n)) else "–"
+                     for t, n in columns]
+            rows.append([variant, v["cie"].get("design", "paired"), *cells])
+        page.table(self.title, ["variant", "design", *(f"{t} ({n})" for t, n in columns)], rows,
+                   "Impacted classes per test and normalisation: uncorrected / Holm (paired tests"
+                   " only where each member was compressed from its original)")
+
+    def _report_pie_claims(self, page, results):
+        rows, bars = [], {}
+        for variant, v in page.compressed(results):
+            claims = v.get("pie_claims")
+            if not claims:
+                continue
+            cells = []
+            for part in ("in_sample", "held_out"):
+                c = claims.get(part) or {}
+                cells += [str(c.get("cies", "–")),
+                          *(fmt(c.get(k), 2, scale=100) for k in (
+                              "original_accuracy_on_cies", "original_accuracy_on_rest",
+                              "drop_on_cies", "drop_on_rest"))]
+            spearman = claims.get("frequency_spearman")
+            cells.append(f"{spearman['rho']:+.2f} (p {spearman['p']:.3f})" if spearman else "–")
+            rows.append([variant, *cells])
+            chosen = claims.get("held_out") or claims["in_sample"]
+            bars[variant] = tuple(chosen.get(k) for k in ("original_accuracy_on_cies",
+                                                          "original_accuracy_on_rest",
+                                                          "drop_on_cies", "drop_on_rest"))
+        part = ["CIEs", "orig. acc. CIEs %", "orig. acc. rest %", "drop CIEs pp", "drop rest pp"]
+        page.table(self.title, ["variant", *part, *(f"held out: {h}" for h in part),
+                                "Spearman: train frequency vs Δ class acc."], rows,
+                   "Hooker's PIE claims: accuracy on CIEs against the rest (held out: CIEs from the"
+                   " even members, accuracies of the odd ones)")
+        from compax.report import figures
+        page.figure(self.title, figures.pie_accuracy(page.directory, bars),
+                    "Accuracy on CIEs and on the rest")
+
+    def _report_levels(self, page, results):
+        from compax.report import figures
+        families: dict[str, list] = {}
+        for variant, v in page.compressed(results):
+            recipe, cie = v.get("recipe", ""), v.get("cie")
+            amount = (v.get("sparsity") or {}).get("amount")
+            if not cie or "+" in recipe or "searched" in recipe or not isinstance(amount, int | float):
+                continue  # one pruning step at a fixed level
+            family = re.sub(r"(amount|final)=[^,)]*", "", recipe)
+            families.setdefault(family, []).append((float(amount), cie["count"], cie["pies"], variant))
+        labels = {}
+        for family in families:
+            step = family.split("(")[0]
+            labels[family] = step if step not in labels.values() else f"{step} #{len(labels) + 1}"
+        curves = {labels[f]: sorted(p[:3] for p in points) for f, points in families.items()}
+        page.figure(self.title, figures.level_trends(page.directory, curves),
+                    "Impacted classes and CIEs against sparsity")
+        rows = []
+        for label, points in curves.items():
+            levels = [p[0] for p in points]
+            for what, k in (("impacted classes", 1), ("CIEs", 2)):
+                trend = hooker.level_trend(levels, [p[k] for p in points])
+                rows.append([label, what, ", ".join(f"{p[0]:g}: {p[k]}" for p in points),
+                             f"{trend['rho']:+.2f} (p {trend['p']:.3f})" if trend else "–"])
+        page.table(self.title, ["family", "count", "per level", "Spearman ρ with level"], rows,
+                   "Do impacted classes and CIEs grow with sparsity? (Hooker et al.)")

@@ -47,17 +47,31 @@ def class_accuracy(labels, preds, num_classes: int):
                                                                   num_classes)
 
 
-@functools.partial(jax.jit, static_argnames="num_classes")
-def normalized_class_accuracy(labels, preds, num_classes: int):
-    """a[m, c] / A[m], shape (P, C) float32, with A[m] = mean_i [preds[m, i] = y_i] the overall accuracy.
+NORMALIZATIONS = ("subtract", "ratio")
+TESTS = ("welch", "paired_t", "wilcoxon")
 
-    Hooker et al. (2019, Sec. 2) normalise each member's class accuracy by its overall accuracy, so
-    a class counts as impacted only if it changes more than the model as a whole. NaN for a class
-    without samples.
+
+@functools.partial(jax.jit, static_argnames=("num_classes", "normalization", "own"))
+def normalized_class_accuracy(labels, preds, num_classes: int, normalization: str = "subtract",
+                              own: bool = False):
+    """Class accuracy relative to the model's overall accuracy A[m] = mean_i [preds[m, i] = y_i], (P, C).
+
+    "subtract" (Hooker et al. 2019's released code, `per_class_accuracy/gen_tstatistic.py`):
+    a[m, c] - mean_m A[m], the class recall minus the population's mean top-1 accuracy at that
+    level; with `own`, a[m, c] - A[m], each member's own accuracy (the paired tests: a
+    population-wide constant leaves a near-zero-variance difference for a variant that changes
+    almost nothing, and spurious significant classes). "ratio": a[m, c] / A[m] (each member's own
+    accuracy, whatever `own`). Either way a class counts as impacted only if it changes more than
+    the model as a whole. NaN for a class without samples.
     """
     labels, preds = jnp.asarray(labels), jnp.asarray(preds)
     overall = jnp.mean(preds == labels[None], axis=1)
-    return class_accuracy(labels, preds, num_classes) / overall[:, None]
+    accuracy = class_accuracy(labels, preds, num_classes)
+    if normalization == "ratio":
+        return accuracy / overall[:, None]
+    if normalization != "subtract":
+        raise UserError(f"unknown normalisation {normalization!r}: use one of {', '.join(NORMALIZATIONS)}")
+    return accuracy - (overall[:, None] if own else jnp.mean(overall))
 
 
 def welch_t_test(sample_a, sample_b):
@@ -82,10 +96,63 @@ def welch_t_test(sample_a, sample_b):
         t = difference / np.sqrt(error_a + error_b)
         dof = (error_a + error_b) ** 2 / (error_a ** 2 / (size_a - 1) + error_b ** 2 / (size_b - 1))
     p = 2.0 * stats.t.sf(np.abs(t), dof)
-    degenerate = (error_a == 0) & (error_b == 0)
-    t = np.where(degenerate, np.where(difference == 0, 0.0, np.copysign(np.inf, difference)), t)
-    p = np.where(degenerate, np.where(difference == 0, 1.0, 0.0), p)
+    return _degenerate(t, p, difference, (error_a == 0) & (error_b == 0))
+
+
+def _degenerate(t, p, difference, no_variance):
+    """The guard of `welch_t_test` for columns without sampling noise: t = 0, p = 1 for equal
+    means, t = +-inf, p = 0 otherwise."""
+    t = np.where(no_variance, np.where(difference == 0, 0.0, np.copysign(np.inf, difference)), t)
+    p = np.where(no_variance, np.where(difference == 0, 1.0, 0.0), p)
     return t, p
+
+
+def _paired(sample_a, sample_b, test: str):
+    sample_a, sample_b = np.asarray(sample_a, np.float64), np.asarray(sample_b, np.float64)
+    if sample_a.shape != sample_b.shape or len(sample_a) < 2:
+        raise UserError(f"the {test} test pairs member m of one population with member m of the other,"
+                        f" got shapes {sample_a.shape} and {sample_b.shape}: pass 2 or more members"
+                        " compressed from the same originals")
+    return sample_a - sample_b
+
+
+def paired_t_test(sample_a, sample_b):
+    """Two-sided paired t-test per column of `sample_a (P, C)` against `sample_b (P, C)`: (t, p).
+
+    With d = a - b per member: t = mean(d) / (s_d / sqrt(P)), s_d the unbiased standard deviation,
+    P - 1 degrees of freedom, p = 2 (1 - F(|t|)), as `scipy.stats.ttest_rel`; the zero-variance
+    guard of `welch_t_test` (s_d = 0: t = 0, p = 1 when mean(d) = 0, else +-inf, 0). Columns holding
+    NaN give NaN. Float64, NumPy; P >= 2.
+    """
+    d = _paired(sample_a, sample_b, "paired t")
+    count = len(d)
+    mean, spread = d.mean(axis=0), d.std(axis=0, ddof=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t = mean / (spread / np.sqrt(count))
+    p = 2.0 * stats.t.sf(np.abs(t), count - 1)
+    return _degenerate(t, p, mean, spread == 0)
+
+
+def wilcoxon_signed_rank(sample_a, sample_b):
+    """Two-sided Wilcoxon signed-rank test per column of the differences d = a - b, (P, C): (W, p).
+
+    Zero differences are dropped (Wilcoxon's own rule, `zero_method="wilcox"`), W = min(W+, W-) the
+    smaller signed-rank sum and p from `scipy.stats.wilcoxon` (exact for up to 50 non-zero
+    differences without ties, the normal approximation otherwise). A column whose differences are
+    all zero gets W = 0, p = 1; columns holding NaN give NaN.
+    """
+    d = _paired(sample_a, sample_b, "Wilcoxon signed-rank")
+    statistic, p = np.full(d.shape[1], np.nan), np.full(d.shape[1], np.nan)
+    for c in range(d.shape[1]):
+        column = d[:, c]
+        if np.isnan(column).any():
+            continue
+        if not column.any():
+            statistic[c], p[c] = 0.0, 1.0
+            continue
+        result = stats.wilcoxon(column, zero_method="wilcox", alternative="two-sided")
+        statistic[c], p[c] = result.statistic, result.pvalue
+    return statistic, p
 
 
 def adjust_p_values(p, correction: str | None):
@@ -121,15 +188,16 @@ def adjust_p_values(p, correction: str | None):
 def modal_labels(preds, num_classes: int):
     """The modal label of a population per sample and the share of members predicting it, (N,) each.
 
-    mode_i = argmax_c #{m : preds[m, i] = c}, ties broken toward the smallest label (as
-    `scipy.stats.mode`); agreement_i = #{m : preds[m, i] = mode_i} / P. Hooker et al. (2019) compare
-    these modes between populations. Predictions must lie in [0, C).
+    mode_i = argmax_c #{m : preds[m, i] = c}, ties broken toward the largest label, as Hooker et
+    al.'s released code (`pandas.DataFrame.mode().max()`); agreement_i = #{m : preds[m, i] = mode_i}
+    / P. Hooker et al. (2019) compare these modes between populations. Predictions must lie in [0, C).
     """
     preds = jnp.asarray(preds)
     members, samples = preds.shape
     counts = jnp.zeros((samples, num_classes), jnp.int32)
     counts = counts.at[jnp.arange(samples)[None, :], preds].add(1, mode="drop")
-    return jnp.argmax(counts, axis=1).astype(jnp.int32), counts.max(axis=1) / members
+    mode = num_classes - 1 - jnp.argmax(counts[:, ::-1], axis=1)  # the last maximum
+    return mode.astype(jnp.int32), counts.max(axis=1) / members
 
 
 def _checked_labels(values, num_classes: int, name: str, ndim: int) -> np.ndarray:
@@ -158,33 +226,63 @@ def _populations(preds_original, preds_compressed, num_classes: int, labels=None
 
 
 def impacted_classes(labels, preds_original, preds_compressed, num_classes: int, alpha: float = 0.05,
-                     correction: str | None = None) -> dict:
+                     correction: str | None = None, normalization: str = "subtract",
+                     test: str = "welch") -> dict:
     """The classes whose normalised accuracy differs significantly between the populations.
 
-    Hooker et al. (2019): per class c a two-sided Welch t-test (`welch_t_test`) of the normalised class
-    accuracies a[m, c] / A[m] of the compressed members against those of the original members; class c
-    is impacted when its p-value, adjusted by `correction` over the tested classes (`adjust_p_values`),
-    is <= alpha. A class without test samples is not tested (t, p, p_adjusted NaN, never significant).
+    Hooker et al. (2019): per class c a two-sided test of the normalised class accuracies
+    (`normalized_class_accuracy`) of the compressed members against those of the original members;
+    class c is impacted when its p-value, adjusted by `correction` over the tested classes
+    (`adjust_p_values`), is <= alpha. `test`: "welch" (`welch_t_test`, Hooker's: independently
+    trained populations, each normalised by its population's mean accuracy under "subtract"), or,
+    for a population compressed member by member from the original one (member m of both shares a
+    seed), "paired_t" (`paired_t_test`) or "wilcoxon" (`wilcoxon_signed_rank`) on the per-member
+    differences, each member normalised by its own accuracy. A class without test samples is not
+    tested (t, p, p_adjusted NaN, never significant).
 
-    Returns t, p, p_adjusted (C,) float64 (t > 0: the compressed population is relatively better),
-    significant (C,) bool, significant_classes (list of ints), count, correction, alpha, and
-    mean_original, mean_compressed (C,): the population means of the normalised class accuracy.
+    Returns t (the test's statistic; Welch and paired t > 0: the compressed population is relatively
+    better), p, p_adjusted (C,) float64, significant (C,) bool, significant_classes (list of ints),
+    count, correction, alpha, normalization, test, and mean_original, mean_compressed (C,): the
+    population means of the normalised class accuracy.
     """
     preds_original, preds_compressed, labels = _populations(preds_original, preds_compressed,
                                                             num_classes, labels)
     if not 0.0 < alpha < 1.0:
         raise UserError(f"alpha={alpha} is outside (0, 1): pass a significance level such as 0.05")
-    original = np.asarray(normalized_class_accuracy(labels, preds_original, num_classes), np.float64)
-    compressed = np.asarray(normalized_class_accuracy(labels, preds_compressed, num_classes), np.float64)
-    t, p = welch_t_test(compressed, original)
+    if test not in TESTS:
+        raise UserError(f"unknown test {test!r}: use one of {', '.join(TESTS)}")
+    own = test != "welch"
+    original = np.asarray(normalized_class_accuracy(labels, preds_original, num_classes, normalization,
+                                                    own), np.float64)
+    compressed = np.asarray(normalized_class_accuracy(labels, preds_compressed, num_classes,
+                                                      normalization, own), np.float64)
+    run_test = {"welch": welch_t_test, "paired_t": paired_t_test, "wilcoxon": wilcoxon_signed_rank}[test]
+    t, p = run_test(compressed, original)
     tested = np.isfinite(p)
     p_adjusted = np.full(num_classes, np.nan)
     p_adjusted[tested] = adjust_p_values(p[tested], correction)
     significant = p_adjusted <= alpha
     return {"t": t, "p": p, "p_adjusted": p_adjusted, "significant": significant,
             "significant_classes": np.flatnonzero(significant).tolist(), "count": int(significant.sum()),
-            "correction": correction, "alpha": float(alpha),
-            "mean_original": original.mean(axis=0), "mean_compressed": compressed.mean(axis=0)}
+            "correction": correction, "alpha": float(alpha), "normalization": normalization,
+            "test": test, "mean_original": original.mean(axis=0),
+            "mean_compressed": compressed.mean(axis=0)}
+
+
+def impacted_counts(labels, preds_original, preds_compressed, num_classes: int, alpha: float,
+                    tests, corrections) -> dict:
+    """{test: {normalization: {correction or "none": number of impacted classes}}} for every test
+    in `tests`, both normalisations and every correction in `corrections` (None: "none")."""
+    counts = {}
+    for test in tests:
+        for normalization in NORMALIZATIONS:
+            p = impacted_classes(labels, preds_original, preds_compressed, num_classes, alpha, None,
+                                 normalization, test)["p"]
+            tested = np.isfinite(p)
+            counts.setdefault(test, {})[normalization] = {
+                correction or "none": int(np.sum(adjust_p_values(p[tested], correction) <= alpha))
+                for correction in corrections}
+    return counts
 
 
 def compression_identified_exemplars(preds_original, preds_compressed, num_classes: int,
@@ -193,7 +291,7 @@ def compression_identified_exemplars(preds_original, preds_compressed, num_class
 
     Hooker et al. (2019) call them pruning identified exemplars (PIEs) for pruning: sample i is a CIE
     when mode_i(original) != mode_i(compressed), with the modal label of `modal_labels` (ties broken
-    toward the smallest label).
+    toward the largest label).
 
     Returns modal_original, modal_compressed (N,) int32, mask (N,) bool, count (the lead's `pies`),
     share = count / N, indices (list of ints), per_class (C,) int: CIEs per true label (None without
@@ -274,23 +372,42 @@ def _json_floats(values) -> list:
 
 
 def population_summary(labels, preds_original, preds_compressed, num_classes: int, alpha: float = 0.05,
-                       correction: str | None = None, width: float = 1.0) -> dict:
+                       correction: str | None = None, width: float = 1.0,
+                       normalization: str = "subtract", paired: bool = False) -> dict:
     """The Hooker et al. (2019) statistics of one compressed population as a JSON-friendly dict.
 
-    From `impacted_classes`: significant_classes, count, correction, alpha, and per class p,
-    p_adjusted and normalized_accuracy_change = mean_compressed - mean_original (None where a class
-    was not tested). From `compression_identified_exemplars`: pies (the CIE count), pie_share,
-    pies_per_class. From `band_impacted_classes`, averaged over the members: band = {width,
-    outside_original, outside_compressed, crossed (mean numbers of classes), crossing_share (per class,
-    the share of members where it crossed), impacted_images}; band is None when P != P' (unpaired).
+    `paired`: the population was compressed member by member from the original one (post-training
+    compression; P = P'), so the paired tests run beside Welch; otherwise it was trained on its own
+    (e.g. gradual pruning from initialisation) and only Welch applies. `design` says which.
+    From `impacted_classes` (Welch, `normalization`, `correction`): significant_classes, count,
+    correction, alpha, normalization, and per class p, p_adjusted and normalized_accuracy_change =
+    mean_compressed - mean_original (None where a class was not tested). `paired_tests` (paired
+    only): the same for "paired_t" and "wilcoxon". `counts`: `impacted_counts` for every test, both
+    normalisations, without correction, with Holm's and with `correction`. From
+    `compression_identified_exemplars`: pies (the CIE count), pie_share, pies_per_class. From
+    `band_impacted_classes`, averaged over the members: band = {width, outside_original,
+    outside_compressed, crossed (mean numbers of classes), crossing_share (per class, the share of
+    members where it crossed), impacted_images}; band is None when P != P'.
     """
-    classes = impacted_classes(labels, preds_original, preds_compressed, num_classes, alpha, correction)
+    if paired and len(preds_original) != len(preds_compressed):
+        raise UserError(f"a paired design needs as many compressed as original members, got"
+                        f" {len(preds_compressed)} and {len(preds_original)}")
+    tests = TESTS if paired else ("welch",)
+
+    def class_results(test):
+        classes = impacted_classes(labels, preds_original, preds_compressed, num_classes, alpha,
+                                   correction, normalization, test)
+        return {"significant_classes": classes["significant_classes"], "count": classes["count"],
+                "p": _json_floats(classes["p"]), "p_adjusted": _json_floats(classes["p_adjusted"]),
+                "normalized_accuracy_change": _json_floats(classes["mean_compressed"]
+                                                           - classes["mean_original"])}
+
     exemplars = compression_identified_exemplars(preds_original, preds_compressed, num_classes, labels)
-    summary = {"significant_classes": classes["significant_classes"], "count": classes["count"],
-               "correction": correction, "alpha": float(alpha), "p": _json_floats(classes["p"]),
-               "p_adjusted": _json_floats(classes["p_adjusted"]),
-               "normalized_accuracy_change": _json_floats(classes["mean_compressed"]
-                                                          - classes["mean_original"]),
+    summary = {**class_results("welch"), "design": "paired" if paired else "independent",
+               "correction": correction, "alpha": float(alpha), "normalization": normalization,
+               "paired_tests": {test: class_results(test) for test in tests if test != "welch"},
+               "counts": impacted_counts(labels, preds_original, preds_compressed, num_classes, alpha,
+                                         tests, list(dict.fromkeys((None, "holm", correction)))),
                "pies": exemplars["count"], "pie_share": exemplars["share"],
                "pies_per_class": exemplars["per_class"].tolist(), "band": None}
     if len(preds_original) == len(preds_compressed):
@@ -303,3 +420,74 @@ def population_summary(labels, preds_original, preds_compressed, num_classes: in
             "crossing_share": np.mean(np.asarray(band["crossed"]), axis=0).tolist(),
             "impacted_images": float(np.mean(band["impacted_images"]))}
     return summary
+
+
+def _accuracy_on(preds, labels, mask) -> float | None:
+    """Mean over members of the accuracy on the samples of `mask` (None: no such sample)."""
+    return float(np.mean(preds[:, mask] == labels[mask])) if mask.any() else None
+
+
+def pie_claims(labels, preds_original, preds_compressed, num_classes: int, train_counts) -> dict:
+    """Numbers behind Hooker et al.'s claims about PIEs (CIEs) and impacted classes, one variant.
+
+    In sample (CIEs of the whole populations): the original and compressed populations' accuracy on
+    the CIEs and on the other test samples, and the drop (original - compressed) on each.
+    Held out (needs 4+ members in each population): the CIEs are found with the even-numbered
+    members of both populations and the accuracies measured with the odd-numbered ones, so the
+    "PIEs are harder" and "compression loses more on PIEs" claims are not true by construction.
+    Class frequency: Spearman's rank correlation (rho, two-sided p) between each class's training
+    frequency `train_counts (C,)` and its normalised accuracy change (`normalized_class_accuracy`,
+    "subtract", population means, whose ranks are those of the class recall change); rho > 0 means
+    rare classes lose more (claim 4 on GTSRB).
+    """
+    preds_original, preds_compressed, labels = _populations(preds_original, preds_compressed,
+                                                            num_classes, labels)
+
+    def split(cies, original, compressed):
+        on = {"cies": int(cies.sum())}
+        for name, mask in (("cies", cies), ("rest", ~cies)):
+            before, after = _accuracy_on(original, labels, mask), _accuracy_on(compressed, labels, mask)
+            on[f"original_accuracy_on_{name}"] = before
+            on[f"compressed_accuracy_on_{name}"] = after
+            on[f"drop_on_{name}"] = None if before is None else before - after
+        return on
+
+    def cie_mask(original, compressed):
+        return compression_identified_exemplars(original, compressed, num_classes)["mask"]
+
+    result = {"in_sample": split(cie_mask(preds_original, preds_compressed), preds_original,
+                                 preds_compressed), "held_out": None}
+    if min(len(preds_original), len(preds_compressed)) >= 4:
+        found = cie_mask(preds_original[0::2], preds_compressed[0::2])
+        result["held_out"] = split(found, preds_original[1::2], preds_compressed[1::2])
+    def correct(preds):  # correct predictions per class, summed over members
+        return sum(np.bincount(labels[p == labels], minlength=num_classes) for p in preds)
+
+    # The subtracted mean accuracies are one constant for all classes: ranks as the recall change,
+    # computed from integer counts so that equal changes tie exactly (P = P' here).
+    if len(preds_original) == len(preds_compressed):
+        with np.errstate(invalid="ignore", divide="ignore"):
+            change = ((correct(preds_compressed) - correct(preds_original))
+                      / (len(preds_original) * np.bincount(labels, minlength=num_classes)))
+    else:
+        change = (np.asarray(class_accuracy(labels, preds_compressed, num_classes), np.float64).mean(0)
+                  - np.asarray(class_accuracy(labels, preds_original, num_classes), np.float64).mean(0))
+    counts = np.asarray(train_counts, np.float64)
+    usable = np.isfinite(change)
+    if usable.sum() >= 3 and np.ptp(change[usable]) > 0 and np.ptp(counts[usable]) > 0:
+        rho, p = stats.spearmanr(counts[usable], change[usable])
+        result["frequency_spearman"] = {"rho": float(rho), "p": float(p)}
+    else:
+        result["frequency_spearman"] = None
+    return result
+
+
+def level_trend(levels, values) -> dict | None:
+    """Spearman's rank correlation (rho, two-sided p) of `values` with the compression `levels`,
+    e.g. impacted classes or PIEs against sparsity (Hooker et al.'s claim that both grow with it);
+    None with fewer than 3 levels or constant values."""
+    levels, values = np.asarray(levels, np.float64), np.asarray(values, np.float64)
+    if len(levels) < 3 or np.ptp(levels) == 0 or np.ptp(values) == 0:
+        return None
+    rho, p = stats.spearmanr(levels, values)
+    return {"rho": float(rho), "p": float(p), "levels": levels.tolist(), "values": values.tolist()}

@@ -72,6 +72,9 @@ class Context:
     `log_dir`: where training steps write TensorBoard scalars (`compax/train/scalars.py`), each in
     `<log_dir>/<variant>/<step>`: `run_recipe` (given the variant's name) sets `step_log_dir` to
     that directory while the step runs. None: no event files.
+    `checkpoint_dir`: where training steps keep their per-epoch checkpoints, likewise in
+    `<checkpoint_dir>/<variant>/<step>` (`step_checkpoint_dir`; `compax/train/retrain.py`). None:
+    no checkpoints (a killed step starts again).
     """
 
     config: ml_collections.ConfigDict
@@ -85,6 +88,8 @@ class Context:
     searcher: Callable | None = None  # () -> sparsity search results, see `searched_sparsity`
     log_dir: pathlib.Path | None = None
     step_log_dir: pathlib.Path | None = None  # the running step's (set by run_recipe)
+    checkpoint_dir: pathlib.Path | None = None
+    step_checkpoint_dir: pathlib.Path | None = None  # the running step's (set by run_recipe)
 
     def calibration(self):
         """Normalised calibration images (training images, `compress.calibration_images`)."""
@@ -261,8 +266,8 @@ def describe(steps: tuple[Step, ...]) -> str:
     return "+".join(s.describe() for s in steps) or "(uncompressed)"
 
 
-def step_log_dirs(steps: tuple[Step, ...]) -> list[str]:
-    """The directory name of each step's TensorBoard scalars: its name, with `_2`, `_3`, ...
+def step_dirs(steps: tuple[Step, ...]) -> list[str]:
+    """The directory name of each step's scalars and checkpoints: its name, with `_2`, `_3`, ...
     appended to the later ones of a name that appears more than once."""
     seen: dict[str, int] = {}
     names = []
@@ -275,14 +280,17 @@ def step_log_dirs(steps: tuple[Step, ...]) -> list[str]:
 def run_recipe(steps: tuple[Step, ...], model, variables, ctx: Context,
                name: str | None = None) -> Variant:
     """The variant made by `steps` from the population `variables` (leading member axis);
-    `name`, the variant's, places its training steps' scalars under `ctx.log_dir / name`."""
+    `name`, the variant's, places its training steps' scalars under `ctx.log_dir / name` and
+    their checkpoints under `ctx.checkpoint_dir / name`."""
     float32 = jax.tree.map(lambda a: a if ctx.abstract else jnp.asarray(a), variables)
     variant = Variant(model, Compressed(float32, None))
     logs = name is not None and ctx.log_dir is not None and not ctx.abstract and is_main_process()
-    for step, directory in zip(steps, step_log_dirs(steps), strict=True):
-        # The same context (its cache included) with this step's directory; steps that do not
+    saves = name is not None and ctx.checkpoint_dir is not None and not ctx.abstract
+    for step, directory in zip(steps, step_dirs(steps), strict=True):
+        # The same context (its cache included) with this step's directories; steps that do not
         # train write nothing there.
         step_ctx = dataclasses.replace(
-            ctx, step_log_dir=pathlib.Path(ctx.log_dir) / name / directory if logs else None)
+            ctx, step_log_dir=pathlib.Path(ctx.log_dir) / name / directory if logs else None,
+            step_checkpoint_dir=pathlib.Path(ctx.checkpoint_dir) / name / directory if saves else None)
         variant = step(variant, step_ctx)
     return variant

@@ -256,3 +256,40 @@ def population_spread(directory, results, key: str, label: str, name: str) -> st
     ax.set_xticks(range(len(rows)), [v for v, _ in rows], rotation=45, ha="right", fontsize=7)
     ax.set(ylabel=label, title=f"{label} per member (mean ± std)")
     return _save(fig, directory, name)
+
+
+def level_trends(directory, families: dict) -> str | None:
+    """Impacted classes and CIEs against the compression level, one line per family of variants
+    (Hooker et al.'s figures: e.g. one-shot and gradual pruning on one plot). `families`:
+    {label: [(level, impacted classes, CIEs), ...]} sorted by level."""
+    families = {label: points for label, points in families.items() if len(points) >= 2}
+    if not families:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    for label, points in families.items():
+        levels, impacted, cies = (np.asarray(column, float) for column in zip(*points, strict=True))
+        axes[0].plot(levels, impacted, "o-", label=label)
+        axes[1].plot(levels, cies, "o-", label=label)
+    axes[0].set(xlabel="sparsity", ylabel="impacted classes", title="Impacted classes (Welch)")
+    axes[1].set(xlabel="sparsity", ylabel="CIEs (test samples)", title="CIEs / PIEs")
+    axes[1].legend(fontsize=7)
+    return _save(fig, directory, "level_trends.png")
+
+
+def pie_accuracy(directory, rows: dict) -> str | None:
+    """The original population's accuracy on each variant's CIEs and on the other test samples,
+    and the variant's drop on each (`rows`: {variant: (acc CIEs, acc rest, drop CIEs, drop rest)})."""
+    rows = {v: r for v, r in rows.items() if None not in r}
+    if not rows:
+        return None
+    names, values = list(rows), np.asarray(list(rows.values()), float)
+    x = np.arange(len(names))
+    fig, axes = plt.subplots(1, 2, figsize=(max(6, 0.9 * len(names)), 3.2))
+    for ax, (a, b), title in ((axes[0], (0, 1), "original accuracy"),
+                              (axes[1], (2, 3), "accuracy drop after compression")):
+        ax.bar(x - 0.2, 100 * values[:, a], 0.4, label="on CIEs")
+        ax.bar(x + 0.2, 100 * values[:, b], 0.4, label="on the rest")
+        ax.set_xticks(x, names, rotation=45, ha="right", fontsize=7)
+        ax.set(ylabel="%", title=title)
+    axes[0].legend(fontsize=7)
+    return _save(fig, directory, "pie_accuracy.png")

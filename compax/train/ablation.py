@@ -13,9 +13,11 @@ their running statistics, in training exactly as at test time, and keep them; Sq
 (before its classifier) is off. The frozen layers get zero updates (`optax.multi_transform` with
 `optax.set_to_zero`), so they keep their trained values exactly.
 
-As a recipe step: `ablate(epochs=5)` (the recipe `ablated`). Each epoch's training loss (mean over
-its steps) and validation loss per member go to TensorBoard event files in `log_dir` (the step's
-`<workdir>/tensorboard/<variant>/ablate` in a run; `compax/train/scalars.py`).
+As a recipe step: `ablate(epochs=5)` (the recipe `ablated`). Its training is
+`compax.train.retrain`'s: each epoch's training and validation loss per member go to TensorBoard
+event files (`<workdir>/tensorboard/<variant>/ablate` in a run), each epoch ends with a checkpoint
+(`<workdir>/step_checkpoints/<variant>/ablate`) from which a killed run resumes, and its cost is
+reported under `training.ablate`.
 """
 
 import dataclasses
@@ -31,19 +33,8 @@ from compax.compress.registry import Context, Step, Variant, register_step
 from compax.data import Dataset
 from compax.errors import UserError
 from compax.models import MODELS, get_model, init_variables
-from compax.population import loss_and_accuracy, make_predict, model_apply
-from compax.train.early_stopping import update_early_stopping
-from compax.train.population import (
-    AUGMENT,
-    DATA,
-    DROPOUT,
-    best_variables,
-    init_population,
-    member_keys,
-    variables_of,
-)
-from compax.train.scalars import ScalarWriter
-from compax.train.steps import epoch_order, make_train_step
+from compax.train.population import init_population, variables_of
+from compax.train.retrain import Trainable, TrainingRun, train_population
 
 # The layers after the dropped block: re-initialised and trained.
 HEAD_LAYERS = {
@@ -81,11 +72,8 @@ def transfer_body(trained: dict, ablated: dict, head: tuple[str, ...]) -> dict:
             for collection, layers in ablated.items()}
 
 
-class _EvalModeModel:
+class _EvalModeModel(Trainable):
     """`model` as `make_train_step` calls it, always in evaluation mode and with nothing mutable."""
-
-    def __init__(self, model: nn.Module):
-        self.model = model
 
     def apply(self, variables, x, train, mutable, rngs):
         del train, mutable, rngs  # frozen BatchNorm statistics, no dropout (see the module doc)
@@ -94,8 +82,9 @@ class _EvalModeModel:
 
 def ablate(model_name: str, num_classes: int, width: float, variables: dict, dataset: Dataset, *,
            epochs: int, batch_size: int, learning_rate: float, seed: int, chunk: int,
-           augment: bool = False, log_dir=None) -> tuple[nn.Module, dict]:
-    """(ablated model, its variables) of a trained population (Zee et al.'s layer ablation).
+           augment: bool = False, log_dir=None, checkpoint_dir=None) -> tuple[nn.Module, dict, dict]:
+    """(ablated model, its variables, training info) of a trained population (Zee et al.'s layer
+    ablation).
 
     `variables` hold the trained population (`params`, `batch_stats` where the model has BatchNorm)
     with a leading member axis. Member i's head is initialised and its batches drawn from seed
@@ -104,14 +93,11 @@ def ablate(model_name: str, num_classes: int, width: float, variables: dict, dat
     images (augmented with random flips and crops if `augment`) for `epochs` epochs, and each member
     keeps the head of its epoch with the lowest validation loss. `chunk` members are vmapped at a
     time. The result works like any trained population, e.g. `compress("float32", model, member)`.
-    The per-epoch losses go to TensorBoard event files in `log_dir` (None: nowhere).
+    The training is `compax.train.retrain`'s: per-epoch losses go to TensorBoard event files in
+    `log_dir`, checkpoints to `checkpoint_dir` (None: nowhere); the info is its cost.
     """
     if epochs < 1:
         raise UserError(f"ablation epochs must be >= 1, got {epochs}: set the epochs of the ablate step")
-    steps = len(dataset.train) // batch_size
-    if steps == 0:
-        raise UserError(f"batch_size {batch_size} exceeds the {len(dataset.train)} training images:"
-                        " lower the batch size")
     model = ablated_model(model_name, num_classes, width)
     head = HEAD_LAYERS[model_name]
     seeds = jnp.arange(jax.tree.leaves(variables)[0].shape[0], dtype=jnp.int32) + seed
@@ -121,33 +107,14 @@ def ablate(model_name: str, num_classes: int, width: float, variables: dict, dat
                 for name, layer in params.items()}
 
     tx = optax.multi_transform({"head": optax.adam(learning_rate), "body": optax.set_to_zero()}, labels)
-    state = init_population(model, tx, seeds)
-    # Adam's initial state is zeros whatever the parameters, so it stays valid for the transferred ones.
-    start = transfer_body(variables, variables_of(state.params, state.batch_stats), head)
-    state = state.replace(params=start["params"], batch_stats=start.get("batch_stats", {}),
-                          best_params=start["params"], best_batch_stats=start.get("batch_stats", {}))
-
-    train_step = make_train_step(_EvalModeModel(model), tx, dataset.mean, dataset.std, augment, chunk)
-    predict = make_predict(model_apply(model), dataset.mean, dataset.std, batch_size, chunk)
-    images, train_labels = jnp.asarray(dataset.train.images), jnp.asarray(dataset.train.labels)
-    data_keys, aug_keys, dropout_keys = (member_keys(seeds, s) for s in (DATA, AUGMENT, DROPOUT))
-    with ScalarWriter(log_dir) as scalars:
-        for epoch in range(1, epochs + 1):
-            order = epoch_order(data_keys, jnp.int32(epoch), len(dataset.train), steps, batch_size)
-            params, opt_state = state.params, state.opt_state
-            losses = []
-            for step in range(steps):
-                params, _, opt_state, loss, _ = train_step(
-                    params, state.batch_stats, opt_state, order, aug_keys, dropout_keys, images,
-                    train_labels, jnp.int32(epoch), jnp.int32(step))
-                losses.append(loss)
-            state = state.replace(params=params, opt_state=opt_state)
-            val_loss, _ = loss_and_accuracy(
-                predict(variables_of(params, state.batch_stats), dataset.val.images), dataset.val.labels)
-            scalars.write(epoch, {"train_loss": jnp.stack(losses).mean(0), "val_loss": val_loss})
-            # patience = epochs never stops a member early: every epoch runs, the best head is kept.
-            state = update_early_stopping(state, jnp.asarray(val_loss), jnp.int32(epochs))
-    return model, best_variables(state)
+    initial = init_population(model, tx, seeds)
+    start = transfer_body(variables, variables_of(initial.params, initial.batch_stats), head)
+    run = TrainingRun(dataset, batch_size, batch_size, seed, augment, chunk, log_dir, checkpoint_dir)
+    trained = train_population(
+        _EvalModeModel(model), tx, start["params"], start.get("batch_stats", {}), run, epochs=epochs,
+        patience=None, identity=f"ablate(epochs={epochs}) of {model_name}",
+        learning_rate_note=learning_rate, start_candidate=False)
+    return model, variables_of(trained.params, trained.batch_stats), trained.info
 
 
 @register_step
@@ -173,14 +140,17 @@ class Ablate(Step):
             raise UserError(f"ablate knows the head layers of {', '.join(HEAD_LAYERS)}, not of"
                             f" {model_name}: add it to HEAD_LAYERS in compax/train/ablation.py")
         width, classes = variant.model.width, variant.model.num_classes
+        info = dict(variant.info)
         if ctx.abstract:
             model = ablated_model(name, classes, width)
             size = jax.tree.leaves(compressed.variables)[0].shape[0]
             keys = jax.random.split(jax.random.key(0), size)
             variables = jax.eval_shape(jax.vmap(lambda k: init_variables(model, k)), keys)
         else:
-            model, variables = ablate(
+            model, variables, training = ablate(
                 name, classes, width, compressed.variables, ctx.dataset, epochs=self.epochs,
                 batch_size=config.batch_size, learning_rate=config.learning_rate,
-                seed=config.seed, chunk=ctx.chunk, augment=config.augment, log_dir=ctx.step_log_dir)
-        return Variant(model, compressed.replace(variables=variables), dict(variant.info))
+                seed=config.seed, chunk=ctx.chunk, augment=config.augment, log_dir=ctx.step_log_dir,
+                checkpoint_dir=ctx.step_checkpoint_dir)
+            info["training"] = {**info.get("training", {}), self.name: training}
+        return Variant(model, compressed.replace(variables=variables), info)

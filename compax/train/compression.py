@@ -15,29 +15,22 @@
         Quantization-aware training after a `quantize(...)` step (Jacob et al. 2018): the folded
         float weights train through the straight-through fake quantizer (`compax.compress.quant`).
 
-Common to all three. Every member i trains with its own streams of seed `config.seed + i`
-(`compax.train.population`: data order, augmentation, dropout and, for gmp from scratch, the
-initialisation; the same streams as the baseline member, so a gmp member starts from the baseline
-member's initial weights and sees its data order), with Adam at the run's learning rate, batch
-size and augmentation, `ctx.chunk` members vmapped at a time through `make_train_step`. Masked
+Common to all three: every member i trains with its own streams of seed `config.seed + i`, for gmp
+from scratch from the baseline member's initialisation, with Adam at the run's learning rate, batch
+size and augmentation, keeping the weights of its best-validation epoch; candidates are, for
+finetune and qat, also the incoming weights (epoch 0: the step never makes validation loss worse),
+for gmp only the epochs that end at or after `end` (when the masks hold the final sparsity). The
+training itself, its TensorBoard scalars (`<workdir>/tensorboard/<variant>/<step>`) and its per-epoch
+checkpoints (`<workdir>/step_checkpoints/<variant>/<step>`: a killed step resumes after its last
+finished epoch, a finished one is restored without training) are `compax.train.retrain`'s. Masked
 entries are kept at zero by the optimizer (`masked`): their gradients are zeroed before Adam and
-their update is -w, so the weight after each step is exactly 0. Early stopping keeps each member's
-weights of the epoch with the lowest validation loss (`patience` None: never stop early, keep the
-best epoch); candidates are, for finetune and qat, also the incoming weights (epoch 0: the step
-never makes validation loss worse), for gmp only the epochs that end at or after `end` (when the
-masks hold the final sparsity). Each step reports in the variant's info (results.json) under
-`training.<step>`: optimizer steps, epochs, wall seconds (compilation included) and training
-images per second over all members.
-
-Each epoch's training loss (mean over its steps) and validation loss per member (and epoch 0's
-validation loss, where the incoming weights are a candidate) also go to TensorBoard event files in
-`ctx.step_log_dir` (`<workdir>/tensorboard/<variant>/<step>` in a run; `compax/train/scalars.py`).
-
-Not done: a step killed midway starts again from its beginning (no checkpoints).
+their update is -w, so the weight after each step is exactly 0; the masks and the schedule's step
+count live in the optimizer state, so they are checkpointed with it. Each step reports in the
+variant's info (results.json) under `training.<step>`: optimizer steps, epochs, wall seconds
+(compilation included) and training images per second over all members.
 """
 
 import dataclasses
-import time
 from typing import Any, ClassVar, NamedTuple
 
 import flax.linen as nn
@@ -53,19 +46,9 @@ from compax.compress.registry import Context, Step, Variant, register_step
 from compax.compress.sparsity import sparsity_report
 from compax.errors import UserError
 from compax.kernels import conv_cpu
-from compax.population import loss_and_accuracy, make_predict, take_members
-from compax.train.early_stopping import update_early_stopping
-from compax.train.population import (
-    AUGMENT,
-    DATA,
-    DROPOUT,
-    PopulationState,
-    init_population,
-    member_keys,
-    variables_of,
-)
-from compax.train.scalars import ScalarWriter
-from compax.train.steps import epoch_order, make_train_step
+from compax.population import take_members
+from compax.train.population import init_population, variables_of
+from compax.train.retrain import Trainable, TrainingRun, train_population
 
 
 def _is_none(x) -> bool:
@@ -146,102 +129,6 @@ def masked_sparsity(params, masks) -> dict:
     }
 
 
-class _Trainable:
-    """How a step's model trains: `apply(variables, x, train, mutable, rngs) -> (logits, updates)`
-    as `make_train_step` calls it, and `evaluate(variables, x) -> logits` for validation."""
-
-    def __init__(self, model):
-        self.model = model
-
-    def apply(self, variables, x, train, mutable, rngs):
-        return self.model.apply(variables, x, train=train, mutable=mutable, rngs=rngs)
-
-    def evaluate(self, variables, x):
-        return self.model.apply(variables, x, train=False)
-
-
-@dataclasses.dataclass
-class Trained:
-    """A trained population: each member's best params and batch stats, the final optimizer state
-    and the cost of the training (`info`)."""
-
-    params: dict
-    batch_stats: dict
-    opt_state: Any
-    info: dict
-
-
-def train_population(trainable, tx, params, batch_stats, ctx: Context, *, epochs: int,
-                     patience: int | None, learning_rate_note: float, start_candidate: bool,
-                     first_candidate_epoch: int = 1, opt_state=None) -> Trained:
-    """Trains every member of `params` (leading member axis) for `epochs` epochs (module doc)."""
-    config, dataset = ctx.config, ctx.dataset
-    if dataset is None:
-        raise UserError("training steps need the run's dataset: run them inside a population run")
-    batch_size = config.batch_size
-    steps = len(dataset.train) // batch_size
-    if steps == 0:
-        raise UserError(f"batch_size {batch_size} exceeds the {len(dataset.train)} training images:"
-                        " lower the batch size")
-    size = jax.tree.leaves(params)[0].shape[0]
-    seeds = jnp.arange(size, dtype=jnp.int32) + config.seed
-    opt_state = jax.vmap(tx.init)(params) if opt_state is None else opt_state
-    predict = make_predict(trainable.evaluate, dataset.mean, dataset.std, config.eval_batch_size,
-                           ctx.chunk)
-
-    def val_loss(p, b):
-        return jnp.asarray(loss_and_accuracy(predict(variables_of(p, b), dataset.val.images),
-                                             dataset.val.labels)[0])
-
-    start_time = time.perf_counter()
-    best_val = val_loss(params, batch_stats) if start_candidate else jnp.full((size,), jnp.inf)
-    state = PopulationState(
-        epoch=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats, opt_state=opt_state,
-        best_params=params, best_batch_stats=batch_stats, best_val_loss=best_val.astype(jnp.float32),
-        best_epoch=jnp.zeros((size,), jnp.int32), epochs_since_best=jnp.zeros((size,), jnp.int32),
-        stopped=jnp.zeros((size,), bool))
-    train_step = make_train_step(trainable, tx, dataset.mean, dataset.std, config.augment, ctx.chunk)
-    images, labels = jnp.asarray(dataset.train.images), jnp.asarray(dataset.train.labels)
-    data_keys, aug_keys, dropout_keys = (member_keys(seeds, s) for s in (DATA, AUGMENT, DROPOUT))
-    history = []
-    scalars = ScalarWriter(ctx.step_log_dir)
-    if start_candidate:
-        scalars.write(0, {"val_loss": best_val})
-    try:
-        for epoch in range(1, epochs + 1):
-            order = epoch_order(data_keys, jnp.int32(epoch), len(dataset.train), steps, batch_size)
-            p, b, o = state.params, state.batch_stats, state.opt_state
-            losses = []
-            for step in range(steps):
-                p, b, o, loss, _ = train_step(p, b, o, order, aug_keys, dropout_keys, images, labels,
-                                              jnp.int32(epoch), jnp.int32(step))
-                losses.append(loss)
-            if not np.all(np.isfinite(np.asarray(jnp.stack(losses)))):
-                raise UserError(f"training loss became non-finite in epoch {epoch}: lower the learning"
-                                f" rate ({learning_rate_note})")
-            # Stopped members train on but their best weights are frozen (update_early_stopping).
-            state = state.replace(params=p, batch_stats=b, opt_state=o)
-            loss = val_loss(p, b)
-            history.append(np.asarray(loss).tolist())
-            scalars.write(epoch, {"train_loss": jnp.stack(losses).mean(0), "val_loss": loss})
-            if epoch >= first_candidate_epoch:
-                state = update_early_stopping(state, loss, jnp.int32(patience or epochs + 1))
-            else:
-                state = state.replace(epoch=state.epoch + 1)
-            if bool(state.stopped.all()):
-                break
-    finally:
-        scalars.close()
-    jax.block_until_ready(state.best_params)
-    seconds = time.perf_counter() - start_time
-    done = len(history)
-    info = {"steps": done * steps, "epochs": done, "seconds": round(seconds, 3),
-            "images_per_second": round(done * steps * batch_size * size / seconds, 1),
-            "batch_size": batch_size, "learning_rate": learning_rate_note, "members": size,
-            "best_epoch": np.asarray(state.best_epoch).tolist(), "val_loss": history}
-    return Trained(state.best_params, state.best_batch_stats, state.opt_state, info)
-
-
 def _with_training(info: dict, name: str, stats: dict) -> dict:
     info = dict(info)
     info["training"] = {**info.get("training", {}), name: stats}
@@ -268,10 +155,14 @@ class GradualMagnitudePruning(Step):
     `begin`, `end`, `every` are in `unit` (`epochs`: converted to optimizer steps as
     round(x * steps per epoch), so end=8 is the last update of epoch 8; `steps`: updates t counted
     from 1 at the first update; end is at least 1).
-    `start=init` (default) trains from the baseline member's initialisation, as Hooker et al. train
-    each pruned model from scratch, so the pruned population is a population of its own and not a
-    retouched baseline; `start=trained` starts from the trained weights instead. `final` may be
-    `searched` (the run's searched global-L1 level); `exclude` defaults to compress.prune_exclude.
+    `start=init` (default) trains from scratch, as Hooker et al. train each pruned model, so the
+    pruned population is a population of its own (`design` "independent" in the variant's info:
+    the analyses test it as an independent sample) and not a retouched baseline; member i uses
+    seed `config.seed + seed_offset + i` for its initialisation and data order (`seed_offset` 0:
+    the baseline member's, so the two share their start; Hooker et al. seed every level apart,
+    e.g. seed_offset=1000). `start=trained` starts from the trained weights instead (`design`
+    "paired"). `final` may be `searched` (the run's searched global-L1 level); `exclude` defaults
+    to compress.prune_exclude.
     """
 
     name: ClassVar[str] = "gmp"
@@ -287,9 +178,12 @@ class GradualMagnitudePruning(Step):
     patience: int | None = None
     start: str = "init"
     exclude: str | None = None
+    seed_offset: int = 0
 
     def __post_init__(self):
         _check_epochs(self.name, self.epochs, self.patience)
+        if not isinstance(self.seed_offset, int) or self.seed_offset < 0:
+            raise UserError(f"gmp: seed_offset must be an integer >= 0, got {self.seed_offset!r}")
         if self.final != "searched" and not (isinstance(self.final, int | float) and 0 <= self.final < 1):
             raise UserError(f"gmp: final must be a fraction in [0, 1) or 'searched', got {self.final!r}")
         if not (isinstance(self.initial, int | float) and 0 <= self.initial < 1):
@@ -341,8 +235,10 @@ class GradualMagnitudePruning(Step):
         exclude = self.exclude if self.exclude is not None else config.compress.prune_exclude
         tx = self.transform(config.learning_rate, max(steps_per_epoch, 1), exclude)
         size = jax.tree.leaves(variables)[0].shape[0]
+        run = TrainingRun.of(ctx)
+        run = dataclasses.replace(run, seed=run.seed + self.seed_offset)
         if self.start == "init":
-            state = init_population(model, tx, jnp.arange(size, dtype=jnp.int32) + config.seed)
+            state = init_population(model, tx, jnp.arange(size, dtype=jnp.int32) + run.seed)
             params, batch_stats = state.params, state.batch_stats
         else:
             params, batch_stats = variables["params"], variables.get("batch_stats", {})
@@ -350,19 +246,21 @@ class GradualMagnitudePruning(Step):
         opt_state = opt_state._replace(final=jnp.broadcast_to(jnp.asarray(final, jnp.float32), (size,)))
         _, end, _ = self.schedule_steps(max(steps_per_epoch, 1))
         trained = train_population(
-            _Trainable(model), tx, params, batch_stats, ctx, epochs=self.epochs,
-            patience=self.patience, learning_rate_note=config.learning_rate, start_candidate=False,
+            Trainable(model), tx, params, batch_stats, run, epochs=self.epochs,
+            patience=self.patience, identity=self.describe(), learning_rate_note=config.learning_rate,
+            start_candidate=False,
             first_candidate_epoch=-(-end // max(steps_per_epoch, 1)), opt_state=opt_state)
         return (variables_of(trained.params, trained.batch_stats), trained.opt_state.masks,
                 trained.info)
 
     def __call__(self, variant: Variant, ctx: Context) -> Variant:
         _float_model(variant, self.name)
+        design = {"design": "independent" if self.start == "init" else "paired"}
         if ctx.abstract:
-            return Variant(variant.model, variant.compressed, dict(variant.info))
+            return Variant(variant.model, variant.compressed, {**variant.info, **design})
         final = ctx.searched_sparsity() if self.final == "searched" else float(self.final)
         variables, masks, info = self.train(variant.model, variant.compressed.variables, ctx, final)
-        result = _with_training(variant.info, self.name, info)
+        result = {**_with_training(variant.info, self.name, info), **design}
         result["sparsity"] = {"amount": final, **masked_sparsity(variables["params"], masks)}
         return Variant(variant.model, variant.compressed.replace(variables=variables), result)
 
@@ -405,15 +303,16 @@ class FineTune(_Retraining):
         params, batch_stats = variables["params"], variables.get("batch_stats", {})
         rate = self.rate(ctx)
         tx = masked(optax.adam(rate), zero_masks)
-        trained = train_population(_Trainable(variant.model), tx, params, batch_stats, ctx,
-                                   epochs=self.epochs, patience=self.patience,
-                                   learning_rate_note=rate, start_candidate=True)
+        trained = train_population(Trainable(variant.model), tx, params, batch_stats,
+                                   TrainingRun.of(ctx), epochs=self.epochs, patience=self.patience,
+                                   identity=self.describe(), learning_rate_note=rate,
+                                   start_candidate=True)
         info = _with_training(variant.info, self.name, trained.info)
         return Variant(variant.model, variant.compressed.replace(
             variables={**variables, **variables_of(trained.params, trained.batch_stats)}), info)
 
 
-class _QuantAware(_Trainable):
+class _QuantAware(Trainable):
     """The PTQ model with its weights fake-quantized from the current float weights at every call
     (per channel, `ptq.quantize_weights`) and activations with the fixed calibrated parameters.
     The member's QuantState travels in `batch_stats` (`{"model": ..., "qstate": ...}`) so that
@@ -482,7 +381,8 @@ class QuantizationAwareTraining(_Retraining):
                   "rest": {k: v for k, v in start.items() if k not in ("params", "batch_stats")}}
         rate = self.rate(ctx)
         trained = train_population(_QuantAware(variant.model), optax.adam(rate), start["params"],
-                                   packed, ctx, epochs=self.epochs, patience=self.patience,
+                                   packed, TrainingRun.of(ctx), epochs=self.epochs,
+                                   patience=self.patience, identity=self.describe(),
                                    learning_rate_note=rate, start_candidate=True)
         params, scales = jax.vmap(lambda p: quantize_weights(p, config))(trained.params)
         variables = {**compressed.variables, "params": params}
