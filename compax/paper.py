@@ -31,3 +31,26 @@ TABLE1_VARIANTS = ("pruned", "w4a8", "w8a8", "pruned_w8a8")
 def table1_row(model: str, dataset: str) -> dict | None:
     """The study's row for a model and dataset, or None where the study has none."""
     return TABLE1.get((model, dataset))
+
+
+def seed_distribution(member_values, paper_value: float | None) -> dict | None:
+    """Where the study's single figure falls among a population's per-member values.
+
+    Returns {mean, std (ddof 1), low, high: the central 95% of the members' values (the 2.5th and
+    97.5th percentiles, linear interpolation), percentile: the share of members at or below the
+    paper's figure, ties counted half (`scipy.stats.percentileofscore(kind="mean")`), in %}; None
+    with fewer than 3 members. Seeds of one setting differ by about 1 pp in every Δ (session 1), so
+    a paper figure inside [low, high] is within seed noise.
+    """
+    import numpy as np
+    from scipy import stats
+
+    values = np.asarray(member_values, np.float64)
+    values = values[np.isfinite(values)]
+    if len(values) < 3:
+        return None
+    low, high = np.percentile(values, [2.5, 97.5])
+    return {"mean": float(values.mean()), "std": float(values.std(ddof=1)), "low": float(low),
+            "high": float(high), "members": len(values),
+            "percentile": None if paper_value is None
+            else float(stats.percentileofscore(values, paper_value, kind="mean"))}

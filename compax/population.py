@@ -154,7 +154,9 @@ def make_predict(apply_fn: Callable, mean: np.ndarray, std: np.ndarray, batch_si
 
     `apply_fn(member, x)` gives one member's logits for normalised images `x`; `population` is
     whatever it takes (variables, a compressed variant, ...) with a leading member axis. Runs in
-    fixed-size batches (the last one padded) so that one compiled program serves any N, `chunk`
+    fixed-size batches (the last one padded with copies of the last image, so that statistics of
+    a batch's extremes, e.g. dynamic quantization's activation ranges, see only real images) so
+    that one compiled program serves any N, `chunk`
     members at a time vmapped and split over the devices of `mesh` (`chunked_vmap`), each batch
     over the mesh's `data` axis. The logits come back to this host (from every host, if several).
     """
@@ -167,7 +169,7 @@ def make_predict(apply_fn: Callable, mean: np.ndarray, std: np.ndarray, batch_si
         num = images.shape[0]
         pad = (-num) % batch_size
         if pad:
-            images = np.concatenate([images, np.zeros((pad, *images.shape[1:]), images.dtype)])
+            images = np.concatenate([images, np.repeat(images[-1:], pad, axis=0)])
         batches = [predict_batch(population, images[i:i + batch_size])
                    for i in range(0, images.shape[0], batch_size)]
         return np.concatenate([to_host(b) for b in batches], axis=1)[:, :num]

@@ -207,3 +207,21 @@ def test_batchwise_histogram_equals_torchs_histogram_observer(kind):
     want_scale, want_zero_point = observer.calculate_qparams()
     scale, zero_point = affine_qparams(*histogram_range(jnp.asarray(hist), lo, hi, 256), 0, 127)
     assert float(scale) == want_scale.item() and int(zero_point) == want_zero_point.item()
+
+
+def test_a_padded_last_batch_leaves_dynamic_ranges_to_the_real_images(lenet, images):
+    """make_predict pads its last batch with copies of the last image, so per-call activation
+    ranges, and so the dynamic-int8 logits of the real images, are those of the real images alone."""
+    from compax.population import make_predict
+    model, variables = lenet
+    c = jax.tree.map(lambda a: jnp.asarray(a)[None], compress("dynamic_int8", model, variables,
+                                                             images[:1]))
+    x = np.asarray((images[TEST:TEST + 70] + 1) * 127.5).astype(np.uint8)
+    mean, std = np.full(3, 127.5, np.float32), np.full(3, 64.0, np.float32)
+
+    def predict(batch_size, images):
+        return make_predict(lambda m, b: apply_compressed(model, m, b), mean, std, batch_size,
+                            1)(c, images)
+    logits = predict(32, x)  # batches of 32, 32 and 6 real images + 26 copies
+    np.testing.assert_allclose(logits[0, 64:], predict(6, x[64:])[0], rtol=1e-6, atol=1e-6)
+    assert not np.allclose(predict(6, x[60:66])[0, 4:], logits[0, 64:66], rtol=0, atol=1e-4)

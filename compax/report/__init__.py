@@ -8,7 +8,7 @@ import pathlib
 
 import numpy as np
 
-from compax.paper import TABLE1_VARIANTS, table1_row
+from compax.paper import TABLE1_VARIANTS, seed_distribution, table1_row
 from compax.report import figures
 
 _STYLE = """
@@ -68,6 +68,28 @@ def table1(results: dict) -> Table:
         classes.append("paper")
     return Table(["", "% pruned", "accuracy %"] + [f"{v} Δ pp" for v in TABLE1_VARIANTS], rows,
                  classes)
+
+
+def table1_seeds(results: dict) -> Table | None:
+    """Table 1's accuracy and Δ columns over the members (3+): mean, std, the central 95% of the
+    members and the percentile of the study's figure among them (`paper.seed_distribution`)."""
+    variants = results["variants"]
+    base = np.asarray(variants["baseline"]["member_accuracy"], np.float64)
+    if len(base) < 3:
+        return None
+    paper = table1_row(results["model"]["name"], results["dataset"]["name"]) or {}
+    columns = {"accuracy %": (100 * base, paper.get("accuracy"))}
+    for v in TABLE1_VARIANTS:
+        if v in variants:
+            delta = 100 * (np.asarray(variants[v]["member_accuracy"], np.float64) - base)
+            columns[f"{v} Δ pp"] = (delta, (paper.get("diff_pp") or {}).get(v))
+    rows = []
+    for name, (values, figure) in columns.items():
+        d = seed_distribution(values, figure)
+        rows.append([name, f"{d['mean']:+.2f}" if "Δ" in name else f"{d['mean']:.2f}",
+                     f"{d['std']:.2f}", f"[{d['low']:.2f}, {d['high']:.2f}]",
+                     _fmt(figure, 1), _fmt(d["percentile"], 0)])
+    return Table(["", "mean", "std", "95% of members", "paper", "paper's percentile"], rows)
 
 
 def variants_table(results: dict) -> Table:
@@ -177,6 +199,10 @@ def write_report(directory: pathlib.Path, config, results: dict, arrays: dict, d
               "Variants: accuracy, sparsity, size": variants_table(results),
               "Inference cost and the int8 path": cost_table(results),
               "Beyond test accuracy (mean over members)": beyond_accuracy_table(results, analyses)}
+    seeds = table1_seeds(results)
+    if seeds is not None:
+        tables = {"Table 1 (Schwaiger et al. 2022)": tables.pop("Table 1 (Schwaiger et al. 2022)"),
+                  "Table 1 over the members: seed noise": seeds, **tables}
     for title, table in tables.items():
         page.sections[title] = [table.html()]
     page.figure("Pruning level", figures.sparsity_search(directory, results), "sparsity search")
