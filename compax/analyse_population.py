@@ -3,7 +3,9 @@
 The test logits of the original population and of each variant are computed once and shared by
 every analysis. Returns results.json's analysis fields: the original population's under
 "baseline", each variant's under its name (each analysis documents its keys; means over members
-unless named otherwise), and `arrays` (numpy, keyed "<variant>.<name>") that the report draws.
+unless named otherwise), "analysis_seconds" (wall seconds per analysis, summed over the original
+and every variant, and "predict": the test logits), and `arrays` (numpy, keyed
+"<variant>.<name>") that the report draws.
 """
 
 import time
@@ -23,24 +25,32 @@ def analyse_population(config, dataset, model, original, models: dict, populatio
     variant's "paired" (the default) or "independent" (`Compared.design`).
     """
     analyses = check_analyses(config.analysis)
+    started = time.perf_counter()
     ref = Reference(config, dataset, model, original, chunk)
+    seconds = {"predict": time.perf_counter() - started, **{a.name: 0.0 for a in analyses}}
     variants, arrays = {"baseline": {}}, {}
     for analysis in analyses:
-        started = time.time()
+        started = time.perf_counter()
         analysis.prepare(ref)
         results, baseline_arrays = analysis.baseline(ref)
         variants["baseline"].update(results)
         arrays.update({f"baseline.{k}": v for k, v in baseline_arrays.items()})
+        seconds[analysis.name] += time.perf_counter() - started
         logging.info("analysis %s: original population in %.0f s", analysis.name,
-                     time.time() - started)
+                     time.perf_counter() - started)
     for name, population in populations.items():
-        started = time.time()
+        started = time.perf_counter()
         variant = Compared(name, models[name], population, ref.predict(models[name], population),
                            (designs or {}).get(name, "paired"))
+        seconds["predict"] += time.perf_counter() - started
         variants[name] = {}
         for analysis in analyses:
+            begun = time.perf_counter()
             results, variant_arrays = analysis.compare(ref, variant)
             variants[name].update(results)
             arrays.update({f"{name}.{k}": v for k, v in variant_arrays.items()})
-        logging.info("analysed %s in %.0f s", name, time.time() - started)
-    return {"variants": variants}, arrays
+            seconds[analysis.name] += time.perf_counter() - begun
+        logging.info("analysed %s in %.0f s", name, time.perf_counter() - started)
+    logging.info("analysis seconds: %s", ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()))
+    return {"variants": variants,
+            "analysis_seconds": {k: round(v, 1) for k, v in seconds.items()}}, arrays

@@ -178,6 +178,10 @@ def stages_table(results: dict) -> Table:
              f"{r['machine']['cpu']} ({r['machine']['cpu_cores']} cores), "
              f"{r['machine']['backend']}: {', '.join(sorted(set(r['machine']['devices'])))}"]
             for stage, r in results.get("stages", {}).items()]
+    analysis = results.get("analysis_seconds")
+    if analysis:  # where the analyse stage's time went
+        rows.append(["analyse, by part", "", f"{sum(analysis.values()):.0f}", "",
+                     ", ".join(f"{k} {v:.0f} s" for k, v in analysis.items())])
     return Table(["stage", "finished (UTC)", "wall s", "code", "machine"], rows)
 
 
