@@ -78,18 +78,36 @@ CPU_SIZED = {
     "resnet18": (0.125, 8, 4),
     "vgg6": (0.25, 15, 5),
 }
-SIZES = ("cpu", "paper")
+SIZES = ("auto", "cpu", "paper")
 
 
-def study_config(dataset: str, model: str, size: str = "cpu") -> ml_collections.ConfigDict:
+def chosen_size(size: str) -> str:
+    """`size`, with `auto` resolved: `paper` where JAX's default backend is an accelerator, `cpu`
+    on the CPU; the choice is logged."""
+    if size not in SIZES:
+        raise ValueError(f"unknown config size {size!r}: use configs/<name>.py:cpu or :paper"
+                         " (no suffix: paper on an accelerator, cpu on the CPU)")
+    if size != "auto":
+        return size
+    import jax
+    from absl import logging
+
+    backend = jax.default_backend()
+    chosen = "cpu" if backend == "cpu" else "paper"
+    logging.info("config size: %s (chosen for the %s backend; :cpu or :paper forces one)", chosen,
+                 backend)
+    return chosen
+
+
+def study_config(dataset: str, model: str, size: str = "auto") -> ml_collections.ConfigDict:
     """One architecture x dataset pair of Schwaiger et al. (2022).
 
     `paper`: the study's setting (full width, Adam, early stopping with patience 40, CIFAR-10
     augmented by random flips and 4-px-pad random crops). `cpu`: the same data and procedure with
     the model narrowed and the patience shortened (`CPU_SIZED`) so that a run fits on 2 CPU cores.
+    `auto`: `paper` on an accelerator, `cpu` on the CPU (`chosen_size`).
     """
-    if size not in SIZES:
-        raise ValueError(f"unknown config size {size!r}: use configs/<name>.py:cpu or :paper")
+    size = chosen_size(size)
     c = base_config()
     c.dataset = dataset
     c.model = model

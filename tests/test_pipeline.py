@@ -193,3 +193,17 @@ def test_every_config_file_loads_and_passes_validation(path):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     validate_config(module.get_config())
+
+
+def test_configs_choose_the_paper_size_on_accelerators_and_the_cpu_size_on_the_cpu(monkeypatch, caplog):
+    import jax
+
+    from compax.config import study_config
+    caplog.set_level("INFO")
+    cpu = study_config("gtsrb", "resnet18")
+    assert (cpu.model_width, cpu.patience) == (0.125, 4)
+    assert "config size: cpu (chosen for the cpu backend" in caplog.text
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    paper = study_config("gtsrb", "resnet18")
+    assert (paper.model_width, paper.patience, paper.max_epochs) == (1.0, 40, 500)
+    assert study_config("gtsrb", "resnet18", "cpu").model_width == 0.125  # forced, even on a GPU
