@@ -54,3 +54,47 @@ def seed_distribution(member_values, paper_value: float | None) -> dict | None:
             "high": float(high), "members": len(values),
             "percentile": None if paper_value is None
             else float(stats.percentileofscore(values, paper_value, kind="mean"))}
+
+
+def pooled_table1(runs: list[dict]) -> str:
+    """Table 1 in Markdown for finished runs (their results.json), next to the study's rows.
+
+    Runs of the same model and dataset are pooled (their members together). One row per pair:
+    width, members, pruned share of all parameters (of the weights), uncompressed test accuracy and
+    the differences of pruned, w4a8, w8a8 and pruned + w8a8 in percentage points, as mean ± std
+    (ddof 0) over the members, each member against its own original; the paper's row beside.
+    """
+    import numpy as np
+
+    pairs: dict = {}
+    for results in runs:
+        key = (results["model"]["name"], results["dataset"]["name"])
+        row = pairs.setdefault(key, {"acc": {}, "params": [], "weights": [], "width": set()})
+        row["width"].add(results["model"]["width"])
+        for name, variant in results["variants"].items():
+            row["acc"].setdefault(name, []).extend(variant["member_accuracy"])
+        sparsity = (results["variants"].get("pruned") or {}).get("sparsity") or {}
+        if "fraction_of_params" in sparsity:
+            row["params"].append(100 * sparsity["fraction_of_params"])
+            row["weights"].append(100 * sparsity["fraction_of_weights"])
+
+    def spread(values) -> str:
+        values = np.asarray(values)
+        return f"{values.mean():+.2f} ± {values.std():.2f}" if values.size > 1 else f"{values[0]:+.2f}"
+
+    lines = ["| model | dataset | width | members | % pruned (of weights) | accuracy % "
+             "| pruned Δ | w4a8 Δ | w8a8 Δ | pruned+w8a8 Δ |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for (model, dataset), row in pairs.items():
+        base = 100 * np.asarray(row["acc"]["baseline"])
+        diffs = [spread(100 * np.asarray(row["acc"][v]) - base) if v in row["acc"] else "–"
+                 for v in TABLE1_VARIANTS]
+        pruned = (f"{np.mean(row['params']):.1f} ({np.mean(row['weights']):.1f})" if row["params"]
+                  else "–")
+        width = ",".join(str(w) for w in sorted(row["width"]))
+        lines.append(f"| {model} | {dataset} | {width} | {base.size} | {pruned} |"
+                     f" {base.mean():.2f} ± {base.std():.2f} | " + " | ".join(diffs) + " |")
+        paper = table1_row(model, dataset)
+        if paper:
+            lines.append(f"| *paper* | | 1.0 | 1 | {paper['pruned_percent']} | {paper['accuracy']} | "
+                         + " | ".join(f"{paper['diff_pp'][v]:+.1f}" for v in TABLE1_VARIANTS) + " |")
+    return "\n".join(lines)

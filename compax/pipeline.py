@@ -23,6 +23,12 @@ results.json:
 
     {"dataset": {...}, "model": {...}, "epochs_trained": int,
      "members": [{"seed", "best_epoch", "val_loss", "val_accuracy"}, ...],
+     "training": {"member_images": training images seen, summed over the active members,
+                  "seconds": the epochs' wall time before their checkpoint (train steps,
+                  validation, metrics; summed over resumed runs), "member_images_per_second":
+                  member_images per second of it, "train_step_seconds": the train steps' share;
+                  the train stage's wall time (stages.train) adds compilation, checkpoints and the
+                  test evaluation},
      "sparsity_search": {"levels", "val_accuracy" (population mean per level),
                          "baseline_val_accuracy", "tolerance_pp", "chosen"} (when a recipe
                         prunes at amount=searched),
@@ -150,6 +156,7 @@ class Run:
                         "test": len(dataset.test), "classes": dataset.num_classes},
             "model": {"name": self.config.model, "width": self.config.model_width, "params": params},
             "epochs_trained": int(state.epoch),
+            "training": training_throughput(trained.history, len(dataset.train), self.config.batch_size),
             "members": [
                 {"seed": int(seed), "best_epoch": int(state.best_epoch[i]),
                  "val_loss": float(state.best_val_loss[i]),
@@ -240,6 +247,19 @@ class Run:
             merged["stages"][stage] = {k: record[k] for k in
                                        ("finished", "wall_seconds", "code_version", "machine")}
         return merged
+
+
+def training_throughput(history: list[dict], train_images: int, batch_size: int) -> dict:
+    """The whole training's cost from its metrics: wall seconds of the epochs, and training images
+    of the active members (steps x batch size each) per second of them; with `train_step_seconds`
+    where the records hold it (the rest is validation, checkpoints and bookkeeping)."""
+    seconds = sum(record["seconds"] for record in history)
+    images = sum(sum(record["active"]) for record in history) * (train_images // batch_size) * batch_size
+    result = {"member_images": images, "seconds": round(seconds, 1),
+              "member_images_per_second": round(images / seconds, 1) if seconds else None}
+    if history and all("train_seconds" in record for record in history):
+        result["train_step_seconds"] = round(sum(r["train_seconds"] for r in history), 1)
+    return result
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:

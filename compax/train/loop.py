@@ -187,6 +187,7 @@ def fit(config: ml_collections.ConfigDict, dataset: Dataset, workdir: str | path
             losses[:, members] = to_host(jnp.stack(step_losses))
             accuracies = np.full((steps, len(seeds)), np.nan, np.float32)
             accuracies[:, members] = to_host(jnp.stack(step_accuracies))
+            train_seconds = time.perf_counter() - start  # the steps are done: their losses are here
             _check_finite(losses, active, epoch, seeds)
             val_loss, val_accuracy = loss_and_accuracy(
                 predict(variables_of(state.params, state.batch_stats), dataset.val.images),
@@ -195,6 +196,7 @@ def fit(config: ml_collections.ConfigDict, dataset: Dataset, workdir: str | path
             record = {
                 "epoch": epoch,
                 "seconds": round(time.perf_counter() - start, 3),
+                "train_seconds": round(train_seconds, 3),
                 "active": active.tolist(),
                 "train_loss": losses.mean(0).tolist(),
                 "train_accuracy": accuracies.mean(0).tolist(),
