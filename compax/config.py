@@ -27,7 +27,8 @@ def base_config() -> ml_collections.ConfigDict:
     # Training (compax.train): members have seeds seed, seed + 1, ..., seed + population - 1.
     c.seed = 0
     c.population = 1
-    # Members vmapped together; 0: automatic (all on accelerators, one at a time on the CPU).
+    # Members vmapped together; 0: automatic (all on accelerators, one at a time on the CPU;
+    # training on one CPU: all in one program, 4 at a time, `compax.population.train_chunking`).
     c.population_chunk = 0
     c.batch_size = 128
     c.eval_batch_size = 1000

@@ -16,6 +16,7 @@ import platform
 import time
 
 from absl import app, flags
+from torch_lenet import torch_runner  # experiments/ is the script's directory
 
 _BATCH = flags.DEFINE_integer("batch_size", 128, "Images per step and model.")
 _STEPS = flags.DEFINE_integer("steps", 60, "Timed steps per repeat.")
@@ -82,40 +83,6 @@ def compax_runner(population: int, chunk: int, images, labels, mean, std, batch:
                 images, labels, jnp.int32(1), jnp.int32(i % num_steps))
             state = state.replace(params=params, batch_stats=batch_stats, opt_state=opt_state)
         jax.block_until_ready(loss)
-
-    run(2)
-    return run
-
-
-def torch_runner(images, labels, mean, std, batch: int):
-    """`run(n)`: n PyTorch train steps of the same model, warmed up; None without torch."""
-    try:
-        import torch
-    except ImportError:
-        return None
-    from torch import nn
-
-    torch.manual_seed(0)
-    model = nn.Sequential(
-        nn.Conv2d(3, 6, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(6, 16, 5), nn.ReLU(),
-        nn.MaxPool2d(2), nn.Flatten(), nn.Linear(400, 120), nn.ReLU(), nn.Linear(120, 84),
-        nn.ReLU(), nn.Linear(84, 43))
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    images = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()  # NCHW uint8, as a loader
-    labels = torch.from_numpy(labels).long()
-    mean = torch.tensor(mean).view(1, 3, 1, 1)
-    std = torch.tensor(std).view(1, 3, 1, 1)
-    order = torch.randperm(len(images))
-    num_steps = len(images) // batch
-
-    def run(n):
-        for i in range(n):
-            index = order[(i % num_steps) * batch:(i % num_steps + 1) * batch]
-            x = (images[index].float() / 255 - mean) / std
-            loss = nn.functional.cross_entropy(model(x), labels[index])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
 
     run(2)
     return run

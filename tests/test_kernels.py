@@ -145,6 +145,47 @@ def test_vmap_over_members_equals_each_member():
         np.testing.assert_array_equal(stacked[m], conv_cpu.conv2d_valid(x[m], w[m]))
 
 
+@pytest.mark.parametrize("x_shape,w_shape", [((128, 32, 32, 3), (5, 5, 3, 6)),  # LeNet-5's conv1
+                                             ((128, 14, 14, 6), (5, 5, 6, 16))])  # and conv2
+def test_vmapped_kernels_equal_vmapped_xla(x_shape, w_shape):
+    """A population of 3 members, each with its own images and weights: one FFI call per
+    convolution takes all of them (forward, input and weight gradients), with the values of
+    `jax.vmap` of XLA's convolution and the bits of each member's own calls."""
+    members = 3
+    x, w = random(11, (members, *x_shape), (members, *w_shape))
+    cotangent, = random(12, (members, *xla_conv(x[0], w[0], "VALID").shape))
+    vmapped = jax.jit(jax.vmap(conv_cpu.conv2d_valid))
+
+    def forward_and_gradients(x, w):
+        y, vjp = jax.vjp(jax.vmap(conv_cpu.conv2d_valid), x, w)
+        return y, *vjp(cotangent)
+
+    assert kernel_calls(forward_and_gradients, x, w) == 3  # forward, input and weight gradients
+    result = value_and_vjp(lambda x, w, _: vmapped(x, w), x, w, None, cotangent)
+    expected = value_and_vjp(jax.vmap(lambda x, w, _: xla_conv(x, w, "VALID"), (0, 0, None)), x, w,
+                             None, cotangent)
+    for name, got, want in zip(("y", "dx", "dw"), result, expected, strict=True):
+        for m in range(members):  # each member within its own largest value
+            np.testing.assert_allclose(got[m], want[m], atol=2e-6 * float(jnp.abs(want[m]).max()),
+                                       rtol=0, err_msg=f"{name} of member {m}")
+    for m in range(members):
+        alone = value_and_vjp(lambda x, w, _: conv_cpu.conv2d_valid(x, w), x[m], w[m], None,
+                              cotangent[m])
+        for name, got, want in zip(("y", "dx", "dw"), result, alone, strict=True):
+            np.testing.assert_array_equal(got[m], want, err_msg=f"{name} of member {m}")
+
+
+def test_vmapped_kernels_broadcast_shared_images_and_nest():
+    """Images shared by the members (in_axes None) and two nested vmaps (4 = 2 x 2 members)."""
+    x, w = random(13, (4, 16, 14, 14, 6), (4, 5, 5, 6, 16))
+    shared = jax.jit(jax.vmap(conv_cpu.conv2d_valid, (None, 0)))(x[0], w)
+    assert_close(shared, jax.vmap(lambda w: xla_conv(x[0], w, "VALID"))(w))
+    nested = jax.jit(jax.vmap(jax.vmap(conv_cpu.conv2d_valid)))(x.reshape(2, 2, *x.shape[1:]),
+                                                                w.reshape(2, 2, *w.shape[1:]))
+    np.testing.assert_array_equal(nested.reshape(4, *nested.shape[2:]),
+                                  jax.jit(jax.vmap(conv_cpu.conv2d_valid))(x, w))
+
+
 def test_only_eligible_convolutions_use_the_kernels():
     x, w = random(5, (2, 16, 16, 3), (3, 3, 3, 8))
     assert kernel_calls(lambda x, w: kernel_conv(x, w, "VALID"), x, w) == 1
@@ -206,8 +247,8 @@ def population_gradients(model, x, labels, kernels: bool):
 
 
 @pytest.mark.parametrize("name,width,classes,eligible,members", [
-    ("lenet5", 1.0, 43, 2, 1),  # a population chunk on the CPU: one member, still vmapped
-    ("lenet5", 1.0, 43, 2, 2),  # two members: the kernel calls are unrolled
+    ("lenet5", 1.0, 43, 2, 1),  # a population chunk of one member, still vmapped
+    ("lenet5", 1.0, 43, 2, 2),  # two members: each kernel call takes both
     ("squeezenet", 1 / 32, 10, 26, 2),  # every layer fits (at most 16 channels)
     ("squeezenet", 0.25, 43, 6, 1),  # conv1, fire1, fire2's expands; the wider layers on XLA
 ])
@@ -220,9 +261,10 @@ def test_vmapped_models_with_kernels_equal_xla(name, width, classes, eligible, m
     labels = jnp.arange(8) % classes
     with_kernels = population_gradients(model, x, labels, True)
     hlo = with_kernels.lower(population).compile().as_text()  # the optimised HLO: calls inlined
-    # Per member and eligible layer: forward, input gradient (forward kernel), weight gradient.
-    assert hlo.count('custom_call_target="CompaxConvForward"') == 2 * eligible * members
-    assert hlo.count('custom_call_target="CompaxConvWeightGradient"') == eligible * members
+    # Per eligible layer, for all members at once: forward, input gradient (forward kernel),
+    # weight gradient.
+    assert hlo.count('custom_call_target="CompaxConvForward"') == 2 * eligible
+    assert hlo.count('custom_call_target="CompaxConvWeightGradient"') == eligible
     assert_close(with_kernels(population), population_gradients(model, x, labels, False)(population),
                  relative=1e-5)
 

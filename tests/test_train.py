@@ -9,8 +9,11 @@ import optax
 import pytest
 
 from compax.models import get_model
+from compax.population import CPU_MEMBER_GROUP, train_chunking
 from compax.train import TrainingDiverged, fit, init_population
 from compax.train.early_stopping import update_early_stopping
+from compax.train.population import AUGMENT, DATA, DROPOUT, member_keys
+from compax.train.steps import epoch_order, make_train_step, make_train_steps, steps_per_call
 from tests.helpers import tiny_config, tiny_dataset
 
 
@@ -113,3 +116,48 @@ def test_chunked_population_equals_one_vmap(data, tmp_path):
                   tmp_path / "chunks")
     for a, b in zip(leaves(one_vmap.state), leaves(chunked.state), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("group", [0, 2])  # 2: a group of 2 members and a group of 1
+def test_train_steps_in_one_call_equal_one_step_calls(data, group):
+    """Four steps in one call (a `lax.scan`) give the bits of four calls of one step each, and
+    the values of `make_train_step`'s steps (every member vmapped at once)."""
+    model = get_model("lenet5", data.num_classes)
+    tx = optax.adam(1e-3)
+    seeds = jnp.arange(3)
+    state = init_population(model, tx, seeds)
+    batch, steps = 32, 4
+    order = epoch_order(member_keys(seeds, DATA), jnp.int32(1), len(data.train), steps, batch)
+    members = (order, member_keys(seeds, AUGMENT), member_keys(seeds, DROPOUT))
+    shared = (jnp.asarray(data.train.images), jnp.asarray(data.train.labels), jnp.int32(1))
+    start = (state.params, state.batch_stats, state.opt_state)
+
+    def one_call_per_step(step_fn):
+        trained, losses = start, []
+        for step in range(steps):
+            *trained, loss, _ = step_fn(*trained, *members, *shared, jnp.int32(step))
+            losses.append(loss)
+        return trained, losses
+
+    make = (model, tx, data.mean, data.std, True, 3)
+    *together, losses, accuracies = make_train_steps(*make, steps, group=group)(
+        *start, *members, *shared, jnp.int32(0))
+    assert losses.shape == accuracies.shape == (3, steps)
+    trained, step_losses = one_call_per_step(make_train_steps(*make, 1, group=group))
+    for a, b in zip(leaves(together), leaves(trained), strict=True):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(losses, jnp.concatenate(step_losses, axis=1))
+    trained, step_losses = one_call_per_step(make_train_step(*make))
+    for a, b in zip(leaves(together), leaves(trained), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(losses, jnp.stack(step_losses, axis=1), rtol=1e-5)
+
+
+def test_train_chunking_and_steps_per_call():
+    # Automatic on one CPU: the whole population in one program, a few members vmapped at a time.
+    assert train_chunking(0, 32) == (32, CPU_MEMBER_GROUP)
+    assert train_chunking(0, 2) == (2, 2)
+    assert train_chunking(3, 32) == (3, 0)  # a chunk asked for: every member of it vmapped at once
+    assert [steps_per_call(s) for s in (1, 3, 11, 12, 16, 306)] == [1, 3, 1, 6, 8, 6]
+    with pytest.raises(ValueError, match="population_chunk"):
+        train_chunking(-1, 4)

@@ -9,8 +9,13 @@
 //                    pad_bottom zero rows, which are skipped rather than multiplied)
 //   weight gradient: dw[i,j,c,o] = sum_{b,p,q} x[b,p+i,q+j,c] * g[b,p,q,o]
 //
-// Images are split over XLA's CPU thread pool; the weight gradient adds partial sums of fixed
-// ranges of images in a fixed order, so results do not depend on timing.
+// Leading axes before the four of an image batch or kernel are members of a population (JAX's
+// vmap with vmap_method="broadcast_all": every operand has them, each member its own images and
+// kernel): one call computes every member, x (M..., B, H, W, C) with w (M..., KH, KW, C, O).
+// Fixed ranges of each member's images (members x ranges pieces of work) are split over XLA's CPU
+// thread pool; the weight gradient adds a member's partial sums of its ranges in a fixed order,
+// the ranges depending on the batch alone, so results do not depend on timing or on how many
+// members share the call.
 
 #include <algorithm>
 #include <atomic>
@@ -46,24 +51,28 @@ inline typename Vec<L>::type Load(const float* from) {
   return *reinterpret_cast<const typename Vec<L>::unaligned*>(from);
 }
 
-// Runs fn(chunk, b0, b1) over `chunks` fixed ranges of the batch, on the calling thread and on
-// XLA's intra-op thread pool. Whoever is free takes the next range, and the caller waits only for
-// ranges already being run elsewhere, so a busy pool cannot deadlock it. The ranges depend on the
-// batch alone: partial sums per range make results independent of the scheduling.
+// Runs fn(member, chunk, b0, b1) over `chunks` fixed ranges of the batch of each of `members`
+// members, on the calling thread and on XLA's intra-op thread pool. Whoever is free takes the next
+// (member, range), and the caller waits only for pieces already being run elsewhere, so a busy
+// pool cannot deadlock it. The ranges depend on the batch alone: partial sums per range make
+// results independent of the scheduling.
 template <typename Fn>
-void ForImageRanges(ffi::ThreadPool& pool, int64_t batch, int64_t chunks, Fn fn) {
+void ForImageRanges(ffi::ThreadPool& pool, int64_t members, int64_t batch, int64_t chunks, Fn fn) {
   struct State {
     std::atomic<int64_t> next{0}, done{0};
   };
+  const int64_t pieces = members * chunks;
   auto state = std::make_shared<State>();
-  auto work = [state, batch, chunks, fn] {
-    for (int64_t k; (k = state->next.fetch_add(1)) < chunks; state->done.fetch_add(1))
-      fn(k, batch * k / chunks, batch * (k + 1) / chunks);
+  auto work = [state, batch, chunks, pieces, fn] {
+    for (int64_t k; (k = state->next.fetch_add(1)) < pieces; state->done.fetch_add(1)) {
+      const int64_t member = k / chunks, chunk = k % chunks;
+      fn(member, chunk, batch * chunk / chunks, batch * (chunk + 1) / chunks);
+    }
   };
-  for (int64_t t = 1; t < std::min<int64_t>(chunks, pool.num_threads()); ++t)
+  for (int64_t t = 1; t < std::min<int64_t>(pieces, pool.num_threads()); ++t)
     pool.Schedule(decltype(work)(work));  // a copy: Schedule takes ownership of an rvalue
   work();
-  while (state->done.load() < chunks) std::this_thread::yield();
+  while (state->done.load() < pieces) std::this_thread::yield();
 }
 
 // Ranges of the batch: one per thread of the pool (at least one, at most one per image).
@@ -211,10 +220,19 @@ void WeightGradient(const Shape& s, const float* x, const float* g, float* dw_pa
   }
 }
 
+// The last four axes of the images and the kernel (the leading ones are members).
 Shape ShapeOf(ffi::Buffer<ffi::F32>& images, ffi::Buffer<ffi::F32>& kernel) {
-  auto x = images.dimensions();
-  auto k = kernel.dimensions();
+  auto x = images.dimensions().last(4);
+  auto k = kernel.dimensions().last(4);
   return Shape{x[0], x[1], x[2], x[3], k[0], k[1], k[3]};
+}
+
+// The number of members: the product of the axes before the last four (1 without them).
+int64_t Members(ffi::Buffer<ffi::F32>& buffer) {
+  auto dims = buffer.dimensions();
+  int64_t members = 1;
+  for (size_t a = 0; a + 4 < dims.size(); ++a) members *= dims[a];
+  return members;
 }
 
 ffi::Error ConvForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
@@ -223,16 +241,29 @@ ffi::Error ConvForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   Shape s = ShapeOf(x, w);
   s.pad_top = pad_top;
   s.pad_bottom = pad_bottom;
+  const int64_t members = Members(x);
+  if (Members(w) != members) return ffi::Error::InvalidArgument("images and kernels: other members");
   const int64_t lanes = s.out_channels <= 8 ? 8 : 16;
   const int64_t padded = (s.out_channels + lanes - 1) / lanes * lanes;
-  const std::vector<float> kernel = PadOutputChannels(s, w.typed_data(), padded);
-  const float *images = x.typed_data(), *w_pad = kernel.data();
+  const int64_t taps = s.kernel_h * s.kernel_w * s.in_channels;
+  const int64_t x_size = s.batch * s.height * s.width * s.in_channels;
+  const int64_t y_size = s.batch * s.out_h() * s.out_w() * s.out_channels;
+  std::vector<float> kernels;  // every member's kernel from PadOutputChannels, one after another
+  kernels.reserve(members * taps * padded);
+  for (int64_t m = 0; m < members; ++m) {
+    const std::vector<float> kernel = PadOutputChannels(s, w.typed_data() + m * taps * s.out_channels,
+                                                        padded);
+    kernels.insert(kernels.end(), kernel.begin(), kernel.end());
+  }
+  const float *images = x.typed_data(), *w_pad = kernels.data();
   float* out = y->typed_data();
-  ForImageRanges(pool, s.batch, Chunks(pool, s.batch), [=](int64_t, int64_t b0, int64_t b1) {
+  ForImageRanges(pool, members, s.batch, Chunks(pool, s.batch),
+                 [=](int64_t m, int64_t, int64_t b0, int64_t b1) {
+    const float *member_images = images + m * x_size, *member_w = w_pad + m * taps * padded;
     if (lanes == 8)
-      Forward<8>(s, images, w_pad, padded, out, b0, b1);
+      Forward<8>(s, member_images, member_w, padded, out + m * y_size, b0, b1);
     else
-      Forward<16>(s, images, w_pad, padded, out, b0, b1);
+      Forward<16>(s, member_images, member_w, padded, out + m * y_size, b0, b1);
   });
   return ffi::Error::Success();
 }
@@ -242,26 +273,34 @@ ffi::Error ConvWeightGradientImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                                   ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> g,
                                   ffi::ResultBuffer<ffi::F32> dw) {
   const Shape s = ShapeOf(x, w);
+  const int64_t members = Members(x);
+  if (Members(w) != members || Members(g) != members)
+    return ffi::Error::InvalidArgument("images, kernels and gradients: other members");
   const int64_t lanes = s.out_channels <= 8 ? 8 : 16;
   const int64_t padded = (s.out_channels + lanes - 1) / lanes * lanes;
   const int64_t taps = s.kernel_h * s.kernel_w * s.in_channels;
   const int64_t chunks = Chunks(pool, s.batch);
-  std::vector<std::vector<float>> partial(chunks, std::vector<float>(taps * padded, 0.0f));
-  std::vector<float>* sums = partial.data();
+  const int64_t x_size = s.batch * s.height * s.width * s.in_channels;
+  const int64_t g_size = s.batch * s.out_h() * s.out_w() * s.out_channels;
+  // partial[(m * chunks + k) * taps * padded ...]: member m's sum over its k-th range of images.
+  std::vector<float> partial(members * chunks * taps * padded, 0.0f);
+  float* sums = partial.data();
   const float *images = x.typed_data(), *grad = g.typed_data();
-  ForImageRanges(pool, s.batch, chunks, [=](int64_t k, int64_t b0, int64_t b1) {
+  ForImageRanges(pool, members, s.batch, chunks, [=](int64_t m, int64_t k, int64_t b0, int64_t b1) {
+    float* sum = sums + (m * chunks + k) * taps * padded;
     if (lanes == 8)
-      WeightGradient<8>(s, images, grad, sums[k].data(), padded, b0, b1);
+      WeightGradient<8>(s, images + m * x_size, grad + m * g_size, sum, padded, b0, b1);
     else
-      WeightGradient<16>(s, images, grad, sums[k].data(), padded, b0, b1);
+      WeightGradient<16>(s, images + m * x_size, grad + m * g_size, sum, padded, b0, b1);
   });
   float* out = dw->typed_data();
-  for (int64_t k = 0; k < taps; ++k)
-    for (int64_t o = 0; o < s.out_channels; ++o) {
-      float sum = 0.0f;
-      for (const auto& part : partial) sum += part[k * padded + o];
-      out[k * s.out_channels + o] = sum;
-    }
+  for (int64_t m = 0; m < members; ++m)
+    for (int64_t t = 0; t < taps; ++t)
+      for (int64_t o = 0; o < s.out_channels; ++o) {
+        float sum = 0.0f;
+        for (int64_t k = 0; k < chunks; ++k) sum += partial[((m * chunks + k) * taps + t) * padded + o];
+        out[(m * taps + t) * s.out_channels + o] = sum;
+      }
   return ffi::Error::Success();
 }
 

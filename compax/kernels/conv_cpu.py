@@ -17,7 +17,11 @@ the function that is jitted (or decorate it), not around a call of an already co
     dL/dx          = the forward kernel on g zero-padded by k-1 (rows skipped), with w rotated by
                      180 degrees and its channel axes swapped (XLA drops it for an input layer)
 
-Under `jax.vmap` (a population of members) the FFI calls run once per member, unrolled. The
+Under `jax.vmap` (a population of members) each FFI call takes every member at once
+(`vmap_method="broadcast_all"`: operands gain the leading member axes, an operand shared by the
+members is broadcast): x (M, B, H, W, C) with w (M, KH, KW, C, O) gives y (M, B, OH, OW, O), each
+member with its own kernel, and dw (M, KH, KW, C, O) each member's own sum; the C++ threads over
+members x ranges of images, so one call keeps every core busy however small a member's batch. The
 kernels are compiled on first use with the machine's C++ compiler (`$CXX`, else g++/c++; -O3
 -march=native) into `$COMPAX_CACHE_DIR` (default ~/.cache/compax); without a compiler, or if
 compiling fails, XLA's convolution is used with one warning; COMPAX_CPU_KERNELS=0 turns the kernels
@@ -138,7 +142,7 @@ def load() -> bool:
 
 def _ffi(target: str, shape, *operands, **attributes):
     return jax.ffi.ffi_call(TARGETS[target], jax.ShapeDtypeStruct(shape, jnp.float32),
-                            vmap_method="sequential_unrolled")(*operands, **attributes)
+                            vmap_method="broadcast_all")(*operands, **attributes)
 
 
 def _forward(x, kernel, pad_rows=(0, 0)):

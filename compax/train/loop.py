@@ -34,6 +34,7 @@ from compax.population import (
     population_chunk,
     put_members,
     take_members,
+    train_chunking,
 )
 from compax.train.checkpoint import PopulationCheckpoints
 from compax.train.early_stopping import update_early_stopping
@@ -48,7 +49,7 @@ from compax.train.population import (
     variables_of,
 )
 from compax.train.scalars import ScalarWriter
-from compax.train.steps import epoch_order, make_train_step
+from compax.train.steps import epoch_order, make_train_steps, steps_per_call
 from compax.workdir import write_text_atomic
 
 
@@ -150,10 +151,14 @@ def fit(config: ml_collections.ConfigDict, dataset: Dataset, workdir: str | path
                 scalars.write(record["epoch"], _scalars(record))
         trained_with = json.loads(json.dumps(config.to_dict()))
 
-        chunk = population_chunk(config.population_chunk, len(seeds), mesh)
-        train_step = make_train_step(model, tx, dataset.mean, dataset.std, config.augment, chunk, mesh)
+        # Each call trains `per_call` steps (one program for the epoch); on one CPU all members
+        # in one program, vmapped a few at a time (`train_chunking`).
+        chunk, group = train_chunking(config.population_chunk, len(seeds), mesh)
+        per_call = steps_per_call(steps)
+        train_steps = make_train_steps(model, tx, dataset.mean, dataset.std, config.augment, chunk,
+                                       per_call, mesh, group)
         predict = make_predict(model_apply(model), dataset.mean, dataset.std, config.eval_batch_size,
-                               chunk, mesh)
+                               population_chunk(config.population_chunk, len(seeds), mesh), mesh)
         images, labels = replicate((dataset.train.images, dataset.train.labels), mesh)
         data_keys = member_keys(jnp.asarray(seeds), DATA)
         aug_keys = member_keys(jnp.asarray(seeds), AUGMENT)
@@ -173,20 +178,20 @@ def fit(config: ml_collections.ConfigDict, dataset: Dataset, workdir: str | path
             params, batch_stats, opt_state = take_members(
                 (state.params, state.batch_stats, state.opt_state), members)
             step_losses, step_accuracies = [], []
-            for step in range(steps):
-                params, batch_stats, opt_state, loss, accuracy = train_step(
+            for first_step in range(0, steps, per_call):
+                params, batch_stats, opt_state, loss, accuracy = train_steps(
                     params, batch_stats, opt_state, order, aug_keys[members], dropout_keys[members],
-                    images, labels, jnp.int32(epoch), jnp.int32(step))
-                step_losses.append(loss)
+                    images, labels, jnp.int32(epoch), jnp.int32(first_step))
+                step_losses.append(loss)  # (members, per_call)
                 step_accuracies.append(accuracy)
             state = shard_members(state.replace(
                 params=put_members(state.params, members, params),
                 batch_stats=put_members(state.batch_stats, members, batch_stats),
                 opt_state=put_members(state.opt_state, members, opt_state)), mesh)
             losses = np.full((steps, len(seeds)), np.nan, np.float32)
-            losses[:, members] = to_host(jnp.stack(step_losses))
+            losses[:, members] = to_host(jnp.concatenate(step_losses, axis=1)).T
             accuracies = np.full((steps, len(seeds)), np.nan, np.float32)
-            accuracies[:, members] = to_host(jnp.stack(step_accuracies))
+            accuracies[:, members] = to_host(jnp.concatenate(step_accuracies, axis=1)).T
             train_seconds = time.perf_counter() - start  # the steps are done: their losses are here
             _check_finite(losses, active, epoch, seeds)
             val_loss, val_accuracy = loss_and_accuracy(

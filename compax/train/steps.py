@@ -15,6 +15,7 @@ from jax.sharding import Mesh
 
 from compax.data import augment_flip_crop, normalize
 from compax.distributed import default_mesh, shard_batch
+from compax.errors import UserError
 from compax.kernels import cpu_convolutions
 from compax.population import chunked_vmap
 from compax.train.population import variables_of
@@ -32,15 +33,14 @@ def epoch_order(data_keys: jax.Array, epoch: jax.Array, num_examples: int, steps
     return jax.vmap(member)(data_keys)
 
 
-def make_train_step(model, tx: optax.GradientTransformation, mean: np.ndarray, std: np.ndarray,
-                    augment: bool, chunk: int, mesh: Mesh | None = None) -> Callable:
-    """`train_step(params, batch_stats, opt_state, order, aug_keys, dropout_keys, images, labels,
-    epoch, step) -> (params, batch_stats, opt_state, loss, accuracy)`.
+def make_member_step(model, tx: optax.GradientTransformation, mean: np.ndarray, std: np.ndarray,
+                     augment: bool, mesh: Mesh | None = None) -> Callable:
+    """`member_step(params, batch_stats, opt_state, order, aug_key, dropout_key, images, labels,
+    epoch, step) -> (params, batch_stats, opt_state, loss, accuracy)` of one member (no member axis).
 
-    The first six arguments have a leading member axis (`order` from `epoch_order`, one key per
-    member); `images` (N, H, W, C) uint8 and `labels` (N,) are the whole training set, shared.
-    `chunk` members at a time are vmapped and split over the devices of `mesh` (`chunked_vmap`),
-    each member's batch over the mesh's `data` axis (`shard_batch`).
+    It trains on the images `order[step]` of the whole training set `images` (N, H, W, C) uint8
+    and `labels` (N,), augmented with fold_in(fold_in(aug_key, epoch), step) if `augment`, its
+    dropout keyed alike; its batch is split over the `data` axis of `mesh` (`shard_batch`).
     """
     mesh = mesh or default_mesh()
 
@@ -67,6 +67,59 @@ def make_train_step(model, tx: optax.GradientTransformation, mean: np.ndarray, s
         accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
         return optax.apply_updates(params, updates), new_batch_stats, new_opt_state, loss, accuracy
 
+    return member_step
+
+
+def make_train_step(model, tx: optax.GradientTransformation, mean: np.ndarray, std: np.ndarray,
+                    augment: bool, chunk: int, mesh: Mesh | None = None) -> Callable:
+    """`train_step(params, batch_stats, opt_state, order, aug_keys, dropout_keys, images, labels,
+    epoch, step) -> (params, batch_stats, opt_state, loss, accuracy)`.
+
+    The first six arguments have a leading member axis (`order` from `epoch_order`, one key per
+    member); `images` (N, H, W, C) uint8 and `labels` (N,) are the whole training set, shared.
+    `chunk` members at a time are vmapped and split over the devices of `mesh` (`chunked_vmap`),
+    each member's batch over the mesh's `data` axis (`shard_batch`).
+    """
+    mesh = mesh or default_mesh()
+    member_step = make_member_step(model, tx, mean, std, augment, mesh)
     return chunked_vmap(member_step, chunk, num_member_args=6, mesh=mesh)
 
 
+# Train steps per call of `make_train_steps` at most (`steps_per_call`).
+MAX_STEPS_PER_CALL = 8
+
+
+def steps_per_call(steps: int) -> int:
+    """The largest divisor of an epoch's `steps` up to `MAX_STEPS_PER_CALL`: calls of that many
+    steps cover the epoch with one compiled program."""
+    return max(k for k in range(1, min(steps, MAX_STEPS_PER_CALL) + 1) if steps % k == 0)
+
+
+def make_train_steps(model, tx: optax.GradientTransformation, mean: np.ndarray, std: np.ndarray,
+                     augment: bool, chunk: int, num_steps: int, mesh: Mesh | None = None,
+                     group: int = 0) -> Callable:
+    """`train_steps(params, batch_stats, opt_state, order, aug_keys, dropout_keys, images, labels,
+    epoch, first_step) -> (params, batch_stats, opt_state, losses, accuracies)`: `num_steps`
+    steps of `make_train_step`'s, first_step, first_step + 1, ..., in one call.
+
+    Each member runs its steps in a `lax.scan` of `make_member_step`'s step, with the same
+    arguments as `make_train_step` gives it; `losses` and `accuracies` are (P, num_steps).
+    Members go through `chunked_vmap` in chunks of `chunk`, `group` at a time (`train_chunking`).
+    """
+    if num_steps < 1:
+        raise UserError(f"num_steps must be >= 1, got {num_steps}")
+    mesh = mesh or default_mesh()
+    member_step = make_member_step(model, tx, mean, std, augment, mesh)
+
+    def member_steps(params, batch_stats, opt_state, order, aug_key, dropout_key, images, labels,
+                     epoch, first_step):
+        def body(carry, step):
+            *trained, loss, accuracy = member_step(*carry, order, aug_key, dropout_key, images,
+                                                   labels, epoch, step)
+            return tuple(trained), (loss, accuracy)
+
+        steps = first_step + jnp.arange(num_steps, dtype=jnp.int32)
+        trained, (losses, accuracies) = jax.lax.scan(body, (params, batch_stats, opt_state), steps)
+        return *trained, losses, accuracies
+
+    return chunked_vmap(member_steps, chunk, num_member_args=6, mesh=mesh, group=group)
