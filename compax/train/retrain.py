@@ -2,9 +2,10 @@
 
 `train_population` trains every member of a population for a fixed number of epochs with a given
 optax transformation, each member with its own streams of seed `seed + i` (`compax.train.population`:
-data order, augmentation, dropout; the same streams as the baseline member), `chunk` members
-vmapped at a time through `make_train_step`. Early stopping keeps each member's weights of the
-epoch with the lowest validation loss (`patience` None: never stop early, keep the best epoch);
+data order, augmentation, dropout; the same streams as the baseline member), several steps per
+call through `make_train_steps`, the members chunked as the baseline's (`train_chunking`). Early
+stopping keeps each member's weights of the epoch with the lowest validation loss (`patience`
+None: never stop early, keep the best epoch);
 with `start_candidate` the incoming weights are the epoch-0 candidate (the step never makes
 validation loss worse), and epochs before `first_candidate_epoch` are never candidates.
 
@@ -39,12 +40,12 @@ from absl import logging
 
 from compax.data import Dataset
 from compax.errors import UserError
-from compax.population import loss_and_accuracy, make_predict
+from compax.population import loss_and_accuracy, make_predict, train_chunking
 from compax.train.checkpoint import PopulationCheckpoints, recorded_config
 from compax.train.early_stopping import update_early_stopping
 from compax.train.population import AUGMENT, DATA, DROPOUT, PopulationState, member_keys, variables_of
 from compax.train.scalars import ScalarWriter
-from compax.train.steps import epoch_order, make_train_step
+from compax.train.steps import epoch_order, make_train_steps, steps_per_call
 
 
 class Trainable:
@@ -70,9 +71,10 @@ class TrainingRun:
     eval_batch_size: int
     seed: int
     augment: bool
-    chunk: int = 1
+    chunk: int = 1  # members vmapped together in prediction
     log_dir: pathlib.Path | None = None
     checkpoint_dir: pathlib.Path | None = None
+    population_chunk: int = 0  # config.population_chunk: the train steps' (`train_chunking`)
 
     @classmethod
     def of(cls, ctx) -> "TrainingRun":
@@ -81,7 +83,8 @@ class TrainingRun:
             raise UserError("training steps need the run's dataset: run them inside a population run")
         config = ctx.config
         return cls(ctx.dataset, config.batch_size, config.eval_batch_size, config.seed,
-                   bool(config.augment), ctx.chunk, ctx.step_log_dir, ctx.step_checkpoint_dir)
+                   bool(config.augment), ctx.chunk, ctx.step_log_dir, ctx.step_checkpoint_dir,
+                   config.population_chunk)
 
     def settings(self) -> dict:
         """What, beyond the step and its inputs, decides the training (for the checkpoints)."""
@@ -176,7 +179,12 @@ def train_population(trainable, tx: optax.GradientTransformation, params, batch_
         for record in history:  # the event files of the epochs done before a resume, once
             scalars.write(record["epoch"], {k: np.asarray(record[k]) for k in ("train_loss", "val_loss")
                                             if k in record})
-        train_step = make_train_step(trainable, tx, dataset.mean, dataset.std, run.augment, run.chunk)
+        # As the baseline's training: several steps per call, on one CPU all members in one
+        # program, vmapped a few at a time (`train_chunking`).
+        chunk, group = train_chunking(run.population_chunk, size)
+        per_call = steps_per_call(steps)
+        train_steps = make_train_steps(trainable, tx, dataset.mean, dataset.std, run.augment, chunk,
+                                       per_call, group=group)
         images, labels = jnp.asarray(dataset.train.images), jnp.asarray(dataset.train.labels)
         data_keys, aug_keys, dropout_keys = (member_keys(seeds, s) for s in (DATA, AUGMENT, DROPOUT))
         while int(state.epoch) < epochs and not bool(state.stopped.all()):
@@ -185,11 +193,11 @@ def train_population(trainable, tx: optax.GradientTransformation, params, batch_
             order = epoch_order(data_keys, jnp.int32(epoch), len(dataset.train), steps, batch_size)
             p, b, o = state.params, state.batch_stats, state.opt_state
             losses = []
-            for step in range(steps):
-                p, b, o, loss, _ = train_step(p, b, o, order, aug_keys, dropout_keys, images, labels,
-                                              jnp.int32(epoch), jnp.int32(step))
-                losses.append(loss)
-            losses = np.asarray(jnp.stack(losses))
+            for first_step in range(0, steps, per_call):
+                p, b, o, loss, _ = train_steps(p, b, o, order, aug_keys, dropout_keys, images, labels,
+                                               jnp.int32(epoch), jnp.int32(first_step))
+                losses.append(loss)  # (members, per_call)
+            losses = np.asarray(jnp.concatenate(losses, axis=1)).T  # (steps, members)
             if not np.all(np.isfinite(losses)):
                 raise UserError(f"training loss became non-finite in epoch {epoch}: lower the learning"
                                 f" rate ({learning_rate_note})")
