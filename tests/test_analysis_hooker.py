@@ -439,9 +439,16 @@ def test_pie_claims_match_numpy_in_sample_held_out_and_spearman():
     assert hooker.pie_claims(labels, original[:3], compressed[:3], CLASSES, counts)["held_out"] is None
 
 
-def test_level_trend_is_spearman_and_none_without_three_levels():
+def test_level_trend_is_spearman_with_an_exact_p_for_few_levels_and_none_without_three():
     trend = hooker.level_trend([0.3, 0.5, 0.7, 0.9], [0, 1, 3, 9])
-    assert trend["rho"] == pytest.approx(1.0) and trend["p"] == pytest.approx(
-        stats.spearmanr([0.3, 0.5, 0.7, 0.9], [0, 1, 3, 9]).pvalue)
+    assert trend["rho"] == pytest.approx(1.0)
+    assert trend["p"] == pytest.approx(2 / 24)  # 2 of the 4! orderings reach |rho| = 1
+    assert hooker.level_trend([0.5, 0.7, 0.9], [1, 2, 3])["p"] == pytest.approx(1 / 3)
+    # Ties (two levels with 0 CIEs): only the increasing and the decreasing orders of the 5!/2!
+    # distinct orderings are as extreme, by hand.
+    assert hooker.level_trend([0.1, 0.3, 0.5, 0.7, 0.9], [0, 0, 1, 2, 3])["p"] == pytest.approx(2 / 60)
+    many = np.arange(12.0)
+    values = many ** 2 + np.array([0, 3, -2, 5, 1, 0, 4, -3, 2, 0, 1, 2])
+    assert hooker.level_trend(many, values)["p"] == pytest.approx(stats.spearmanr(many, values).pvalue)
     assert hooker.level_trend([0.5, 0.9], [1, 2]) is None
     assert hooker.level_trend([0.3, 0.5, 0.9], [2, 2, 2]) is None

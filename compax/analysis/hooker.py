@@ -482,12 +482,28 @@ def pie_claims(labels, preds_original, preds_compressed, num_classes: int, train
     return result
 
 
+def spearman_exact(x, y) -> tuple[float, float]:
+    """Spearman's rho of `x` and `y` with a two-sided p-value: exact for up to 8 pairs (the share of
+    the n! orderings of `y` whose |rho| reaches the observed one), else `scipy.stats.spearmanr`'s
+    t approximation (which gives p = 0 for a perfect rank order of 3 levels, where the exact
+    p is 1/3)."""
+    import itertools
+
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    rho = float(stats.spearmanr(x, y).statistic)
+    if len(x) > 8:
+        return rho, float(stats.spearmanr(x, y).pvalue)
+    permuted = [stats.spearmanr(x, y[list(order)]).statistic
+                for order in itertools.permutations(range(len(y)))]
+    return rho, float(np.mean(np.abs(permuted) >= abs(rho) - 1e-12))
+
+
 def level_trend(levels, values) -> dict | None:
-    """Spearman's rank correlation (rho, two-sided p) of `values` with the compression `levels`,
-    e.g. impacted classes or PIEs against sparsity (Hooker et al.'s claim that both grow with it);
-    None with fewer than 3 levels or constant values."""
+    """Spearman's rank correlation (rho, two-sided p, `spearman_exact`) of `values` with the
+    compression `levels`, e.g. impacted classes or PIEs against sparsity (Hooker et al.'s claim
+    that both grow with it); None with fewer than 3 levels or constant values."""
     levels, values = np.asarray(levels, np.float64), np.asarray(values, np.float64)
     if len(levels) < 3 or np.ptp(levels) == 0 or np.ptp(values) == 0:
         return None
-    rho, p = stats.spearmanr(levels, values)
-    return {"rho": float(rho), "p": float(p), "levels": levels.tolist(), "values": values.tolist()}
+    rho, p = spearman_exact(levels, values)
+    return {"rho": rho, "p": p, "levels": levels.tolist(), "values": values.tolist()}
