@@ -88,11 +88,13 @@ def main(argv):
     except UserError as e:
         _fail(str(e))
     from compax import pipeline  # after flag parsing and validation: importing jax is slow
+    from compax.compilation_cache import enable_compilation_cache
     from compax.distributed import initialize_distributed
 
     workdir = _WORKDIR.value or default_workdir(flags.FLAGS["config"].config_filename)
     try:
         initialize_distributed()  # only where a cluster launcher (Slurm, mpirun, TPU pod) set it up
+        enable_compilation_cache()
         pipeline.run(_CONFIG.value, workdir)
     except UserError as e:
         _fail(str(e))
