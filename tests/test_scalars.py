@@ -88,7 +88,7 @@ def test_training_steps_log_under_variant_and_step(tmp_path):
     steps = parse_recipe("finetune(epochs=2)+finetune(epochs=1)+ablate(epochs=1)", "test")
     variant = run_recipe(steps, model, variables_of(state.params, state.batch_stats), ctx, "ft")
     tags = {f"{kind}/{name}" for kind in ("member_0", "member_1", "mean")
-            for name in ("train_loss", "val_loss")}
+            for name in ("train_loss", "val_loss", "val_accuracy")}
     first, second, ablated = (read_scalars(tmp_path / "ft" / d)
                               for d in ("finetune", "finetune_2", "ablate"))
     assert set(first) == set(second) == set(ablated) == tags

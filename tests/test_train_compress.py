@@ -14,6 +14,7 @@ from compax.compress.prune import global_l1_masks
 from compax.compress.registry import RECIPES, STEPS, parse_recipe, run_recipe
 from compax.compress_population import recipe_context
 from compax.data import normalize
+from compax.errors import UserError
 from compax.models import get_model
 from compax.population import loss_and_accuracy, make_predict, model_apply, take_members
 from compax.train.compression import gmp_sparsity, gmp_update_step, kernel_zero_counts, masked
@@ -282,3 +283,26 @@ def test_step_checkpoints_of_other_settings_are_discarded_and_damaged_ones_refus
     with pytest.raises(UserError, match=f"delete the folder {folder}"):
         run_recipe(parse_recipe("l1_global(amount=0.7)+finetune(epochs=3)", "t"), model, variables,
                    ctx, "v")
+
+
+def test_finetune_selecting_by_accuracy_keeps_each_members_most_accurate_epoch(trained):
+    config, dataset, model, variables = trained
+    ctx = _ctx(trained)
+    pruned = run_recipe(parse_recipe("l1_global(amount=0.6)", "t"), model, variables, ctx)
+    tuned = run_recipe(parse_recipe("l1_global(amount=0.6)+finetune(epochs=3,select=accuracy)", "t"),
+                       model, variables, ctx)
+    info = tuned.info["training"]["finetune"]
+    predict = make_predict(model_apply(model), dataset.mean, dataset.std, 64, 2)
+    start = loss_and_accuracy(predict(pruned.compressed.variables, dataset.val.images),
+                              dataset.val.labels)[1]
+    kept = loss_and_accuracy(predict(tuned.compressed.variables, dataset.val.images),
+                             dataset.val.labels)[1]
+    for member in range(2):
+        # Epoch 0 (the pruned weights) and epochs 1-3: the first with the highest accuracy is kept.
+        accuracies = [float(start[member])] + [epoch[member] for epoch in info["val_accuracy"]]
+        best = int(np.argmax(accuracies))
+        assert info["best_epoch"][member] == best
+        assert float(kept[member]) == pytest.approx(accuracies[best], abs=1e-6)
+    assert info["select"] == "accuracy"
+    with pytest.raises(UserError, match="select must be one of loss, accuracy"):
+        parse_recipe("finetune(select=f1)", "t")

@@ -9,8 +9,8 @@ None: never stop early, keep the best epoch);
 with `start_candidate` the incoming weights are the epoch-0 candidate (the step never makes
 validation loss worse), and epochs before `first_candidate_epoch` are never candidates.
 
-Each epoch's training loss (mean over its steps) and validation loss per member go to TensorBoard
-event files in `log_dir` (`compax/train/scalars.py`).
+Each epoch's training loss (mean over its steps), validation loss and validation accuracy per
+member go to TensorBoard event files in `log_dir` (`compax/train/scalars.py`).
 
 Resumption. With a `checkpoint_dir`, every epoch ends with a checkpoint of the whole training state
 (weights, optimizer state with its masks and schedule count, the best weights and early-stopping
@@ -46,6 +46,9 @@ from compax.train.early_stopping import update_early_stopping
 from compax.train.population import AUGMENT, DATA, DROPOUT, PopulationState, member_keys, variables_of
 from compax.train.scalars import ScalarWriter
 from compax.train.steps import epoch_order, make_train_steps, steps_per_call
+
+SELECT = ("loss", "accuracy")
+SCALARS = ("train_loss", "val_loss", "val_accuracy")  # per member, to TensorBoard
 
 
 class Trainable:
@@ -128,10 +131,12 @@ def _open_checkpoints(directory: pathlib.Path | None, fingerprint: dict) -> Popu
 def train_population(trainable, tx: optax.GradientTransformation, params, batch_stats,
                      run: TrainingRun, *, epochs: int, patience: int | None, identity: dict,
                      learning_rate_note: float, start_candidate: bool,
-                     first_candidate_epoch: int = 1, opt_state=None) -> Trained:
+                     first_candidate_epoch: int = 1, opt_state=None, select: str = "loss") -> Trained:
     """Trains every member of `params` (leading member axis) for `epochs` epochs (module doc).
 
     `identity` (JSON) names the training for its checkpoints, e.g. the step's recipe text.
+    `select`: the validation criterion of early stopping, "loss" (cross-entropy) or "accuracy"
+    (the epoch with the lowest validation error 1 - accuracy; ties keep the earlier epoch).
     Returns the best weights and the cost: optimizer steps, epochs, wall seconds (compilation
     included; summed over resumed runs) and training images per second over all members.
     """
@@ -146,12 +151,18 @@ def train_population(trainable, tx: optax.GradientTransformation, params, batch_
     predict = make_predict(trainable.evaluate, dataset.mean, dataset.std, run.eval_batch_size,
                            run.chunk)
 
-    def val_loss(p, b):
-        return jnp.asarray(loss_and_accuracy(predict(variables_of(p, b), dataset.val.images),
-                                             dataset.val.labels)[0])
+    if select not in SELECT:
+        raise UserError(f"select must be one of {', '.join(SELECT)}, got {select!r}")
+
+    def validate(p, b):
+        """(loss, accuracy, the early-stopping criterion) per member on the validation set."""
+        loss, accuracy = map(jnp.asarray, loss_and_accuracy(
+            predict(variables_of(p, b), dataset.val.images), dataset.val.labels))
+        return loss, accuracy, (loss if select == "loss" else 1.0 - accuracy)
 
     fingerprint = json.loads(json.dumps({
         "identity": identity, "settings": run.settings(), "epochs": epochs, "patience": patience,
+        "select": select,
         "start_candidate": start_candidate, "first_candidate_epoch": first_candidate_epoch,
         "inputs": tree_digest((params, batch_stats, opt_state))}))
     checkpoints = _open_checkpoints(run.checkpoint_dir, fingerprint)
@@ -171,14 +182,14 @@ def train_population(trainable, tx: optax.GradientTransformation, params, batch_
         else:
             start = time.perf_counter()
             record = {"epoch": 0}
-            if start_candidate:  # the incoming weights are a candidate: their loss is epoch 0's
-                loss = val_loss(params, batch_stats)
-                state = state.replace(best_val_loss=loss.astype(jnp.float32))
-                record["val_loss"] = np.asarray(loss).tolist()
+            if start_candidate:  # the incoming weights are a candidate: their score is epoch 0's
+                loss, accuracy, criterion = validate(params, batch_stats)
+                state = state.replace(best_val_loss=criterion.astype(jnp.float32))
+                record.update(val_loss=np.asarray(loss).tolist(),
+                              val_accuracy=np.asarray(accuracy).tolist())
             history.append({**record, "seconds": time.perf_counter() - start})
         for record in history:  # the event files of the epochs done before a resume, once
-            scalars.write(record["epoch"], {k: np.asarray(record[k]) for k in ("train_loss", "val_loss")
-                                            if k in record})
+            scalars.write(record["epoch"], {k: np.asarray(record[k]) for k in SCALARS if k in record})
         # As the baseline's training: several steps per call, on one CPU all members in one
         # program, vmapped a few at a time (`train_chunking`).
         chunk, group = train_chunking(run.population_chunk, size)
@@ -203,18 +214,19 @@ def train_population(trainable, tx: optax.GradientTransformation, params, batch_
                                 f" rate ({learning_rate_note})")
             # Stopped members train on but their best weights are frozen (update_early_stopping).
             state = state.replace(params=p, batch_stats=b, opt_state=o)
-            loss = val_loss(p, b)
+            loss, accuracy, criterion = validate(p, b)
             if epoch >= first_candidate_epoch:
-                state = update_early_stopping(state, loss, jnp.int32(patience or epochs + 1))
+                state = update_early_stopping(state, criterion, jnp.int32(patience or epochs + 1))
             else:
                 state = state.replace(epoch=state.epoch + 1)
             jax.block_until_ready(state)
             record = {"epoch": epoch, "seconds": time.perf_counter() - start,
-                      "train_loss": losses.mean(0).tolist(), "val_loss": np.asarray(loss).tolist()}
+                      "train_loss": losses.mean(0).tolist(), "val_loss": np.asarray(loss).tolist(),
+                      "val_accuracy": np.asarray(accuracy).tolist()}
             history.append(record)
             if checkpoints is not None:
                 checkpoints.save(state, history, fingerprint)
-            scalars.write(epoch, {"train_loss": losses.mean(0), "val_loss": loss})
+            scalars.write(epoch, {k: np.asarray(record[k]) for k in SCALARS})
     finally:
         scalars.close()
         if checkpoints is not None:
@@ -225,5 +237,7 @@ def train_population(trainable, tx: optax.GradientTransformation, params, batch_
             "images_per_second": round(done * steps * batch_size * size / max(seconds, 1e-9), 1),
             "batch_size": batch_size, "learning_rate": learning_rate_note, "members": size,
             "best_epoch": np.asarray(state.best_epoch).tolist(),
-            "val_loss": [record["val_loss"] for record in history if record["epoch"] > 0]}
+            "select": select,
+            "val_loss": [record["val_loss"] for record in history if record["epoch"] > 0],
+            "val_accuracy": [record["val_accuracy"] for record in history if record["epoch"] > 0]}
     return Trained(state.best_params, state.best_batch_stats, state.opt_state, info)
