@@ -179,7 +179,8 @@ class Hooker(Analysis):
         for family in families:
             step = family.split("(")[0]
             labels[family] = step if step not in labels.values() else f"{step} #{len(labels) + 1}"
-        curves = {labels[f]: sorted(p[:3] for p in points) for f, points in families.items()}
+        curves = {labels[f]: sorted(p[:3] for p in points) for f, points in families.items()
+                  if len(points) >= 2}  # a trend needs two levels at least
         page.figure(self.title, figures.level_trends(page.directory, curves),
                     "Impacted classes and CIEs against sparsity")
         rows = []
