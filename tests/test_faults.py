@@ -79,19 +79,30 @@ def assert_refused(result, *needles, alone=True):
     assert all(n in errors[0] for n in needles), errors[0]
 
 
+TIMINGS = ("seconds", "train_step_seconds", "member_images_per_second", "images_per_second")
+
+
+def _untimed(value):
+    return {k: _untimed(v) for k, v in value.items() if k not in TIMINGS} if isinstance(value, dict) \
+        else value
+
+
 def comparable(results: dict) -> dict:
     """results.json without what differs between two fresh runs too: the stages' timings and
-    machines, the inference timings, the bytes orbax's files take (OCDBT, timestamps)."""
-    same = {k: v for k, v in results.items() if k not in ("stages", "inference")}
-    same["variants"] = {name: {k: v for k, v in fields.items() if k != "bytes_on_disk_population"}
+    machines, the inference, analysis and training timings, the bytes orbax's files take (OCDBT,
+    timestamps)."""
+    same = {k: v for k, v in results.items() if k not in ("stages", "inference", "analysis_seconds")}
+    same["training"] = _untimed(results.get("training"))
+    same["variants"] = {name: {k: _untimed(v) for k, v in fields.items()
+                               if k != "bytes_on_disk_population"}
                         for name, fields in results["variants"].items()}
     return same
 
 
 def metrics(workdir: pathlib.Path) -> list[dict]:
-    """metrics.jsonl without the seconds each epoch took."""
+    """metrics.jsonl without the seconds each epoch (and its train steps) took."""
     lines = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in line.items() if k != "seconds"} for line in lines]
+    return [{k: v for k, v in line.items() if k not in ("seconds", "train_seconds")} for line in lines]
 
 
 @pytest.fixture(scope="module")
