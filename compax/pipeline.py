@@ -200,9 +200,11 @@ class Run:
         return results, [f"variants/{name}" for name in made["populations"]]
 
     def load_populations(self) -> dict:
-        """{variant: (module, compressed population)} as written by the compress stage."""
+        """{variant: (module, compressed population, design)} as written by the compress stage;
+        design: "paired" or "independent" (`analyses.Compared.design`)."""
         return {name: (variant.model,
-                       restore_compressed(self.workdir / "variants" / name, variant.compressed))
+                       restore_compressed(self.workdir / "variants" / name, variant.compressed),
+                       variant.info.get("design", "paired"))
                 for name, variant in self.variants().items()}
 
     def analyse(self) -> tuple[dict, list[str]]:
@@ -211,9 +213,9 @@ class Run:
         loaded = self.load_populations()
         summary, arrays = analyse_population(
             self.config, self.dataset, trained.model, original,
-            {name: model for name, (model, _) in loaded.items()},
-            {name: population for name, (_, population) in loaded.items()}, self.chunk,
-            {name: variant.info.get("design", "paired") for name, variant in self.variants().items()})
+            {name: model for name, (model, _, _) in loaded.items()},
+            {name: population for name, (_, population, _) in loaded.items()}, self.chunk,
+            {name: design for name, (_, _, design) in loaded.items()})
         path = self.workdir / "analysis" / "arrays.npz"
         if is_main_process():
             path.parent.mkdir(exist_ok=True)
