@@ -6,51 +6,120 @@ every analysis. Returns results.json's analysis fields: the original population'
 unless named otherwise), "analysis_seconds" (wall seconds per analysis, summed over the original
 and every variant, and "predict": the test logits), and `arrays` (numpy, keyed
 "<variant>.<name>") that the report draws.
+
+Given a `parts_dir`, each part (the original population's results, then each variant's) is kept
+there as soon as it is done: `<name>.npz` (its arrays) and `<name>.json` ({"inputs": what it was
+computed from, "results", "seconds", "arrays_sha256"}), written in that order, each atomically. A
+rerun takes every part whose inputs match and whose arrays pass their checksum, and computes the
+others: a killed analyse stage resumes after its last finished variant, and adding a variant
+analyses only it. "analysis_seconds" then sums each part's seconds as first measured, plus what
+this run spent on the test logits and the analyses' preparation.
 """
 
+import pathlib
 import time
 
+import numpy as np
 from absl import logging
 
 from compax import methods  # noqa: F401  (registers the analyses)
 from compax.analyses import Compared, Reference, check_analyses
+from compax.errors import UserError
+from compax.workdir import read_json, sha256_file, write_json_atomic
+
+
+def load_part(parts_dir: pathlib.Path | None, name: str, inputs) -> dict | None:
+    """The part `name` kept in `parts_dir` ({"results", "arrays", "seconds"}) when it was computed
+    from `inputs` and its arrays are intact; None otherwise (it is then computed again)."""
+    if parts_dir is None or not (parts_dir / f"{name}.json").is_file():
+        return None
+    try:
+        record = read_json(parts_dir / f"{name}.json", "analysis part", "")
+    except UserError:
+        record = None
+    arrays = parts_dir / f"{name}.npz"
+    if not isinstance(record, dict) or record.get("inputs") != inputs or not arrays.is_file():
+        return None
+    if sha256_file(arrays) != record.get("arrays_sha256"):
+        logging.warning("the kept analysis of %s fails its checksum (%s): analysed again", name,
+                        arrays)
+        return None
+    with np.load(arrays, allow_pickle=False) as kept:
+        return {"results": record["results"], "arrays": dict(kept), "seconds": record["seconds"]}
+
+
+def save_part(parts_dir: pathlib.Path | None, name: str, inputs, part: dict) -> None:
+    """Keeps the finished part `name` in `parts_dir` (None: nowhere), see `load_part`."""
+    if parts_dir is None:
+        return
+    parts_dir.mkdir(parents=True, exist_ok=True)
+    path, tmp = parts_dir / f"{name}.npz", parts_dir / f"{name}.tmp.npz"
+    np.savez_compressed(tmp, **part["arrays"])
+    tmp.replace(path)
+    write_json_atomic(parts_dir / f"{name}.json", {
+        "inputs": inputs, "results": part["results"], "seconds": part["seconds"],
+        "arrays_sha256": sha256_file(path)})
 
 
 def analyse_population(config, dataset, model, original, models: dict, populations: dict,
-                       chunk: int, designs: dict | None = None) -> tuple[dict, dict]:
+                       chunk: int, designs: dict | None = None, parts_dir=None,
+                       inputs: dict | None = None) -> tuple[dict, dict]:
     """(summary for results.json, arrays for the figures) of every variant in `populations`.
 
     `original` is the uncompressed population as a `Compressed` (leading member axis), `models`
     and `populations` give each variant's flax module and compressed population, `designs` each
-    variant's "paired" (the default) or "independent" (`Compared.design`).
+    variant's "paired" (the default) or "independent" (`Compared.design`). `parts_dir` keeps each
+    finished part with `inputs[name]` ("baseline" and each variant; JSON), see the module doc.
     """
     analyses = check_analyses(config.analysis)
-    started = time.perf_counter()
-    ref = Reference(config, dataset, model, original, chunk)
-    seconds = {"predict": time.perf_counter() - started, **{a.name: 0.0 for a in analyses}}
-    variants, arrays = {"baseline": {}}, {}
-    for analysis in analyses:
+    parts_dir = pathlib.Path(parts_dir) if parts_dir is not None else None
+    inputs = inputs or {}
+    kept = {name: load_part(parts_dir, name, inputs.get(name))
+            for name in ("baseline", *populations)}
+    seconds = {"predict": 0.0, **{a.name: 0.0 for a in analyses}}
+    ref = None
+    if any(part is None for part in kept.values()):
         started = time.perf_counter()
-        analysis.prepare(ref)
-        results, baseline_arrays = analysis.baseline(ref)
-        variants["baseline"].update(results)
-        arrays.update({f"baseline.{k}": v for k, v in baseline_arrays.items()})
-        seconds[analysis.name] += time.perf_counter() - started
-        logging.info("analysis %s: original population in %.0f s", analysis.name,
-                     time.perf_counter() - started)
-    for name, population in populations.items():
-        started = time.perf_counter()
-        variant = Compared(name, models[name], population, ref.predict(models[name], population),
-                           (designs or {}).get(name, "paired"))
+        ref = Reference(config, dataset, model, original, chunk)
         seconds["predict"] += time.perf_counter() - started
-        variants[name] = {}
         for analysis in analyses:
-            begun = time.perf_counter()
-            results, variant_arrays = analysis.compare(ref, variant)
-            variants[name].update(results)
-            arrays.update({f"{name}.{k}": v for k, v in variant_arrays.items()})
-            seconds[analysis.name] += time.perf_counter() - begun
-        logging.info("analysed %s in %.0f s", name, time.perf_counter() - started)
+            started = time.perf_counter()
+            analysis.prepare(ref)
+            seconds[analysis.name] += time.perf_counter() - started
+    variants, arrays = {}, {}
+    for name, part in kept.items():
+        if part is not None:
+            logging.info("analysis of %s: kept from an earlier run (%s)", name, parts_dir)
+        elif name == "baseline":
+            part = _analysed(analyses, lambda analysis: analysis.baseline(ref))
+            logging.info("analysed the original population in %.0f s", sum(part["seconds"].values()))
+        else:
+            started = time.perf_counter()
+            variant = Compared(name, models[name], populations[name],
+                               ref.predict(models[name], populations[name]),
+                               (designs or {}).get(name, "paired"))
+            predict = time.perf_counter() - started
+            part = _analysed(analyses, lambda analysis, v=variant: analysis.compare(ref, v))
+            part["seconds"]["predict"] = predict
+            logging.info("analysed %s in %.0f s", name, sum(part["seconds"].values()))
+        if part is not kept[name]:
+            save_part(parts_dir, name, inputs.get(name), part)
+        variants[name] = part["results"]
+        arrays.update({f"{name}.{k}": v for k, v in part["arrays"].items()})
+        for key, value in part["seconds"].items():
+            seconds[key] = seconds.get(key, 0.0) + value
     logging.info("analysis seconds: %s", ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()))
     return {"variants": variants,
             "analysis_seconds": {k: round(v, 1) for k, v in seconds.items()}}, arrays
+
+
+def _analysed(analyses, run) -> dict:
+    """One part: `run(analysis) -> (results, arrays)` for every analysis, merged and timed."""
+    part = {"results": {}, "arrays": {}, "seconds": {}}
+    for analysis in analyses:
+        started = time.perf_counter()
+        results, part_arrays = run(analysis)
+        part["results"].update(results)
+        part["arrays"].update(part_arrays)
+        part["seconds"][analysis.name] = time.perf_counter() - started
+    return part

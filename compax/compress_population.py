@@ -13,12 +13,21 @@ compression ratio, parameters and multiply-adds of the model evaluating it; quan
 8-bit activations also run on the true-int8 path (`int8_apply`), and their argmax agreement and
 largest logit difference against the fake-quant model are reported. Inference cost (images/s of
 member 0 on this machine, `cost.py`) is kept apart from the results, as it is a timing.
+
+Given a `save_dir`, each variant is saved there (`<save_dir>/<name>`, `compax/compress/store.py`)
+as soon as it is measured, with a record of what made it: its recipe, the settings of training
+and compression (`compress.variants` aside) and the SHA-256 of the trained population. A run
+killed midway, or one whose variant list changed, restores every saved variant whose record
+matches instead of making it again, and makes the rest (and any whose files fail their checksums).
 """
+
+import pathlib
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from absl import logging
 
 from compax import methods  # noqa: F401  (registers the compression steps)
 from compax.compress import (
@@ -31,11 +40,15 @@ from compax.compress import (
 from compax.compress.cost import images_per_second
 from compax.compress.flops import model_macs
 from compax.compress.registry import Context, Variant, describe, run_recipe, variant_recipes
+from compax.compress.store import restore_compressed, save_compressed, saved_record
 from compax.compress.sweep import select_max_sparsity, sparsity_sweep
 from compax.data import Dataset, normalize
 from compax.distributed import to_host
+from compax.errors import UserError
 from compax.models import count_params
 from compax.population import chunked_vmap, loss_and_accuracy, make_predict, model_apply, take_members
+from compax.stages import stage_config
+from compax.train.retrain import tree_digest
 
 
 def batched_accuracy(apply, x: jax.Array, labels: jax.Array, batch_size: int) -> jax.Array:
@@ -107,13 +120,19 @@ def recipe_context(config, model, variables, dataset: Dataset, chunk: int, *,
                    searcher=lambda: search_sparsity(config, model, variables, dataset, chunk))
 
 
+def abstract_variant(config: ml_collections.ConfigDict, model, variables, dataset: Dataset,
+                     chunk: int, steps) -> Variant:
+    """The module and the shapes and static data of the population that `steps` make, without
+    running anything (for restoring a saved variant)."""
+    like = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), variables)
+    return run_recipe(steps, model, like,
+                      recipe_context(config, model, variables, dataset, chunk, abstract=True))
+
+
 def abstract_variants(config: ml_collections.ConfigDict, model, variables, dataset: Dataset,
                       chunk: int) -> dict[str, Variant]:
-    """Every variant's module and the shapes and static data of its population, without running
-    anything (for restoring the saved variants)."""
-    like = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), variables)
-    ctx = recipe_context(config, model, variables, dataset, chunk, abstract=True)
-    return {name: run_recipe(steps, model, like, ctx)
+    """`abstract_variant` of every variant of `compress.variants`."""
+    return {name: abstract_variant(config, model, variables, dataset, chunk, steps)
             for name, steps in variant_recipes(config.compress.variants).items()}
 
 
@@ -173,14 +192,32 @@ def inference_cost(config, dataset: Dataset, variants: dict[str, Variant]) -> di
     return cost
 
 
+def variant_inputs(config: ml_collections.ConfigDict, variables) -> dict:
+    """What every variant of a run is made from, for the records of saved variants: the config
+    keys of training and compression (without `compress.variants`, so that adding a variant keeps
+    the others) and the SHA-256 of the trained population."""
+    settings = {**stage_config(config, "train"), **stage_config(config, "compress")}
+    settings["compress"] = {k: v for k, v in settings["compress"].items() if k != "variants"}
+    return {"settings": settings, "population_sha256": tree_digest(variables)}
+
+
+def restore_variant(config, model, variables, dataset: Dataset, chunk: int, steps,
+                    path: pathlib.Path) -> Variant:
+    """The variant of `steps` saved at `path`: its module and static data from tracing the recipe
+    abstractly, its arrays from the verified files."""
+    shaped = abstract_variant(config, model, variables, dataset, chunk, steps)
+    return Variant(shaped.model, restore_compressed(path, shaped.compressed), shaped.info)
+
+
 def compress_population(config: ml_collections.ConfigDict, model, variables, dataset: Dataset,
-                        chunk: int, log_dir=None, checkpoint_dir=None) -> dict:
+                        chunk: int, log_dir=None, checkpoint_dir=None, save_dir=None) -> dict:
     """Every variant in `config.compress.variants` of the population `variables`.
 
     The training steps of a variant write their per-epoch scalars as TensorBoard event files in
     `<log_dir>/<variant>/<step>` (`compax/train/scalars.py`; None: none) and their per-epoch
     checkpoints in `<checkpoint_dir>/<variant>/<step>` (`compax/train/retrain.py`; None: none),
-    from which a killed run resumes.
+    from which a killed run resumes. Each finished variant is saved in `<save_dir>/<variant>`
+    (None: not saved), from which a later run restores it (module doc).
 
     Returns {"variants": {name: results (schema in pipeline.py)}, "sparsity_search": ... (when a
     recipe searched the level), "inference": {name: cost}, "populations": {name: Compressed with a
@@ -188,13 +225,35 @@ def compress_population(config: ml_collections.ConfigDict, model, variables, dat
     """
     ctx = recipe_context(config, model, variables, dataset, chunk, log_dir=log_dir,
                          checkpoint_dir=checkpoint_dir)
+    inputs = variant_inputs(config, variables) if save_dir is not None else None
     results = {}
     made_variants = {"baseline": Variant(model, Compressed(variables, None))}
     for name, steps in variant_recipes(config.compress.variants).items():
+        record = {"inputs": inputs, "recipe": describe(steps)}
+        path = pathlib.Path(save_dir) / name if save_dir is not None else None
+        saved = saved_record(path) if path is not None else None
+        restored = None
+        if saved is not None and {k: saved.get(k) for k in record} == record:
+            try:
+                restored = restore_variant(config, model, variables, dataset, chunk, steps, path)
+            except UserError as e:
+                logging.warning("%s: made again, as its saved files cannot be used (%s)", name, e)
+        if restored is not None:
+            made_variants[name] = restored
+            results[name] = saved["results"]
+            if "sparsity_search" in saved:
+                ctx.cache.setdefault("sparsity_search", saved["sparsity_search"])
+            logging.info("%s: restored from %s, made by an earlier run", name, path)
+            continue
         variant = run_recipe(steps, model, variables, ctx, name)
         made_variants[name] = variant
         results[name] = {"recipe": describe(steps),
                          **measure(config, dataset, model, variables, variant, chunk)}
+        if path is not None:
+            save_compressed(path, variant.compressed, {
+                **record, "results": results[name],
+                **({"sparsity_search": ctx.cache["sparsity_search"]}
+                   if "sparsity_search" in ctx.cache else {})})
     made = {"variants": results, "inference": inference_cost(config, dataset, made_variants),
             "populations": {n: v.compressed for n, v in made_variants.items() if n != "baseline"}}
     if "sparsity_search" in ctx.cache:

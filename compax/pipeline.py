@@ -10,9 +10,13 @@ The workdir holds:
     metrics.jsonl          training metrics per epoch and member
     tensorboard/           the same scalars as event files (train/), and those of the training
                            steps of variants (<variant>/<step>/)
-    variants/<name>/       orbax checkpoint of each compressed population, with its checksums
+    variants/<name>/       orbax checkpoint of each compressed population, with its checksums and
+                           a record of its inputs and test results (saved as each is made: a
+                           rerun restores those that match, `compax/compress_population.py`)
     stages/<stage>.json    each stage's record (compax/stages.py) with the results it measured
     analysis/arrays.npz    the arrays behind the figures (written by `analyse`)
+    analysis/parts/        each variant's analysis as it finishes, from which a rerun resumes
+                           (`compax/analyse_population.py`)
     results.json           everything measured, merged from the stage records (schema below)
     report/                index.html, summary.md and the figures (written by `report`)
 
@@ -59,7 +63,7 @@ from compax import stages as stage_records
 from compax.analyse_population import analyse_population
 from compax.compress import Compressed, storage_bytes
 from compax.compress.flops import model_macs
-from compax.compress.store import restore_compressed, save_compressed
+from compax.compress.store import restore_compressed
 from compax.compress_population import abstract_variants, compress_population
 from compax.data import load_dataset
 from compax.distributed import is_main_process
@@ -72,7 +76,7 @@ from compax.train import fit
 from compax.train.checkpoint import recorded_config
 from compax.train.memory import check_population_fits
 from compax.validate import validate_config
-from compax.workdir import lock_workdir, make_workdir
+from compax.workdir import MANIFEST, lock_workdir, make_workdir, sha256_file
 
 # Training keys that may change between a run and its resumption: training continues from the
 # checkpoints (and the later stages run again).
@@ -179,12 +183,12 @@ class Run:
         trained = self.trained
         made = compress_population(self.config, trained.model, trained.variables, self.dataset,
                                    self.chunk, log_dir=self.workdir / "tensorboard",
-                                   checkpoint_dir=self.workdir / "step_checkpoints")
+                                   checkpoint_dir=self.workdir / "step_checkpoints",
+                                   save_dir=self.workdir / "variants")
         variants = made["variants"]
         baseline = self.records.read("train")["results"]["variants"]["baseline"]
-        for name, population in made["populations"].items():
+        for name in made["populations"]:
             path = self.workdir / "variants" / name
-            save_compressed(path, population)
             variant = variants[name]
             variant["bytes_on_disk_population"] = sum(  # orbax's files, without compax's manifest
                 f.stat().st_size for f in path.rglob("*")
@@ -215,7 +219,8 @@ class Run:
             self.config, self.dataset, trained.model, original,
             {name: model for name, (model, _, _) in loaded.items()},
             {name: population for name, (_, population, _) in loaded.items()}, self.chunk,
-            {name: design for name, (_, _, design) in loaded.items()})
+            {name: design for name, (_, _, design) in loaded.items()},
+            parts_dir=self.workdir / "analysis" / "parts", inputs=self.analysis_inputs(loaded))
         path = self.workdir / "analysis" / "arrays.npz"
         if is_main_process():
             path.parent.mkdir(exist_ok=True)
@@ -223,6 +228,19 @@ class Run:
             np.savez_compressed(tmp, **arrays)
             tmp.replace(path)
         return summary, ["analysis/arrays.npz"]
+
+    def analysis_inputs(self, loaded: dict) -> dict:
+        """What the analysis of the original population and of each variant is computed from
+        (`analyse_population`'s parts): the training's fingerprint and the analysis settings,
+        and for a variant its recipe, design and saved files (their checksums' SHA-256)."""
+        common = {"train": self.records.read("train")["fingerprint"],
+                  **stage_records.stage_config(self.config, "analyse"),
+                  "eval_batch_size": self.config.eval_batch_size}
+        compressed = self.records.read("compress")["results"]["variants"]
+        return {"baseline": common, **{
+            name: {**common, "recipe": compressed[name]["recipe"], "design": design,
+                   "files": sha256_file(self.workdir / "variants" / name / MANIFEST)}
+            for name, (_, _, design) in loaded.items()}}
 
     def report(self) -> tuple[dict, list[str]]:
         if not is_main_process():

@@ -22,7 +22,7 @@ import time
 import numpy as np
 import pytest
 
-from compax import pipeline, stages
+from compax import analyse_population, compress_population, pipeline, stages
 from compax.compress import store
 from compax.errors import UserError
 from compax.train import checkpoint
@@ -433,6 +433,8 @@ WINDOWS = {
         m, store, "write_json_atomic", _nth_call(2)),
     "compress: before the stage record": lambda m: _raise_at(
         m, stages.StageRecords, "finish", lambda self, stage, *a, **k: stage == "compress"),
+    "analyse: between two variants": lambda m: _raise_at(
+        m, analyse_population, "save_part", lambda parts_dir, name, *a: name == "w8a8"),
 }
 
 
@@ -452,6 +454,48 @@ def test_interrupted_run_resumes_to_the_same_results(setup, tmp_path, window):
     assert metrics(workdir) == metrics(finished)
     assert sorted(p.name for p in workdir.iterdir()) == sorted(p.name for p in finished.iterdir())
     assert not [p for p in workdir.rglob("*") if "tmp" in p.name]  # no leftovers
+
+
+def _record_calls(monkeypatch, target, name, calls: list, key):
+    """Makes `target.name` append `key(*args)` to `calls`, then run as before."""
+    original = getattr(target, name)
+
+    def wrapper(*args, **kwargs):
+        calls.append(key(*args))
+        return original(*args, **kwargs)
+    monkeypatch.setattr(target, name, wrapper)
+
+
+def _made_name(*args):
+    """The variant a real (not abstract) `run_recipe` call makes: its name argument."""
+    return args[4] if len(args) > 4 else None
+
+
+def test_a_rerun_makes_and_analyses_only_new_or_damaged_variants(setup, tmp_path):
+    """Adding a variant to a finished run makes and analyses only it; the kept variants restore
+    to the same results; a kept analysis whose arrays fail their checksum is computed again, and
+    a saved variant whose files fail theirs is made again."""
+    config_file, finished, results = setup
+    workdir = copy_of(finished, tmp_path)
+    made, analysed = [], []
+    more = load_config(config_file, **{"compress.variants": ("pruned", "w8a8", "float16")})
+    with pytest.MonkeyPatch.context() as patch:
+        _record_calls(patch, compress_population, "run_recipe", made, _made_name)
+        _record_calls(patch, analyse_population, "Compared", analysed, lambda name, *a: name)
+        extended = pipeline.run(more, workdir)
+    assert [n for n in made if n] == ["float16"] and analysed == ["float16"]
+    for name in ("baseline", "pruned", "w8a8"):
+        assert comparable(extended)["variants"][name] == comparable(results)["variants"][name]
+
+    _flip(workdir / "analysis" / "parts" / "w8a8.npz")
+    _flip(_largest(workdir / "variants" / "pruned"))
+    made, analysed = [], []
+    with pytest.MonkeyPatch.context() as patch:
+        _record_calls(patch, compress_population, "run_recipe", made, _made_name)
+        _record_calls(patch, analyse_population, "Compared", analysed, lambda name, *a: name)
+        again = pipeline.run(load_config(config_file), workdir)
+    assert [n for n in made if n] == ["pruned"] and sorted(analysed) == ["pruned", "w8a8"]
+    assert comparable(again) == comparable(results)
 
 
 @pytest.mark.slow

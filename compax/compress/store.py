@@ -5,7 +5,9 @@ quantization config, the BatchNorm folds). Orbax stores the arrays; the static d
 from the config, by tracing the compression abstractly (`jax.eval_shape`), which also gives the
 shapes that restoring checks the files against. Beside orbax's files, `compax_manifest.json` holds
 the SHA-256 of each of them; restoring checks them first, so a damaged file is an error that names
-it, never a silently different model.
+it, never a silently different model. The manifest may also hold a `record` (JSON) that the
+writer attaches, e.g. which inputs made the variant and what was measured on it
+(`compax/compress_population.py` resumes from it).
 """
 
 import math
@@ -28,9 +30,9 @@ from compax.workdir import (
 )
 
 
-def save_compressed(path: pathlib.Path, compressed) -> None:
+def save_compressed(path: pathlib.Path, compressed, record: dict | None = None) -> None:
     """Writes the arrays of `compressed` to the orbax checkpoint `path` (replaced if present),
-    then the checksums of its files.
+    then the checksums of its files with `record` (JSON, see `saved_record`).
 
     Orbax writes into a temporary folder and renames it when complete, and the checksums come
     last, so a killed save leaves no variant that restores; the stage record is written after
@@ -47,7 +49,25 @@ def save_compressed(path: pathlib.Path, compressed) -> None:
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(path, arrays, force=True)
     if is_main_process():
-        write_json_atomic(path / MANIFEST, {"sha256": tree_checksums(path, skip=(MANIFEST,))})
+        manifest = {"sha256": tree_checksums(path, skip=(MANIFEST,))}
+        if record is not None:
+            manifest["record"] = record
+        write_json_atomic(path / MANIFEST, manifest)
+
+
+def saved_record(path: pathlib.Path) -> dict | None:
+    """The `record` saved with the compressed variant at `path`; None when there is no complete
+    save with a record (none yet, killed before its checksums, or a damaged manifest: the
+    variant is then made again). Its files are verified when restored (`restore_compressed`)."""
+    path = pathlib.Path(path) / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        manifest = read_json(path, "checksums of the compressed variant", "")
+    except UserError:
+        return None
+    record = manifest.get("record") if isinstance(manifest, dict) else None
+    return record if isinstance(record, dict) else None
 
 
 def restore_compressed(path: pathlib.Path, like):

@@ -166,6 +166,8 @@ def train_population(trainable, tx: optax.GradientTransformation, params, batch_
         "start_candidate": start_candidate, "first_candidate_epoch": first_candidate_epoch,
         "inputs": tree_digest((params, batch_stats, opt_state))}))
     checkpoints = _open_checkpoints(run.checkpoint_dir, fingerprint)
+    name = ("/".join(pathlib.Path(run.checkpoint_dir).parts[-2:]) if run.checkpoint_dir
+            else str(identity).split("(")[0])  # for the progress lines
     state = PopulationState(
         epoch=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats, opt_state=opt_state,
         best_params=params, best_batch_stats=batch_stats,
@@ -224,6 +226,9 @@ def train_population(trainable, tx: optax.GradientTransformation, params, batch_
                       "train_loss": losses.mean(0).tolist(), "val_loss": np.asarray(loss).tolist(),
                       "val_accuracy": np.asarray(accuracy).tolist()}
             history.append(record)
+            logging.info("%s: epoch %d of %d, validation accuracy %.4f (mean of %d members), %.1f s",
+                         name, epoch, epochs, float(np.mean(record["val_accuracy"])), size,
+                         record["seconds"])
             if checkpoints is not None:
                 checkpoints.save(state, history, fingerprint)
             scalars.write(epoch, {k: np.asarray(record[k]) for k in SCALARS})
