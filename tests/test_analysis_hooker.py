@@ -408,6 +408,55 @@ def test_summary_counts_every_test_and_normalisation_and_pairs_only_paired_desig
     json.dumps(paired)
 
 
+def test_effect_sizes_separate_a_material_class_from_a_tiny_consistent_shift():
+    """30 paired members: class 5 loses 30 pp, and every member also loses exactly one prediction
+    of class 7 (a 2 pp shift, the same in all): both are significant under the paired t-test with
+    Holm, only class 5 at a 3 pp floor; the median |change| is over the significant classes, as
+    numpy computes it from the per-class changes."""
+    rng = np.random.default_rng(21)
+    labels = _labels(per_class=50)
+    original = _population(rng, labels, 30, accuracy=0.95)
+    compressed = original.copy()
+    in_5 = np.flatnonzero(labels == 5)
+    for member in range(30):
+        flip = rng.choice(in_5, 15, replace=False)
+        compressed[member, flip] = (labels[flip] + 1) % CLASSES
+        right_7 = np.flatnonzero((labels == 7) & (original[member] == 7))
+        compressed[member, right_7[0]] = 8
+    summary = hooker.population_summary(labels, original, compressed, CLASSES, correction="holm",
+                                        paired=True, min_effect=0.03)
+    paired = summary["paired_tests"]["paired_t"]
+    assert {5, 7} <= set(paired["significant_classes"])
+    change = np.array([np.nan if c is None else c for c in paired["normalized_accuracy_change"]])
+    found = np.abs(change[paired["significant_classes"]])
+    assert paired["material_count"] == int(np.sum(found >= 0.03)) >= 1
+    assert paired["median_abs_change"] == pytest.approx(np.median(found))
+    assert abs(change[7]) < 0.03 < abs(change[5])
+    assert summary["min_effect"] == 0.03
+    untouched = hooker.population_summary(labels, original, original.copy(), CLASSES, paired=True)
+    assert untouched["median_abs_change"] is None and untouched["material_count"] == 0
+
+
+def test_level_families_put_one_shot_and_gradual_levels_on_their_own_curves():
+    from compax.analyses.hooker import level_families
+
+    def variant(recipe, amount, count, pies):
+        return {"recipe": recipe, "sparsity": {"amount": amount}, "cie": {"count": count, "pies": pies}}
+    gmp = "gmp(final={},begin=1,end=8,epochs=12,seed_offset={})"
+    variants = {
+        **{f"sparsity_{a}": variant(f"l1_global(amount=0.{a},exclude=None)", a / 10, a, 10 * a)
+           for a in (9, 3, 5)},
+        **{f"gmp{a}": variant(gmp.format(a / 10, 1000 * i), a / 10, 1, a) for i, a in enumerate((3, 5))},
+        "pruned": variant("l1_global(amount=searched,exclude=None)", 0.46, 2, 20),
+        "pruned_w8a8": variant("l1_global(amount=0.5,exclude=None)+quantize(weight_bits=8)", 0.5, 4, 40),
+        "lone": variant("gmp(final=0.9,begin=1,end=40,epochs=60,seed_offset=0)", 0.9, 0, 0),
+        "w8a8": {"recipe": "quantize(weight_bits=8)", "sparsity": None, "cie": {"count": 0, "pies": 1}},
+    }
+    assert level_families(variants) == {
+        "l1_global": [(0.3, 3, 30), (0.5, 5, 50), (0.9, 9, 90)],
+        "gmp": [(0.3, 1, 3), (0.5, 1, 5)]}
+
+
 def test_pie_claims_match_numpy_in_sample_held_out_and_spearman():
     rng = np.random.default_rng(15)
     labels = _labels(per_class=30)

@@ -29,13 +29,37 @@ from compax.analysis import hooker
 from compax.errors import UserError
 
 CORRECTIONS = ("none", "bonferroni", "holm", "fdr_bh")
+# Recipe settings that place a variant on its family's curve (the level) or only seed it.
+_LEVEL_SETTINGS = re.compile(r"(amount|final|seed_offset)=[^,)]*")
+
+
+def level_families(variants: dict) -> dict[str, list[tuple[float, int, int]]]:
+    """{family: [(sparsity, impacted classes (Welch), CIEs), ...] sorted by sparsity} of the
+    variants (results.json fields) made by one pruning step at a fixed level, e.g. one-shot
+    `l1_global(amount=...)` and gradual `gmp(final=...)`: a family is the recipe without its
+    level and seed offset (each gmp level of Hooker's design has seeds of its own), labelled by
+    its step's name; families with fewer than two levels are left out (no trend)."""
+    families: dict[str, list] = {}
+    for v in variants.values():
+        recipe, cie = v.get("recipe", ""), v.get("cie")
+        amount = (v.get("sparsity") or {}).get("amount")
+        if not cie or "+" in recipe or "searched" in recipe or not isinstance(amount, int | float):
+            continue
+        families.setdefault(_LEVEL_SETTINGS.sub("", recipe), []).append(
+            (float(amount), cie["count"], cie["pies"]))
+    labels: dict[str, str] = {}
+    for family in families:
+        step = family.split("(")[0]
+        labels[family] = step if step not in labels.values() else f"{step} #{len(labels) + 1}"
+    return {labels[f]: sorted(points) for f, points in families.items() if len(points) >= 2}
 
 
 @register_analysis
 class Hooker(Analysis):
     name = "hooker"
     title = "Populations (Hooker et al.)"
-    settings = {"alpha": 0.05, "correction": "holm", "normalization": "subtract"}
+    settings = {"alpha": 0.05, "correction": "holm", "normalization": "subtract",
+                "min_effect_pp": 1.0}
 
     @classmethod
     def check(cls, settings):
@@ -48,6 +72,9 @@ class Hooker(Analysis):
                             f" --config.analysis.correction: use one of {', '.join(CORRECTIONS)}")
         if not 0 < settings.alpha < 1:
             raise UserError(f"--config.analysis.alpha must be in (0, 1), got {settings.alpha}")
+        if not 0 <= settings.min_effect_pp <= 100:
+            raise UserError(f"--config.analysis.min_effect_pp must be in [0, 100] (percentage"
+                            f" points of normalised class accuracy), got {settings.min_effect_pp}")
 
     def compare(self, ref: Reference, variant: Compared):
         labels = jnp.asarray(ref.labels)
@@ -66,7 +93,8 @@ class Hooker(Analysis):
                                                 ref.num_classes, alpha=settings.alpha,
                                                 correction=correction,
                                                 normalization=settings.normalization,
-                                                paired=variant.design == "paired")
+                                                paired=variant.design == "paired",
+                                                min_effect=settings.min_effect_pp / 100)
             summary.pop("band", None)
             results["cie"] = summary
             train_counts = np.bincount(ref.dataset.train.labels, minlength=ref.num_classes)
@@ -135,6 +163,21 @@ class Hooker(Analysis):
         page.table(self.title, ["variant", "design", *(f"{t} ({n})" for t, n in columns)], rows,
                    "Impacted classes per test and normalisation: uncorrected / Holm (paired tests"
                    " only where each member was compressed from its original)")
+        rows = []
+        for variant, v in page.compressed(results):
+            cie = v.get("cie")
+            if not cie or "material_count" not in cie:
+                continue
+            tests = {"welch": cie, **cie.get("paired_tests", {})}
+            rows.append([variant, *(
+                f"{r['count']} / {r['material_count']} / {fmt(r['median_abs_change'], 2, scale=100)}"
+                if (r := tests.get(t)) else "–" for t in hooker.TESTS)])
+        if rows:
+            floor = fmt(next(v["cie"]["min_effect"] for _, v in page.compressed(results)
+                             if (v.get("cie") or {}).get("min_effect") is not None), 1, scale=100)
+            page.table(self.title, ["variant", *hooker.TESTS], rows,
+                       f"Effect sizes: impacted classes (the configured correction) / of them with"
+                       f" |Δ normalised accuracy| ≥ {floor} pp / their median |Δ| in pp")
 
     def _report_pie_claims(self, page, results):
         rows, bars = [], {}
@@ -167,20 +210,7 @@ class Hooker(Analysis):
 
     def _report_levels(self, page, results):
         from compax.report import figures
-        families: dict[str, list] = {}
-        for variant, v in page.compressed(results):
-            recipe, cie = v.get("recipe", ""), v.get("cie")
-            amount = (v.get("sparsity") or {}).get("amount")
-            if not cie or "+" in recipe or "searched" in recipe or not isinstance(amount, int | float):
-                continue  # one pruning step at a fixed level
-            family = re.sub(r"(amount|final)=[^,)]*", "", recipe)
-            families.setdefault(family, []).append((float(amount), cie["count"], cie["pies"], variant))
-        labels = {}
-        for family in families:
-            step = family.split("(")[0]
-            labels[family] = step if step not in labels.values() else f"{step} #{len(labels) + 1}"
-        curves = {labels[f]: sorted(p[:3] for p in points) for f, points in families.items()
-                  if len(points) >= 2}  # a trend needs two levels at least
+        curves = level_families(dict(page.compressed(results)))
         page.figure(self.title, figures.level_trends(page.directory, curves),
                     "Impacted classes and CIEs against sparsity")
         rows = []

@@ -373,7 +373,8 @@ def _json_floats(values) -> list:
 
 def population_summary(labels, preds_original, preds_compressed, num_classes: int, alpha: float = 0.05,
                        correction: str | None = None, width: float = 1.0,
-                       normalization: str = "subtract", paired: bool = False) -> dict:
+                       normalization: str = "subtract", paired: bool = False,
+                       min_effect: float = 0.01) -> dict:
     """The Hooker et al. (2019) statistics of one compressed population as a JSON-friendly dict.
 
     `paired`: the population was compressed member by member from the original one (post-training
@@ -381,7 +382,11 @@ def population_summary(labels, preds_original, preds_compressed, num_classes: in
     (e.g. gradual pruning from initialisation) and only Welch applies. `design` says which.
     From `impacted_classes` (Welch, `normalization`, `correction`): significant_classes, count,
     correction, alpha, normalization, and per class p, p_adjusted and normalized_accuracy_change =
-    mean_compressed - mean_original (None where a class was not tested). `paired_tests` (paired
+    mean_compressed - mean_original (None where a class was not tested); the size of the effects
+    found: median_abs_change (median |change| over the significant classes, None without any) and
+    material_count (significant classes with |change| >= `min_effect`, a fraction: with 30
+    members a paired test finds consistent shifts far below a point of accuracy, which a
+    significance test alone counts as impacted; Hooker et al. use no floor). `paired_tests` (paired
     only): the same for "paired_t" and "wilcoxon". `counts`: `impacted_counts` for every test, both
     normalisations, without correction, with Holm's and with `correction`. From
     `compression_identified_exemplars`: pies (the CIE count), pie_share, pies_per_class. From
@@ -397,14 +402,18 @@ def population_summary(labels, preds_original, preds_compressed, num_classes: in
     def class_results(test):
         classes = impacted_classes(labels, preds_original, preds_compressed, num_classes, alpha,
                                    correction, normalization, test)
+        change = classes["mean_compressed"] - classes["mean_original"]
+        found = np.abs(change[classes["significant"]])
         return {"significant_classes": classes["significant_classes"], "count": classes["count"],
                 "p": _json_floats(classes["p"]), "p_adjusted": _json_floats(classes["p_adjusted"]),
-                "normalized_accuracy_change": _json_floats(classes["mean_compressed"]
-                                                           - classes["mean_original"])}
+                "normalized_accuracy_change": _json_floats(change),
+                "median_abs_change": float(np.median(found)) if found.size else None,
+                "material_count": int(np.sum(found >= min_effect))}
 
     exemplars = compression_identified_exemplars(preds_original, preds_compressed, num_classes, labels)
     summary = {**class_results("welch"), "design": "paired" if paired else "independent",
                "correction": correction, "alpha": float(alpha), "normalization": normalization,
+               "min_effect": float(min_effect),
                "paired_tests": {test: class_results(test) for test in tests if test != "welch"},
                "counts": impacted_counts(labels, preds_original, preds_compressed, num_classes, alpha,
                                          tests, list(dict.fromkeys((None, "holm", correction)))),
