@@ -1,7 +1,9 @@
 """The direct CPU convolutions (compax.kernels.conv_cpu) against XLA's convolution and numpy, and
-their interception into flax models, the train step, saliency and Grad-CAM."""
+their interception into flax models, the train step, saliency and Grad-CAM; oneDNN's convolutions
+(compax.kernels.conv_onednn) against XLA's, under vmap, in a model's gradient, and their routing."""
 
 import contextlib
+import functools
 import pathlib
 import subprocess
 import sys
@@ -21,7 +23,7 @@ from compax.analysis.gradcam import grad_cam
 from compax.analysis.saliency import saliency_maps
 from compax.analysis.taps import cpu_convolutions_for
 from compax.compress import Compressed
-from compax.kernels import conv_cpu, cpu_convolutions
+from compax.kernels import conv_cpu, conv_onednn, cpu_convolutions
 from compax.models import get_model, init_variables
 
 NHWC = ("NHWC", "HWIO", "NHWC")
@@ -343,3 +345,159 @@ def test_without_a_compiler_xla_convolutions_are_used(tmp_path):
                             check=False)
     assert result.returncode == 0, result.stderr
     assert "XLA's convolution is used" in result.stderr
+
+
+# oneDNN for the wide and strided layers (compax.kernels.conv_onednn).
+
+requires_onednn = pytest.mark.skipif(
+    not conv_onednn.load(), reason="oneDNN is not installed (pip install onednn-cpu-gomp==2023.2.0 "
+                                   "onednn-devel-cpu-gomp==2023.2.0): the wide layers stay on XLA")
+
+
+def onednn_calls(fn, *args) -> int:
+    """How many oneDNN calls the jitted fn(*args) makes."""
+    return jax.jit(fn).lower(*args).as_text().count("CompaxOneDnn")
+
+
+def strided_xla_conv(x, w, strides, padding):
+    return lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=NHWC)
+
+
+def resolved_pads(x, w, strides, padding):
+    if isinstance(padding, str):
+        padding = lax.padtype_to_pads(x.shape[1:3], w.shape[:2], strides, padding)
+    return tuple(tuple(pair) for pair in padding)
+
+
+# Layers of ResNet-18 and SqueezeNet at width 1.0 (fewer images): ResNet's 3x3 stem, a 3x3 stride-2
+# layer and its 1x1 stride-2 shortcut, a deep 3x3 layer; SqueezeNet's 3x3 expand and classifier;
+# odd sizes with SAME and uneven padding at strides (2, 2) and (2, 1).
+ONEDNN_CASES = [((2, 32, 32, 3), (3, 3, 3, 64), (1, 1), ((1, 1), (1, 1))),
+                ((2, 32, 32, 64), (3, 3, 64, 128), (2, 2), ((1, 1), (1, 1))),
+                ((2, 32, 32, 64), (1, 1, 64, 128), (2, 2), "VALID"),
+                ((2, 8, 8, 256), (3, 3, 256, 256), (1, 1), ((1, 1), (1, 1))),
+                ((4, 8, 8, 32), (3, 3, 32, 128), (1, 1), ((1, 1), (1, 1))),
+                ((4, 4, 4, 512), (1, 1, 512, 10), (1, 1), "VALID"),
+                ((3, 9, 11, 5), (3, 3, 5, 24), (2, 2), "SAME"),
+                ((3, 10, 7, 20), (5, 3, 20, 17), (2, 1), ((2, 0), (1, 3)))]
+
+
+@requires_onednn
+@pytest.mark.parametrize("x_shape,w_shape,strides,padding", ONEDNN_CASES)
+def test_onednn_forward_and_gradients_equal_xla(x_shape, w_shape, strides, padding):
+    x, w = random(20, x_shape, w_shape)
+    cotangent, = random(21, strided_xla_conv(x, w, strides, padding).shape)
+    pads = resolved_pads(x, w, strides, padding)
+    expected = value_and_vjp(lambda x, w, _: strided_xla_conv(x, w, strides, padding), x, w, None,
+                             cotangent)
+    result = value_and_vjp(lambda x, w, _: conv_onednn.conv2d(x, w, strides, pads), x, w, None,
+                           cotangent)
+    for name, got, want in zip(("y", "dx", "dw"), result, expected, strict=True):
+        assert got.shape == want.shape, name  # sums of up to 2304 products: rounding ~1e-6
+        np.testing.assert_allclose(got, want, atol=1e-5 * float(jnp.abs(want).max()), rtol=0,
+                                   err_msg=name)
+
+
+@requires_onednn
+def test_onednn_under_vmap_equals_each_member():
+    """3 members with their own images and kernels (forward, input and weight gradients in one
+    call each), bitwise their own calls; images shared by the members (in_axes None)."""
+    strides, pads = (2, 2), ((1, 1), (1, 1))
+    x, w = random(22, (3, 6, 16, 16, 32), (3, 3, 3, 32, 48))
+    cotangent, = random(23, (3, 6, 8, 8, 48))
+    conv = functools.partial(conv_onednn.conv2d, strides=strides, pads=pads)
+
+    def forward_and_gradients(x, w, cotangent):
+        y, vjp = jax.vjp(conv, x, w)
+        return y, *vjp(cotangent)
+
+    assert onednn_calls(jax.vmap(forward_and_gradients), x, w, cotangent) == 3
+    stacked = jax.jit(jax.vmap(forward_and_gradients))(x, w, cotangent)
+    for m in range(3):
+        alone = jax.jit(forward_and_gradients)(x[m], w[m], cotangent[m])
+        for name, got, want in zip(("y", "dx", "dw"), stacked, alone, strict=True):
+            np.testing.assert_array_equal(got[m], want, err_msg=f"{name} of member {m}")
+    shared = jax.jit(jax.vmap(conv, (None, 0)))(x[0], w)
+    assert_close(shared, jax.vmap(lambda w: strided_xla_conv(x[0], w, strides, pads))(w))
+
+
+@requires_onednn
+def test_routing_between_direct_kernels_onednn_and_xla():
+    """Stride-1 layers of at most 16 channels keep the direct kernels, other eligible layers go to
+    oneDNN unless the kernel dwarfs the images (conv_onednn.wins), the rest to XLA."""
+    def calls(x_shape, w_shape, strides=(1, 1), padding="SAME", dtype=jnp.float32):
+        fn = jax.jit(lambda x, w: conv_cpu.conv_general_dilated(x, w, strides, padding,
+                                                                dimension_numbers=NHWC))
+        text = fn.lower(jax.ShapeDtypeStruct(x_shape, dtype),
+                        jax.ShapeDtypeStruct(w_shape, dtype)).as_text()
+        return text.count("CompaxConvForward"), text.count("CompaxOneDnn")
+
+    assert calls((2, 16, 16, 16), (3, 3, 16, 16)) == (1, 0)  # direct kernels
+    assert calls((2, 16, 16, 16), (3, 3, 16, 32)) == (0, 1)  # 32 output channels
+    assert calls((2, 16, 16, 8), (3, 3, 8, 8), (2, 2)) == (0, 1)  # strided
+    assert calls((2, 4, 4, 512), (3, 3, 512, 8)) == (0, 0)  # 4608 taps > 4 x 32 output pixels
+    assert calls((2, 16, 16, 32), (3, 3, 32, 32), padding=((-1, 0), (0, 0))) == (0, 0)  # cropping
+    assert calls((2, 16, 16, 32), (3, 3, 32, 32), dtype=jnp.float16) == (0, 0)
+    conv_onednn.enable(False)
+    try:
+        assert calls((2, 16, 16, 16), (3, 3, 16, 32)) == (0, 0)
+        assert calls((2, 16, 16, 16), (3, 3, 16, 16)) == (1, 0)  # the direct kernels stay on
+    finally:
+        conv_onednn.enable(True)
+    with xla_only():
+        assert calls((2, 16, 16, 16), (3, 3, 16, 32)) == (0, 0)
+
+
+class ResidualNet(nn.Module):
+    """A ResNet-18-like stem, strided block with its 1x1 shortcut, and a SqueezeNet-like fire."""
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Conv(32, (3, 3), padding=1, name="stem")(x))
+        y = nn.relu(nn.Conv(64, (3, 3), strides=2, padding=1, name="strided")(x))
+        y = nn.Conv(64, (3, 3), padding=1, name="conv2")(y)
+        x = nn.relu(y + nn.Conv(64, (1, 1), strides=2, name="shortcut")(x))
+        s = nn.relu(nn.Conv(16, (1, 1), name="squeeze")(x))  # 64 in: oneDNN
+        x = jnp.concatenate([nn.Conv(32, (1, 1), name="expand1x1")(s),
+                             nn.Conv(32, (3, 3), padding=1, name="expand3x3")(s)], -1)
+        return nn.Dense(10)(jnp.mean(x, axis=(1, 2)))
+
+
+@requires_onednn
+def test_onednn_in_a_flax_models_gradient_equals_xla():
+    """jax.grad of a model's loss w.r.t. parameters and images, within cpu_convolutions()."""
+    x, = random(25, (8, 16, 16, 3))
+    labels = jnp.arange(8) % 10
+    params = ResidualNet().init(jax.random.key(3), x)["params"]
+
+    def loss(params, x):
+        with cpu_convolutions():
+            logits = ResidualNet().apply({"params": params}, x)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
+    hlo = grad.lower(params, x).compile().as_text()
+    # 7 layers (every one has more than 16 channels or a stride), each forward, weight and input
+    # gradient (the stem's too: the gradient w.r.t. the images is asked for).
+    for target in ("Forward", "WeightGradient", "InputGradient"):
+        assert hlo.count(f'custom_call_target="CompaxOneDnn{target}"') == 7, target
+    with_onednn = grad(params, x)
+    with xla_only():
+        with_xla = jax.jit(jax.grad(loss, argnums=(0, 1)))(params, x)
+    assert_close(with_onednn, with_xla, relative=1e-5)
+
+
+def test_without_onednn_xla_convolutions_are_used_with_one_warning(monkeypatch, caplog):
+    """The loader finding no oneDNN: one warning, XLA's convolution and its values."""
+    monkeypatch.setattr(conv_onednn, "_installed_file", lambda distribution, path: None)
+    monkeypatch.setattr(conv_onednn, "load", functools.cache(conv_onednn.load.__wrapped__))
+    x, w = random(26, (2, 16, 16, 16), (3, 3, 16, 32))
+
+    def conv(x, w):
+        return conv_cpu.conv_general_dilated(x, w, (2, 2), "SAME", dimension_numbers=NHWC)
+
+    with caplog.at_level("WARNING"):
+        assert onednn_calls(conv, x, w) == 0
+        assert onednn_calls(lambda x, w: conv(x, w) + 1, x, w) == 0
+    assert sum("oneDNN is not installed" in r.getMessage() for r in caplog.records) == 1
+    np.testing.assert_array_equal(jax.jit(conv)(x, w), strided_xla_conv(x, w, (2, 2), "SAME"))

@@ -1,4 +1,5 @@
-"""Hand-written CPU kernels where XLA:CPU is far slower than the study's PyTorch (see conv_cpu.py).
+"""CPU convolution kernels where XLA:CPU is far slower than the study's PyTorch: hand-written ones
+for few channels (conv_cpu.py) and oneDNN's for wide layers (conv_onednn.py).
 
 `cpu_convolutions()` swaps them into any flax model by interception, around a function being traced.
 """

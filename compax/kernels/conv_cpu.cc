@@ -18,18 +18,19 @@
 // members share the call.
 
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
 #include <cstring>
-#include <memory>
-#include <thread>
 #include <vector>
 
+#include "image_ranges.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
+
+using compax::Chunks;
+using compax::ForImageRanges;
 
 struct Shape {
   int64_t batch, height, width, in_channels, kernel_h, kernel_w, out_channels;
@@ -49,35 +50,6 @@ struct Vec {
 template <int L>
 inline typename Vec<L>::type Load(const float* from) {
   return *reinterpret_cast<const typename Vec<L>::unaligned*>(from);
-}
-
-// Runs fn(member, chunk, b0, b1) over `chunks` fixed ranges of the batch of each of `members`
-// members, on the calling thread and on XLA's intra-op thread pool. Whoever is free takes the next
-// (member, range), and the caller waits only for pieces already being run elsewhere, so a busy
-// pool cannot deadlock it. The ranges depend on the batch alone: partial sums per range make
-// results independent of the scheduling.
-template <typename Fn>
-void ForImageRanges(ffi::ThreadPool& pool, int64_t members, int64_t batch, int64_t chunks, Fn fn) {
-  struct State {
-    std::atomic<int64_t> next{0}, done{0};
-  };
-  const int64_t pieces = members * chunks;
-  auto state = std::make_shared<State>();
-  auto work = [state, batch, chunks, pieces, fn] {
-    for (int64_t k; (k = state->next.fetch_add(1)) < pieces; state->done.fetch_add(1)) {
-      const int64_t member = k / chunks, chunk = k % chunks;
-      fn(member, chunk, batch * chunk / chunks, batch * (chunk + 1) / chunks);
-    }
-  };
-  for (int64_t t = 1; t < std::min<int64_t>(pieces, pool.num_threads()); ++t)
-    pool.Schedule(decltype(work)(work));  // a copy: Schedule takes ownership of an rvalue
-  work();
-  while (state->done.load() < pieces) std::this_thread::yield();
-}
-
-// Ranges of the batch: one per thread of the pool (at least one, at most one per image).
-int64_t Chunks(ffi::ThreadPool& pool, int64_t batch) {
-  return std::max<int64_t>(1, std::min<int64_t>(batch, pool.num_threads()));
 }
 
 // The kernel with its output channels padded with zeros to a multiple of L: (KH, KW, C, O_pad).

@@ -7,10 +7,12 @@ long as PyTorch's, and its saliency maps ~4x. Models know nothing of this: withi
 interceptor routes every `nn.Conv.__call__` to `conv_general_dilated` here, which computes eligible
 convolutions (float32, NHWC/HWIO, stride 1, no dilation or groups, explicit, VALID or SAME padding,
 at most `MAX_CHANNELS` input and output channels) with the C++ kernels of `conv_cpu.cc` through the
-XLA FFI, on a single-device CPU backend only; everything else goes to XLA's convolution, as does
-every call outside the context (post-training quantization's jaxpr interpreter must see XLA's
-convolution primitive). Interception acts while a function is traced: enter the context inside
-the function that is jitted (or decorate it), not around a call of an already compiled function.
+XLA FFI, on a single-device CPU backend only; other float32 NHWC convolutions without dilation or
+groups (wide or strided layers) go to oneDNN where it beats XLA (`conv_onednn`), everything else
+to XLA's convolution, as does every call outside the context (post-training quantization's jaxpr
+interpreter must see XLA's convolution primitive). Interception acts while a function is traced:
+enter the context inside the function that is jitted (or decorate it), not around a call of an
+already compiled function.
 
     y[b,p,q,o]     = sum_{i,j,c} x[b,p+i,q+j,c] w[i,j,c,o]          (after zero padding)
     dL/dw[i,j,c,o] = sum_{b,p,q} g[b,p,q,o] x[b,p+i,q+j,c]
@@ -23,34 +25,27 @@ members is broadcast): x (M, B, H, W, C) with w (M, KH, KW, C, O) gives y (M, B,
 member with its own kernel, and dw (M, KH, KW, C, O) each member's own sum; the C++ threads over
 members x ranges of images, so one call keeps every core busy however small a member's batch. The
 kernels are compiled on first use with the machine's C++ compiler (`$CXX`, else g++/c++; -O3
--march=native) into `$COMPAX_CACHE_DIR` (default ~/.cache/compax); without a compiler, or if
-compiling fails, XLA's convolution is used with one warning; COMPAX_CPU_KERNELS=0 turns the kernels
-off. Results equal XLA's up to float rounding (tests/test_kernels.py) and do not depend on thread
-timing.
+-march=native) into `$COMPAX_CACHE_DIR` (default ~/.cache/compax; `compax.kernels.build`); without
+a compiler, or if compiling fails, XLA's convolution is used with one warning; COMPAX_CPU_KERNELS=0
+turns every kernel off (these and oneDNN's), COMPAX_ONEDNN=0 oneDNN's alone. Results equal XLA's
+up to float rounding (tests/test_kernels.py) and do not depend on thread timing.
 """
 import contextlib
-import ctypes
 import functools
-import hashlib
 import os
 import pathlib
-import platform
-import shutil
-import subprocess
-import tempfile
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import logging
 from jax import lax
+
+from compax.kernels import build, conv_onednn
 
 MAX_CHANNELS = 16
 
 SOURCE = pathlib.Path(__file__).with_name("conv_cpu.cc")
-FLAGS = ("-O3", "-march=native", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math",
-         "-ffp-contract=fast", "-std=c++17", "-shared", "-fPIC", "-pthread", "-w")
 TARGETS = {"forward": "CompaxConvForward", "weight_gradient": "CompaxConvWeightGradient"}
 
 # COMPAX_CPU_KERNELS=0 turns the kernels off (XLA's convolution everywhere), as does enable(False).
@@ -93,51 +88,10 @@ def cpu_convolutions():
         yield
 
 
-def _compiler() -> str | None:
-    """The path of $CXX, else of g++ or c++; None if none is installed."""
-    names = [os.environ["CXX"]] if os.environ.get("CXX") else ["g++", "c++"]
-    return next((path for path in map(shutil.which, names) if path), None)
-
-
-def _cpu_features() -> bytes:
-    """The CPU's instruction-set flags (Linux), else its name."""
-    try:
-        lines = pathlib.Path("/proc/cpuinfo").read_text().splitlines()
-        return next(line for line in lines if line.startswith("flags")).encode()
-    except (OSError, StopIteration):
-        return platform.processor().encode()
-
-
 @functools.cache
 def load() -> bool:
     """Compiles (once per source, flags and jaxlib) and registers the kernels; False if impossible."""
-    compiler = _compiler()
-    if compiler is None:
-        logging.warning("no C++ compiler ($CXX, g++ or c++): XLA's convolution is used, which "
-                        "is several times slower for LeNet-5 on the CPU")
-        return False
-    # -march=native: a library built on one CPU may not run on another sharing the cache.
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + _cpu_features()
-                            + jax.ffi.include_dir().encode()).hexdigest()[:16]
-    cache = pathlib.Path(os.environ.get("COMPAX_CACHE_DIR", pathlib.Path.home() / ".cache/compax"))
-    library = cache / f"conv_cpu-{digest}.so"
-    if not library.exists():
-        cache.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=cache) as tmp:
-            built = pathlib.Path(tmp) / library.name
-            command = [compiler, *FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", str(built)]
-            result = subprocess.run(command, capture_output=True, text=True, check=False)
-            if result.returncode != 0:
-                logging.warning("compiling %s failed, XLA's convolution is used: %s",
-                                SOURCE.name, next((line for line in result.stderr.splitlines()
-                                                  if "error" in line), result.stderr.strip()))
-                return False
-            os.replace(built, library)  # atomic: concurrent processes see a whole library or none
-    handle = ctypes.cdll.LoadLibrary(str(library))
-    for target in TARGETS.values():
-        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(handle, target)),
-                                    platform="cpu")
-    return True
+    return build.compile_and_register(SOURCE, TARGETS.values())
 
 
 def _ffi(target: str, shape, *operands, **attributes):
@@ -179,39 +133,48 @@ def _conv_backward(residuals, grad):
 conv2d_valid.defvjp(_conv_forward, _conv_backward)
 
 
-def _explicit_padding(lhs, rhs, padding):
-    """((top, bottom), (left, right)) of a lax padding argument of a stride-1 NHWC / HWIO
-    convolution (VALID, SAME and SAME_LOWER by XLA's rule), or None if it crops the input."""
+def _explicit_padding(lhs, rhs, window_strides, padding):
+    """((top, bottom), (left, right)) of a lax padding argument of an NHWC / HWIO convolution
+    (VALID, SAME and SAME_LOWER by XLA's rule), or None if it crops the input."""
     if isinstance(padding, str):
-        padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], (1, 1), padding)
+        padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], window_strides, padding)
     pads = tuple(tuple(int(p) for p in pair) for pair in padding)
     return pads if min(min(pair) for pair in pads) >= 0 else None
 
 
-def _eligible(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
-              feature_group_count, batch_group_count) -> bool:
-    return (_ENABLED[0] and jax.default_backend() == "cpu" and jax.device_count() == 1
+def _kernel_pads(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+                 feature_group_count, batch_group_count):
+    """The explicit pads of a convolution that some kernel could take (kernels on, a single-device
+    CPU backend, float32 NHWC / HWIO, no dilation or groups, no cropping), else None."""
+    if not (_ENABLED[0] and jax.default_backend() == "cpu" and jax.device_count() == 1
             and lhs.dtype == rhs.dtype == jnp.float32 and lhs.ndim == 4
-            and lhs.shape[-1] <= MAX_CHANNELS and rhs.shape[-1] <= MAX_CHANNELS
-            and tuple(window_strides) == (1, 1)
             and all(d is None or tuple(d) == (1, 1) for d in (lhs_dilation, rhs_dilation))
             and feature_group_count == batch_group_count == 1
             and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
-            == lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC"))
-            and _explicit_padding(lhs, rhs, padding) is not None and load())
+            == lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC"))):
+        return None
+    return _explicit_padding(lhs, rhs, tuple(window_strides), padding)
 
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                          dimension_numbers=None, feature_group_count=1, batch_group_count=1,
                          precision=None, preferred_element_type=None):
-    """`lax.conv_general_dilated`, with eligible convolutions on the kernels (see the module doc).
+    """`lax.conv_general_dilated`, with eligible convolutions on the kernels: stride 1 with at most
+    `MAX_CHANNELS` channels in and out on the direct kernels (see the module doc), others where
+    oneDNN beats XLA (`conv_onednn.wins`) on oneDNN, the rest on XLA.
 
     Called by `nn.Conv` layers within `cpu_convolutions()`; may also be called directly.
     """
-    if _eligible(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
-                 feature_group_count, batch_group_count):
-        (top, bottom), (left, right) = _explicit_padding(lhs, rhs, padding)
+    strides = tuple(int(s) for s in window_strides)
+    pads = _kernel_pads(lhs, rhs, strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+                        feature_group_count, batch_group_count)
+    if (pads is not None and strides == (1, 1) and lhs.shape[-1] <= MAX_CHANNELS
+            and rhs.shape[-1] <= MAX_CHANNELS and load()):
+        (top, bottom), (left, right) = pads
         return conv2d_valid(jnp.pad(lhs, ((0, 0), (top, bottom), (left, right), (0, 0))), rhs)
+    if (pads is not None and conv_onednn.enabled() and conv_onednn.wins(lhs.shape, rhs.shape, strides, pads)
+            and conv_onednn.load()):
+        return conv_onednn.conv2d(lhs, rhs, strides, pads)
     return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
                                     dimension_numbers, feature_group_count, batch_group_count,
                                     precision, preferred_element_type)

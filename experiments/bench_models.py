@@ -1,0 +1,345 @@
+"""Training and inference throughput of every registered model, compax against PyTorch, in one run.
+
+python experiments/bench_models.py [--models=lenet5,resnet18] [--widths=cpu,1.0] [--quick]
+                                   [--batch_size=128] [--steps=10] [--repeats=3] [--classes=10]
+                                   [--torch_threads=0]
+
+For each model (`compax.models.MODELS`) at each width (`cpu`: its `compax.config.CPU_SIZED` width,
+or a number) five runners are timed, interleaved round by round (`bench_train.
+interleaved_seconds_per_step`), the fastest round counting: compax's train step (`make_train_step`:
+Adam, cross-entropy, batch `batch_size`, the CPU convolution kernels of `compax.kernels`), the same
+step with XLA's convolution in every layer, the same architecture written in PyTorch (NCHW,
+PyTorch's default initialisation and Adam) training alike, and inference of a batch by compax
+(`train=False`, the kernels on) and by PyTorch (eval mode, `torch.inference_mode`). Images are
+random uint8 32x32x3, normalised inside each step. Each model's FLOPs per image (forward, from
+XLA's cost analysis of the XLA-convolution forward; training ~3x: forward, input and weight
+gradients) times images/s is printed as a fraction of this machine's float32 GEMM rate, measured
+in the same run (the faster of `numpy.matmul` and `torch.mm` of two 2048x2048 matrices). The
+last line is one JSON object: {"gemm_gflops": {"numpy", "torch", "best"}, "models": [{"model",
+"width", "forward_gflop_per_image", "compax_train_img_s", "compax_xla_conv_train_img_s",
+"torch_train_img_s", "ratio_train", "compax_infer_img_s", "torch_infer_img_s", "ratio_infer",
+"<framework>_<train|infer>_gemm_fraction", ...}, ...]}.
+"""
+
+import json
+import os
+import platform
+import time
+
+import numpy as np
+from absl import app, flags
+
+# experiments/ is the script's directory. bench_train defines --batch_size (128), --steps and
+# --repeats (3), used here too, with 10 steps per round by default.
+from bench_train import _BATCH, _REPEATS, _STEPS, interleaved_seconds_per_step
+
+flags.FLAGS.set_default("steps", 10)
+_MODELS = flags.DEFINE_list("models", None, "Models to time (default: every registered one).")
+_WIDTHS = flags.DEFINE_list("widths", ["cpu", "1.0"],
+                            "Widths: 'cpu' (the model's CPU_SIZED width) or multipliers.")
+_CLASSES = flags.DEFINE_integer("classes", 10, "Output classes of every model.")
+_QUICK = flags.DEFINE_bool("quick", False, "2 steps, 1 round: proves the script runs, times roughly.")
+_TORCH_THREADS = flags.DEFINE_integer(
+    "torch_threads", 0, "PyTorch's intra-op threads (0: its default, one per core). On a machine "
+    "shared with other work, 1 avoids its OpenMP barriers waiting for preempted threads.")
+
+GEMM_SIZE = 2048
+
+
+def gemm_gflops(repeats: int) -> dict:
+    """This machine's float32 matrix-multiply rate, 2 n^3 / the fastest n x n product's seconds,
+    by numpy and by PyTorch (if installed; with the threads it is set to), and the best of them."""
+    rng = np.random.default_rng(0)
+    a, b = (rng.standard_normal((GEMM_SIZE, GEMM_SIZE), dtype=np.float32) for _ in range(2))
+    products = {"numpy": lambda: np.matmul(a, b)}
+    try:
+        import torch
+        ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+        products["torch"] = lambda: torch.mm(ta, tb)
+    except ImportError:
+        pass
+    rates = {}
+    for name, product in products.items():
+        product()
+        best = float("inf")
+        for _ in range(max(3, repeats)):
+            start = time.perf_counter()
+            product()
+            best = min(best, time.perf_counter() - start)
+        rates[name] = 2 * GEMM_SIZE**3 / best / 1e9
+    return {**rates, "best": max(rates.values())}
+
+
+def compax_runners(name: str, width: float, classes: int, images, labels, batch: int):
+    """(train run(n), inference run(n)) of compax's model, each warmed up (compiled); with the
+    kernels of `compax.kernels` as they are enabled when this is called."""
+    import jax
+    import jax.numpy as jnp
+    import ml_collections
+
+    from compax.kernels import cpu_convolutions
+    from compax.models import get_model
+    from compax.train import init_population, make_optimizer
+    from compax.train.population import AUGMENT, DATA, DROPOUT, member_keys, variables_of
+    from compax.train.steps import epoch_order, make_train_step
+
+    model = get_model(name, classes, width)
+    tx = make_optimizer(ml_collections.ConfigDict({"learning_rate": 1e-3}))
+    seeds = jnp.arange(1)
+    state = init_population(model, tx, seeds)
+    mean, std = np.full(3, 127.5, np.float32), np.full(3, 64.0, np.float32)
+    step_fn = make_train_step(model, tx, mean, std, augment=False, chunk=1)
+    num_steps = len(images) // batch
+    order = epoch_order(member_keys(seeds, DATA), jnp.int32(1), len(images), num_steps, batch)
+    device_images, device_labels = jnp.asarray(images), jnp.asarray(labels)
+    keys = member_keys(seeds, AUGMENT), member_keys(seeds, DROPOUT)
+
+    def train(n):
+        nonlocal state
+        for i in range(n):
+            params, batch_stats, opt_state, loss, _ = step_fn(
+                state.params, state.batch_stats, state.opt_state, order, *keys, device_images,
+                device_labels, jnp.int32(1), jnp.int32(i % num_steps))
+            state = state.replace(params=params, batch_stats=batch_stats, opt_state=opt_state)
+        jax.block_until_ready(loss)
+
+    variables = jax.tree.map(lambda a: a[0], variables_of(state.params, state.batch_stats))
+    x = jnp.asarray((images[:batch].astype(np.float32) - mean) / std)
+
+    @jax.jit
+    def predict(variables, x):
+        with cpu_convolutions():
+            return model.apply(variables, x, train=False)
+
+    def infer(n):
+        for _ in range(n):
+            logits = predict(variables, x)
+        jax.block_until_ready(logits)
+
+    train(2)
+    infer(2)
+    return train, infer
+
+
+def forward_flops(name: str, width: float, classes: int, batch: int) -> float:
+    """FLOPs per image of the model's forward pass, by XLA's cost analysis (its convolutions)."""
+    import jax
+    import jax.numpy as jnp
+
+    from compax.models import get_model, init_variables
+
+    model = get_model(name, classes, width)
+    variables = init_variables(model, jax.random.key(0))
+    x = jnp.zeros((batch, 32, 32, 3), jnp.float32)
+    compiled = jax.jit(lambda v, x: model.apply(v, x, train=False)).lower(variables, x).compile()
+    analysis = compiled.cost_analysis()
+    return (analysis[0] if isinstance(analysis, list) else analysis)["flops"] / batch
+
+
+def torch_model(name: str, width: float, classes: int):
+    """compax.models' architecture `name` at `width` in PyTorch (NCHW), PyTorch's initialisation."""
+    import torch
+    from torch import nn
+
+    from compax.models.layers import scaled
+    from compax.models.resnet import STAGES
+    from compax.models.squeezenet import FIRES, POOL_AFTER
+    from compax.models.vgg import CONV_CHANNELS, HIDDEN
+
+    def conv_bn(cin, cout, kernel, stride=1, padding=0):
+        return [nn.Conv2d(cin, cout, kernel, stride, padding, bias=False), nn.BatchNorm2d(cout)]
+
+    if name == "lenet5":
+        c1, c2 = scaled(6, width), scaled(16, width)
+        return nn.Sequential(
+            nn.Conv2d(3, c1, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(c1, c2, 5), nn.ReLU(),
+            nn.MaxPool2d(2), nn.Flatten(), nn.Linear(25 * c2, scaled(120, width)), nn.ReLU(),
+            nn.Linear(scaled(120, width), scaled(84, width)), nn.ReLU(),
+            nn.Linear(scaled(84, width), classes))
+    if name == "vgg6":
+        layers, cin = [], 3
+        for i, channels in enumerate(CONV_CHANNELS):
+            layers += [*conv_bn(cin, scaled(channels, width), 3, padding=1), nn.ReLU()]
+            layers += [nn.MaxPool2d(2)] if i % 2 == 1 else []
+            cin = scaled(channels, width)
+        layers.append(nn.Flatten())  # (C, H, W) order; compax flattens (H, W, C): same sizes
+        features = [16 * cin, *(scaled(h, width) for h in HIDDEN)]
+        for a, b in zip(features, features[1:], strict=False):
+            layers += [nn.Linear(a, b), nn.ReLU()]
+        return nn.Sequential(*layers, nn.Linear(features[-1], classes))
+    if name == "squeezenet":
+        class Fire(nn.Module):
+            def __init__(self, cin, squeeze, expand):
+                super().__init__()
+                self.squeeze = nn.Sequential(nn.Conv2d(cin, squeeze, 1), nn.ReLU())
+                self.expand1x1 = nn.Sequential(nn.Conv2d(squeeze, expand, 1), nn.ReLU())
+                self.expand3x3 = nn.Sequential(nn.Conv2d(squeeze, expand, 3, padding=1), nn.ReLU())
+
+            def forward(self, x):
+                s = self.squeeze(x)
+                return torch.cat([self.expand1x1(s), self.expand3x3(s)], 1)
+
+        cin = scaled(64, width)
+        layers = [nn.Conv2d(3, cin, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)]
+        for i, (squeeze, expand) in enumerate(FIRES):
+            layers.append(Fire(cin, scaled(squeeze, width), scaled(expand, width)))
+            cin = 2 * scaled(expand, width)
+            layers += [nn.MaxPool2d(2)] if i in POOL_AFTER else []
+        return nn.Sequential(*layers, nn.Dropout(0.5), nn.Conv2d(cin, classes, 1), nn.ReLU(),
+                             nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    if name == "resnet18":
+        class BasicBlock(nn.Module):
+            def __init__(self, cin, cout, stride):
+                super().__init__()
+                self.body = nn.Sequential(*conv_bn(cin, cout, 3, stride, 1), nn.ReLU(),
+                                          *conv_bn(cout, cout, 3, 1, 1))
+                self.shortcut = (nn.Sequential(*conv_bn(cin, cout, 1, stride))
+                                 if stride != 1 or cin != cout else nn.Identity())
+
+            def forward(self, x):
+                return nn.functional.relu(self.body(x) + self.shortcut(x))
+
+        cin = scaled(64, width)
+        layers = [*conv_bn(3, cin, 3, 1, 1), nn.ReLU()]
+        for channels, stride in STAGES:
+            for block in range(2):
+                layers.append(BasicBlock(cin, scaled(channels, width), stride if block == 0 else 1))
+                cin = scaled(channels, width)
+        return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, classes))
+    raise ValueError(f"no PyTorch twin of model {name!r}")
+
+
+def torch_runners(name: str, width: float, classes: int, images, labels, batch: int):
+    """(train run(n), inference run(n)) of the PyTorch twin, warmed up; None without torch."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    torch.manual_seed(0)
+    model = torch_model(name, width, classes)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    images = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()  # NCHW uint8, as a loader
+    labels = torch.from_numpy(labels).long()
+    num_steps = len(images) // batch
+    order = torch.randperm(len(images))
+
+    def train(n):
+        model.train()
+        for i in range(n):
+            index = order[(i % num_steps) * batch:(i % num_steps + 1) * batch]
+            x = (images[index].float() - 127.5) / 64.0
+            loss = torch.nn.functional.cross_entropy(model(x), labels[index])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+
+    x = (images[:batch].float() - 127.5) / 64.0
+
+    def infer(n):
+        model.eval()
+        with torch.inference_mode():
+            for _ in range(n):
+                model(x)
+
+    train(2)
+    infer(2)
+    return train, infer
+
+
+def model_widths(models, widths) -> list[tuple[str, float]]:
+    from compax.config import CPU_SIZED
+    from compax.models import MODELS
+
+    unknown = sorted(set(models) - set(MODELS))
+    if unknown:
+        raise app.UsageError(f"unknown models {unknown}: choose from {', '.join(sorted(MODELS))}")
+    pairs = []
+    for name in models:
+        for width in widths:
+            value = CPU_SIZED.get(name, CPU_SIZED["lenet5"])[0] if width == "cpu" else float(width)
+            if (name, value) not in pairs:
+                pairs.append((name, value))
+    return pairs
+
+
+def torch_version() -> str | None:
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch.__version__
+
+
+def main(argv):
+    del argv
+    import jax
+
+    from compax.kernels import conv_cpu, conv_onednn
+    from compax.models import MODELS
+
+    quick = _QUICK.value
+    steps, repeats = (2, 1) if quick else (_STEPS.value, _REPEATS.value)
+    batch, classes = _BATCH.value, _CLASSES.value
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (4 * batch, 32, 32, 3), dtype=np.uint8)
+    labels = rng.integers(0, classes, 4 * batch).astype(np.int32)
+    if _TORCH_THREADS.value > 0 and torch_version() is not None:
+        import torch
+        torch.set_num_threads(_TORCH_THREADS.value)  # global: the GEMM rate's and the twins'
+    rates = gemm_gflops(repeats)
+    gemm = rates["best"]
+    print(f"float32 GEMM ({GEMM_SIZE}^3), GFLOP/s: "
+          + ", ".join(f"{name} {rate:.1f}" for name, rate in rates.items()))
+    rows = []
+    for name, width in model_widths(_MODELS.value or list(MODELS), _WIDTHS.value):
+        data = (name, width, classes, images, labels, batch)
+        conv_cpu.enable(False)  # XLA's convolution in every layer, for the functions traced now
+        xla_train, _ = compax_runners(*data)
+        flops = forward_flops(name, width, classes, batch)  # XLA counts its convolutions' FLOPs
+        conv_cpu.enable(True)
+        runners = dict(zip((("compax", "train"), ("compax", "infer")), compax_runners(*data),
+                           strict=True))
+        runners["compax_xla_conv", "train"] = xla_train
+        twin = torch_runners(*data)
+        if twin is not None:
+            runners.update(zip((("torch", "train"), ("torch", "infer")), twin, strict=True))
+        seconds = interleaved_seconds_per_step(runners, dict.fromkeys(runners, steps), repeats)
+        row = {"model": name, "width": width, "forward_gflop_per_image": flops / 1e9}
+        row.update({f"{framework}_{kind}_img_s": batch / step_seconds
+                    for (framework, kind), step_seconds in seconds.items()})
+        # Training FLOPs ~3x the forward's: the forward, the input and the weight gradients.
+        for kind, factor in (("train", 3), ("infer", 1)):
+            torch_rate = row.get(f"torch_{kind}_img_s")
+            row[f"ratio_{kind}"] = None if torch_rate is None else row[f"compax_{kind}_img_s"] / torch_rate
+            for framework in ("compax", "torch"):
+                rate = row.get(f"{framework}_{kind}_img_s")
+                row[f"{framework}_{kind}_gemm_fraction"] = (
+                    None if rate is None else factor * flops * rate / (gemm * 1e9))
+        rows.append(row)
+        print(f"{name} x{width:g} ({flops / 1e6:.1f} MFLOP/image forward):")
+        print(f"  train  compax {row['compax_train_img_s']:8.0f} img/s"
+              f" (XLA conv {row['compax_xla_conv_train_img_s']:8.0f})"
+              + ("" if twin is None else f"  PyTorch {row['torch_train_img_s']:8.0f}"
+                 f"  compax/PyTorch {row['ratio_train']:.2f}")
+              + f"  GEMM fraction compax {row['compax_train_gemm_fraction']:.3f}"
+              + ("" if twin is None else f" PyTorch {row['torch_train_gemm_fraction']:.3f}"))
+        print(f"  infer  compax {row['compax_infer_img_s']:8.0f} img/s"
+              + ("" if twin is None else f"  PyTorch {row['torch_infer_img_s']:8.0f}"
+                 f"  compax/PyTorch {row['ratio_infer']:.2f}")
+              + f"  GEMM fraction compax {row['compax_infer_gemm_fraction']:.3f}"
+              + ("" if twin is None else f" PyTorch {row['torch_infer_gemm_fraction']:.3f}"), flush=True)
+    result = {
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "jax_backend": jax.default_backend(),
+        "onednn": conv_onednn.enabled() and conv_onednn.load(),
+        "torch": torch_version(),
+        "torch_threads": _TORCH_THREADS.value or None,
+        "batch_size": batch, "steps": steps, "repeats": repeats, "quick": quick,
+        "gemm_gflops": rates,
+        "models": rows,
+    }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    app.run(main)
