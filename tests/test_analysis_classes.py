@@ -256,3 +256,25 @@ def test_frequency_bias_constant_input_gives_none():
     assert frequency_bias(np.arange(5), np.zeros(5)) == {"spearman_rho": None, "p_value": None}
     with pytest.raises(UserError, match="same C"):
         frequency_bias(np.arange(5), np.zeros(4))
+
+
+def test_seed_disagreement_of_the_original_population_matches_a_loop():
+    """The floor of an independently seeded variant's flips: member m against member m-1
+    (cyclically), as a loop computes it; absent for one member."""
+    from types import SimpleNamespace
+
+    from compax.analyses.classes import ClassLevel
+
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 7, 500).astype(np.int32)
+    preds = np.where(rng.random((5, 500)) < 0.8, labels, rng.integers(0, 7, (5, 500))).astype(np.int32)
+    analysis = ClassLevel()
+    for members in (5, 1):
+        ref = SimpleNamespace(preds=preds[:members], members=members, labels=labels, num_classes=7)
+        analysis.prepare(ref)
+        results, _ = analysis.baseline(ref)
+        if members == 1:
+            assert "seed_disagreement" not in results
+            continue
+        expected = np.mean([np.mean(preds[m] != preds[m - 1]) for m in range(members)])
+        assert results["seed_disagreement"] == pytest.approx(expected)

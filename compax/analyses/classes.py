@@ -4,7 +4,11 @@ Per member, against the original member of the same seed: the share of test samp
 differently (flips), per-class accuracy changes and row-normalised confusion-matrix changes in
 percentage points, and the classification report (per-class precision, recall and F1, macro F1);
 then, over the member means, the largest changes and the Spearman test of class frequency in the
-training set against the class accuracy change (`compax.analysis.classes`).
+training set against the class accuracy change (`compax.analysis.classes`). A variant trained from
+seeds of its own (e.g. gmp from initialisation) is compared with the original member of the same
+index, so its flips include what two seeds already disagree on: the original population's
+`seed_disagreement` (mean over m of the share of test samples where member m and member m+1,
+cyclically, predict differently) is that floor.
 """
 
 import jax
@@ -32,7 +36,10 @@ class ClassLevel(Analysis):
     def baseline(self, ref):
         arrays = {f"class_{k}": np.asarray(self.original[k]).mean(0)
                   for k in ("precision", "recall", "f1")}
-        return {"macro_f1": member_mean(self.original["macro_f1"])}, arrays
+        results = {"macro_f1": member_mean(self.original["macro_f1"])}
+        if ref.members >= 2:  # what an independently seeded variant flips with no compression
+            results["seed_disagreement"] = float(np.mean(ref.preds != np.roll(ref.preds, 1, 0)))
+        return results, arrays
 
     def compare(self, ref: Reference, variant: Compared):
         labels = jnp.asarray(ref.labels)
@@ -81,6 +88,12 @@ class ClassLevel(Analysis):
         page.table(self.title, ["variant", "macro F1", "macro F1 Δ", "Spearman ρ (class frequency"
                                 " vs accuracy Δ)", "p"], rows,
                    "Classification report and frequency bias")
+        seeds = results["variants"].get("baseline", {}).get("seed_disagreement")
+        page.table(self.title, ["original population", "test samples predicted differently %"],
+                   [["member m against member m+1 (other seeds)", fmt(seeds, 2, scale=100)]]
+                   if seeds is not None else [],
+                   "Seed disagreement: the flips a variant trained from seeds of its own (design"
+                   " independent) shows with no compression at all")
         page.table(self.title, ["class"] + [f"{v} F1 Δ" for v, _ in page.compressed(results)],
                    [[name] + [fmt(arrays[f"{v}.class_f1"][c] - arrays["baseline.class_f1"][c], 3,
                                   True) if f"{v}.class_f1" in arrays else "–"
