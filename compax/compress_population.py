@@ -67,13 +67,13 @@ def sweep_validation_accuracy(model, variables, dataset: Dataset, levels, exclud
     x = normalize(dataset.val.images, dataset.mean, dataset.std)
     labels = jnp.asarray(dataset.val.labels)
 
-    def member_sweep(v):
+    def member_sweep(v, x, labels):  # the images as arguments: no constants folded by XLA
         def accuracy(params):
             return batched_accuracy(lambda xb: model.apply({**v, "params": params}, xb, train=False),
                                     x, labels, batch_size)
         return sparsity_sweep(v["params"], levels, accuracy, exclude=exclude, batch_size=1)
 
-    return to_host(chunked_vmap(member_sweep, chunk, num_member_args=1)(variables))
+    return to_host(chunked_vmap(member_sweep, chunk, num_member_args=1)(variables, x, labels))
 
 
 def search_sparsity(config: ml_collections.ConfigDict, model, variables, dataset: Dataset,

@@ -249,9 +249,10 @@ def population_gradients(model, x, labels, kernels: bool):
 
 
 @pytest.mark.parametrize("name,width,classes,eligible,members", [
-    ("lenet5", 1.0, 43, 2, 1),  # a population chunk of one member, still vmapped
+    pytest.param("lenet5", 1.0, 43, 2, 1, marks=pytest.mark.slow),  # a chunk of one member, vmapped
     ("lenet5", 1.0, 43, 2, 2),  # two members: each kernel call takes both
-    ("squeezenet", 1 / 32, 10, 26, 2),  # every layer fits (at most 16 channels)
+    pytest.param("squeezenet", 1 / 32, 10, 26, 2,  # every layer fits (at most 16 channels)
+                 marks=pytest.mark.slow),
     ("squeezenet", 0.25, 43, 6, 1),  # conv1, fire1, fire2's expands; the wider layers on XLA
 ])
 def test_vmapped_models_with_kernels_equal_xla(name, width, classes, eligible, members):
