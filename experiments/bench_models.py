@@ -31,7 +31,7 @@ from absl import app, flags
 
 # experiments/ is the script's directory. bench_train defines --batch_size (128), --steps and
 # --repeats (3), used here too, with 10 steps per round by default.
-from bench_train import _BATCH, _REPEATS, _STEPS, interleaved_seconds_per_step
+from bench_train import _BATCH, _REPEATS, _STEPS, compax_runner, interleaved_seconds_per_step
 
 flags.FLAGS.set_default("steps", 10)
 _MODELS = flags.DEFINE_list("models", None, "Models to time (default: every registered one).")
@@ -72,7 +72,8 @@ def gemm_gflops(repeats: int) -> dict:
 
 def compax_runners(name: str, width: float, classes: int, images, labels, batch: int):
     """(train run(n), inference run(n)) of compax's model, each warmed up (compiled); with the
-    kernels of `compax.kernels` as they are enabled when this is called."""
+    kernels of `compax.kernels` as they are enabled when this is called. Training is
+    `bench_train.compax_runner` with one member."""
     import jax
     import jax.numpy as jnp
     import ml_collections
@@ -80,29 +81,13 @@ def compax_runners(name: str, width: float, classes: int, images, labels, batch:
     from compax.kernels import cpu_convolutions
     from compax.models import get_model
     from compax.train import init_population, make_optimizer
-    from compax.train.population import AUGMENT, DATA, DROPOUT, member_keys, variables_of
-    from compax.train.steps import epoch_order, make_train_step
+    from compax.train.population import variables_of
 
-    model = get_model(name, classes, width)
-    tx = make_optimizer(ml_collections.ConfigDict({"learning_rate": 1e-3}))
-    seeds = jnp.arange(1)
-    state = init_population(model, tx, seeds)
     mean, std = np.full(3, 127.5, np.float32), np.full(3, 64.0, np.float32)
-    step_fn = make_train_step(model, tx, mean, std, augment=False, chunk=1)
-    num_steps = len(images) // batch
-    order = epoch_order(member_keys(seeds, DATA), jnp.int32(1), len(images), num_steps, batch)
-    device_images, device_labels = jnp.asarray(images), jnp.asarray(labels)
-    keys = member_keys(seeds, AUGMENT), member_keys(seeds, DROPOUT)
-
-    def train(n):
-        nonlocal state
-        for i in range(n):
-            params, batch_stats, opt_state, loss, _ = step_fn(
-                state.params, state.batch_stats, state.opt_state, order, *keys, device_images,
-                device_labels, jnp.int32(1), jnp.int32(i % num_steps))
-            state = state.replace(params=params, batch_stats=batch_stats, opt_state=opt_state)
-        jax.block_until_ready(loss)
-
+    train = compax_runner(1, 1, images, labels, mean, std, batch, name, width, classes)
+    model = get_model(name, classes, width)
+    state = init_population(model, make_optimizer(ml_collections.ConfigDict({"learning_rate": 1e-3})),
+                            jnp.arange(1))
     variables = jax.tree.map(lambda a: a[0], variables_of(state.params, state.batch_stats))
     x = jnp.asarray((images[:batch].astype(np.float32) - mean) / std)
 
@@ -116,7 +101,6 @@ def compax_runners(name: str, width: float, classes: int, images, labels, batch:
             logits = predict(variables, x)
         jax.block_until_ready(logits)
 
-    train(2)
     infer(2)
     return train, infer
 

@@ -51,9 +51,11 @@ def _timed(fn, *args) -> float:
     return time.perf_counter() - start
 
 
-def compax_runner(population: int, chunk: int, images, labels, mean, std, batch: int):
-    """`run(n)`: n compax train steps of `population` members, `chunk` of them vmapped together
-    (0: automatic), compiled (by a warm-up call) before it is returned."""
+def compax_runner(population: int, chunk: int, images, labels, mean, std, batch: int,
+                  model_name: str = "lenet5", width: float = 1.0, classes: int = 43):
+    """`run(n)`: n compax train steps of `population` members of `model_name` (at `width`, with
+    `classes` outputs), `chunk` of them vmapped together (0: automatic), compiled (by a warm-up
+    call) before it is returned."""
     import jax
     import jax.numpy as jnp
     import ml_collections
@@ -64,7 +66,7 @@ def compax_runner(population: int, chunk: int, images, labels, mean, std, batch:
     from compax.train.population import AUGMENT, DATA, DROPOUT, member_keys
     from compax.train.steps import epoch_order, make_train_step
 
-    model = get_model("lenet5", 43)
+    model = get_model(model_name, classes, width)
     tx = make_optimizer(ml_collections.ConfigDict({"learning_rate": 1e-3}))
     seeds = jnp.arange(population)
     state = init_population(model, tx, seeds)
