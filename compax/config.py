@@ -131,7 +131,9 @@ def hooker_config(dataset: str, arg: str = "") -> ml_collections.ConfigDict:
     Level 0 is the baseline population (the CPU-sized `study_config`). Sparsity 0.3, 0.5, 0.7 and
     0.9 are reached by gradual magnitude pruning during training (Zhu & Gupta 2017, `gmp`), each
     level a population of its own, trained from scratch with seeds of its own (`seed_offset`: level
-    0.3 uses seeds 1000.., and so on) and analysed as an independent sample (Welch). Beside them the
+    0.3 uses seeds 1000.., and so on) and analysed as an independent sample (Welch); `gmp0` is the
+    same recipe with no pruning on seeds 5000..: a second uncompressed population, the floor of
+    the differences between independent populations. Beside them the
     post-training variants of the baseline members (one-shot global L1 at the searched level and at
     the same fixed levels, w8a8, w4a8, pruned+w8a8, float16, dynamic int8), analysed as paired
     samples (paired t, Wilcoxon, and Welch). Every analysis; saliency on 2,000 test images.
@@ -146,6 +148,11 @@ def hooker_config(dataset: str, arg: str = "") -> ml_collections.ConfigDict:
     c.population = members
     gradual = tuple(f"gmp{round(100 * s)}=gmp(final={s},seed_offset={1000 * (i + 1)})"
                     for i, s in enumerate(HOOKER_LEVELS))
+    # Level 0 of the gradual design: the same recipe without pruning, on seeds of its own. Against
+    # the baseline it is the floor of what two independent uncompressed populations differ in
+    # (impacted classes, CIEs, flips), the noise under every gmp level's figures.
+    floor = f"gmp0=gmp(final=0.0,seed_offset={1000 * (len(HOOKER_LEVELS) + 1)})"
+    gradual = (floor,) + gradual
     one_shot = tuple(f"sparsity_{round(100 * s)}" for s in HOOKER_LEVELS)
     c.compress.variants = gradual + ("pruned",) + one_shot + (
         "w8a8", "w4a8", "pruned_w8a8", "float16", "dynamic_int8")

@@ -265,7 +265,7 @@ def level_trends(directory, families: dict) -> str | None:
     families = {label: points for label, points in families.items() if len(points) >= 2}
     if not families:
         return None
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2), layout="constrained")
     for label, points in families.items():
         levels, impacted, cies = (np.asarray(column, float) for column in zip(*points, strict=True))
         axes[0].plot(levels, impacted, "o-", label=label)
