@@ -34,6 +34,10 @@ _TINY = flags.DEFINE_boolean("tiny", False, "Synthetic data, one epoch, 2 member
 _PAIRS = flags.DEFINE_list("pairs", [f"{d}_{m}" for m, d in TABLE1], "Pairs to run, dataset_model.")
 
 
+# Tiny mode's widths: the narrowest that keep every layer (ResNet-18 at 1/16: 4 to 32 channels).
+TINY_WIDTHS = {"lenet5": 0.25, "squeezenet": 0.125, "resnet18": 0.0625}
+
+
 def pair_config(dataset: str, model: str, size: str, members: int, tiny: bool):
     """The config of one pair: the study's config at `size` with `members` seeds (or tiny)."""
     c = study_config(dataset, model, size)
@@ -41,7 +45,8 @@ def pair_config(dataset: str, model: str, size: str, members: int, tiny: bool):
     c.progress = False
     if tiny:
         c.dataset = "synthetic_signs"
-        c.model_width = 0.25 if model == "lenet5" else 0.125
+        c.model_width = TINY_WIDTHS[model]
+        c.eval_batch_size = 250  # also the batch the inference cost is timed on
         c.max_epochs, c.patience = 1, 1
         c.population = 2
         c.compress.variants = TABLE1_VARIANTS
