@@ -76,19 +76,13 @@ def compax_runners(name: str, width: float, classes: int, images, labels, batch:
     `bench_train.compax_runner` with one member."""
     import jax
     import jax.numpy as jnp
-    import ml_collections
 
     from compax.kernels import cpu_convolutions
-    from compax.models import get_model
-    from compax.train import init_population, make_optimizer
-    from compax.train.population import variables_of
 
     mean, std = np.full(3, 127.5, np.float32), np.full(3, 64.0, np.float32)
     train = compax_runner(1, 1, images, labels, mean, std, batch, name, width, classes)
-    model = get_model(name, classes, width)
-    state = init_population(model, make_optimizer(ml_collections.ConfigDict({"learning_rate": 1e-3})),
-                            jnp.arange(1))
-    variables = jax.tree.map(lambda a: a[0], variables_of(state.params, state.batch_stats))
+    model = train.model
+    variables = jax.tree.map(lambda a: a[0], train.variables())
     x = jnp.asarray((images[:batch].astype(np.float32) - mean) / std)
 
     @jax.jit

@@ -55,7 +55,8 @@ def compax_runner(population: int, chunk: int, images, labels, mean, std, batch:
                   model_name: str = "lenet5", width: float = 1.0, classes: int = 43):
     """`run(n)`: n compax train steps of `population` members of `model_name` (at `width`, with
     `classes` outputs), `chunk` of them vmapped together (0: automatic), compiled (by a warm-up
-    call) before it is returned."""
+    call) before it is returned; `run.model` is the model and `run.variables()` the members'
+    variables as they are now."""
     import jax
     import jax.numpy as jnp
     import ml_collections
@@ -63,7 +64,7 @@ def compax_runner(population: int, chunk: int, images, labels, mean, std, batch:
     from compax.models import get_model
     from compax.population import population_chunk
     from compax.train import init_population, make_optimizer
-    from compax.train.population import AUGMENT, DATA, DROPOUT, member_keys
+    from compax.train.population import AUGMENT, DATA, DROPOUT, member_keys, variables_of
     from compax.train.steps import epoch_order, make_train_step
 
     model = get_model(model_name, classes, width)
@@ -87,6 +88,8 @@ def compax_runner(population: int, chunk: int, images, labels, mean, std, batch:
         jax.block_until_ready(loss)
 
     run(2)
+    run.model = model
+    run.variables = lambda: variables_of(state.params, state.batch_stats)  # the current members
     return run
 
 
