@@ -81,12 +81,14 @@ def random(key, *shapes):
     return [jax.random.normal(k, s) for k, s in zip(keys, shapes, strict=True)]
 
 
-# LeNet-5's two layers at the training batch, a padded 3x3 layer, more output channels than one
-# AVX-512 vector (two channel blocks), a 1x1 layer and rows narrower than a pixel block.
+# LeNet-5's two layers at the training batch, a CPU-sized ResNet-18's padded 3x3 layer, a padded
+# 3x3 layer, uneven pads with more output channels than one AVX-512 vector (two channel blocks), a
+# 1x1 layer and rows narrower than a pixel block.
 CASES = [((128, 32, 32, 3), (5, 5, 3, 6), "VALID"),
          ((128, 14, 14, 6), (5, 5, 6, 16), "VALID"),
+         ((128, 32, 32, 8), (3, 3, 8, 8), "SAME"),
          ((5, 9, 11, 5), (3, 3, 5, 13), ((1, 1), (1, 1))),
-         ((3, 9, 11, 2), (3, 3, 2, 24), ((2, 0), (1, 3))),
+         ((3, 9, 11, 2), (3, 3, 2, 24), ((2, 0), (0, 2))),
          ((2, 8, 8, 16), (1, 1, 16, 32), "VALID"),
          ((3, 6, 6, 3), (3, 3, 3, 7), "VALID")]
 
@@ -95,13 +97,10 @@ CASES = [((128, 32, 32, 3), (5, 5, 3, 6), "VALID"),
 def test_forward_and_gradients_equal_xla(x_shape, w_shape, padding):
     x, w = random(0, x_shape, w_shape)
     cotangent, = random(1, xla_conv(x, w, padding).shape)
-    pads = ((0, 0), (0, 0)) if padding == "VALID" else padding
-
-    def padded_kernel_conv(x, w, _):
-        return conv_cpu.conv2d_valid(jnp.pad(x, ((0, 0), *pads, (0, 0))), w)
-
+    pads = lax.padtype_to_pads(x_shape[1:3], w_shape[:2], (1, 1), padding) if isinstance(
+        padding, str) else padding
     expected = value_and_vjp(xla_conv, x, w, padding, cotangent)
-    result = value_and_vjp(padded_kernel_conv, x, w, padding, cotangent)
+    result = value_and_vjp(conv_cpu.conv2d, x, w, tuple(map(tuple, pads)), cotangent)
     for name, got, want in zip(("y", "dx", "dw"), result, expected, strict=True):
         np.testing.assert_allclose(got, want, atol=2e-6 * float(jnp.abs(want).max()), rtol=0,
                                    err_msg=name)
@@ -109,32 +108,45 @@ def test_forward_and_gradients_equal_xla(x_shape, w_shape, padding):
 
 def test_forward_equals_numpy_sums():
     x, w = random(2, (4, 32, 32, 3), (5, 5, 3, 6))
-    np.testing.assert_allclose(conv_cpu.conv2d_valid(x, w), numpy_conv(np.asarray(x), np.asarray(w)),
+    np.testing.assert_allclose(conv_cpu.conv2d(x, w), numpy_conv(np.asarray(x), np.asarray(w)),
                                atol=1e-5, rtol=1e-5)
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(batch=st.integers(1, 5), height=st.integers(1, 12), width=st.integers(1, 12),
        kh=st.integers(1, 5), kw=st.integers(1, 5), cin=st.integers(1, 16), cout=st.integers(1, 40),
-       seed=st.integers(0, 2**16))
-def test_any_valid_shape_equals_numpy(batch, height, width, kh, kw, cin, cout, seed):
-    """Forward and weight gradient on arbitrary small shapes (every tail of the vector blocks)."""
+       pads=st.lists(st.integers(0, 4), min_size=4, max_size=4), seed=st.integers(0, 2**16))
+def test_any_shape_and_padding_equals_numpy(batch, height, width, kh, kw, cin, cout, pads, seed):
+    """Forward, input and weight gradients on arbitrary small shapes and pads up to the kernel's
+    size - 1 (every tail of the vector blocks, every border), against sums over the zero-padded
+    image in float64."""
     kh, kw = min(kh, height), min(kw, width)
+    top, bottom, left, right = (min(p, k - 1) for p, k in zip(pads, (kh, kh, kw, kw), strict=True))
+    padding = ((top, bottom), (left, right))
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((batch, height, width, cin), dtype=np.float32)
     w = rng.standard_normal((kh, kw, cin, cout), dtype=np.float32)
-    y, vjp = jax.vjp(conv_cpu.conv2d_valid, jnp.asarray(x), jnp.asarray(w))
-    np.testing.assert_allclose(y, numpy_conv(x, w), atol=1e-4, rtol=1e-4)
+    y, vjp = jax.vjp(lambda x, w: conv_cpu.conv2d(x, w, padding), jnp.asarray(x), jnp.asarray(w))
+    x_padded = np.pad(x, ((0, 0), *padding, (0, 0))).astype(np.float64)
+    np.testing.assert_allclose(y, numpy_conv(x_padded, w), atol=1e-4, rtol=1e-4)
     g = rng.standard_normal(y.shape, dtype=np.float32)
-    dw = np.einsum("bpqo,bpqijc->ijco", g.astype(np.float64), np.stack(
-        [np.stack([x[:, i:i + y.shape[1], j:j + y.shape[2]] for j in range(kw)], 3)
-         for i in range(kh)], 3))
-    np.testing.assert_allclose(vjp(jnp.asarray(g))[1], dw, atol=1e-4, rtol=1e-4)
+    windows = np.stack([np.stack([x_padded[:, i:i + y.shape[1], j:j + y.shape[2]]
+                                  for j in range(kw)], 3) for i in range(kh)], 3)  # (B,P,Q,KH,KW,C)
+    dw = np.einsum("bpqo,bpqijc->ijco", g, windows)
+    dx_padded = np.einsum("bpqo,ijco->bpqijc", g, w.astype(np.float64))
+    expected_dx = np.zeros_like(x_padded)
+    for i in range(kh):
+        for j in range(kw):
+            expected_dx[:, i:i + y.shape[1], j:j + y.shape[2]] += dx_padded[:, :, :, i, j]
+    expected_dx = expected_dx[:, top:top + height, left:left + width]
+    dx, dw_got = vjp(jnp.asarray(g))
+    np.testing.assert_allclose(dw_got, dw, atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(dx, expected_dx, atol=1e-4, rtol=1e-4)
 
 
 def test_results_are_bitwise_repeatable():
     x, w = random(3, (128, 14, 14, 6), (5, 5, 6, 16))
-    grad = jax.jit(jax.grad(lambda w: jnp.sum(conv_cpu.conv2d_valid(x, w) ** 2)))
+    grad = jax.jit(jax.grad(lambda w: jnp.sum(conv_cpu.conv2d(x, w) ** 2)))
     first = np.asarray(grad(w))
     for _ in range(5):
         np.testing.assert_array_equal(grad(w), first)
@@ -142,9 +154,9 @@ def test_results_are_bitwise_repeatable():
 
 def test_vmap_over_members_equals_each_member():
     x, w = random(4, (3, 8, 12, 12, 3), (3, 5, 5, 3, 6))
-    stacked = jax.vmap(conv_cpu.conv2d_valid)(x, w)
+    stacked = jax.vmap(conv_cpu.conv2d)(x, w)
     for m in range(3):
-        np.testing.assert_array_equal(stacked[m], conv_cpu.conv2d_valid(x[m], w[m]))
+        np.testing.assert_array_equal(stacked[m], conv_cpu.conv2d(x[m], w[m]))
 
 
 @pytest.mark.parametrize("x_shape,w_shape", [((128, 32, 32, 3), (5, 5, 3, 6)),  # LeNet-5's conv1
@@ -156,10 +168,10 @@ def test_vmapped_kernels_equal_vmapped_xla(x_shape, w_shape):
     members = 3
     x, w = random(11, (members, *x_shape), (members, *w_shape))
     cotangent, = random(12, (members, *xla_conv(x[0], w[0], "VALID").shape))
-    vmapped = jax.jit(jax.vmap(conv_cpu.conv2d_valid))
+    vmapped = jax.jit(jax.vmap(conv_cpu.conv2d))
 
     def forward_and_gradients(x, w):
-        y, vjp = jax.vjp(jax.vmap(conv_cpu.conv2d_valid), x, w)
+        y, vjp = jax.vjp(jax.vmap(conv_cpu.conv2d), x, w)
         return y, *vjp(cotangent)
 
     assert kernel_calls(forward_and_gradients, x, w) == 3  # forward, input and weight gradients
@@ -171,7 +183,7 @@ def test_vmapped_kernels_equal_vmapped_xla(x_shape, w_shape):
             np.testing.assert_allclose(got[m], want[m], atol=2e-6 * float(jnp.abs(want[m]).max()),
                                        rtol=0, err_msg=f"{name} of member {m}")
     for m in range(members):
-        alone = value_and_vjp(lambda x, w, _: conv_cpu.conv2d_valid(x, w), x[m], w[m], None,
+        alone = value_and_vjp(lambda x, w, _: conv_cpu.conv2d(x, w), x[m], w[m], None,
                               cotangent[m])
         for name, got, want in zip(("y", "dx", "dw"), result, alone, strict=True):
             np.testing.assert_array_equal(got[m], want, err_msg=f"{name} of member {m}")
@@ -180,12 +192,12 @@ def test_vmapped_kernels_equal_vmapped_xla(x_shape, w_shape):
 def test_vmapped_kernels_broadcast_shared_images_and_nest():
     """Images shared by the members (in_axes None) and two nested vmaps (4 = 2 x 2 members)."""
     x, w = random(13, (4, 16, 14, 14, 6), (4, 5, 5, 6, 16))
-    shared = jax.jit(jax.vmap(conv_cpu.conv2d_valid, (None, 0)))(x[0], w)
+    shared = jax.jit(jax.vmap(conv_cpu.conv2d, (None, 0)))(x[0], w)
     assert_close(shared, jax.vmap(lambda w: xla_conv(x[0], w, "VALID"))(w))
-    nested = jax.jit(jax.vmap(jax.vmap(conv_cpu.conv2d_valid)))(x.reshape(2, 2, *x.shape[1:]),
+    nested = jax.jit(jax.vmap(jax.vmap(conv_cpu.conv2d)))(x.reshape(2, 2, *x.shape[1:]),
                                                                 w.reshape(2, 2, *w.shape[1:]))
     np.testing.assert_array_equal(nested.reshape(4, *nested.shape[2:]),
-                                  jax.jit(jax.vmap(conv_cpu.conv2d_valid))(x, w))
+                                  jax.jit(jax.vmap(conv_cpu.conv2d))(x, w))
 
 
 def test_only_eligible_convolutions_use_the_kernels():
@@ -194,6 +206,10 @@ def test_only_eligible_convolutions_use_the_kernels():
     assert kernel_calls(lambda x, w: kernel_conv(x, w, ((1, 1), (1, 1))), x, w) == 1
     assert kernel_calls(lambda x, w: kernel_conv(x, w, "SAME"), x, w) == 1
     assert kernel_calls(lambda x, w: kernel_conv(x, w, ((-1, 0), (0, 0))), x, w) == 0  # cropping
+    beyond = ((3, 0), (0, 4))  # more than the kernels' own k - 1: the rest is padded before
+    assert kernel_calls(lambda x, w: kernel_conv(x, w, beyond), x, w) == 1
+    assert_close(value_and_vjp(kernel_conv, x, w, beyond, jnp.ones((2, 17, 18, 8))),
+                 value_and_vjp(xla_conv, x, w, beyond, jnp.ones((2, 17, 18, 8))))
     assert_close(jax.jit(lambda x, w: kernel_conv(x, w, "SAME"))(x, w), xla_conv(x, w, "SAME"))
     with xla_only():
         assert kernel_calls(lambda x, w: kernel_conv(x, w, "VALID"), x, w) == 0

@@ -14,10 +14,11 @@ interpreter must see XLA's convolution primitive). Interception acts while a fun
 enter the context inside the function that is jitted (or decorate it), not around a call of an
 already compiled function.
 
-    y[b,p,q,o]     = sum_{i,j,c} x[b,p+i,q+j,c] w[i,j,c,o]          (after zero padding)
+    y[b,p,q,o]     = sum_{i,j,c} x[b,p+i,q+j,c] w[i,j,c,o]          (x zero-padded by the kernels)
     dL/dw[i,j,c,o] = sum_{b,p,q} g[b,p,q,o] x[b,p+i,q+j,c]
-    dL/dx          = the forward kernel on g zero-padded by k-1 (rows skipped), with w rotated by
-                     180 degrees and its channel axes swapped (XLA drops it for an input layer)
+    dL/dx          = the forward kernel on g zero-padded by k-1 less the forward's padding, with
+                     w rotated by 180 degrees and its channel axes swapped (XLA drops it for an
+                     input layer)
 
 Under `jax.vmap` (a population of members) each FFI call takes every member at once
 (`vmap_method="broadcast_all"`: operands gain the leading member axes, an operand shared by the
@@ -99,38 +100,47 @@ def _ffi(target: str, shape, *operands, **attributes):
                             vmap_method="broadcast_all")(*operands, **attributes)
 
 
-def _forward(x, kernel, pad_rows=(0, 0)):
-    """VALID stride-1 convolution of x (B, H, W, C), with pad_rows zero rows above and below,
-    and kernel (KH, KW, C, O) on the kernel (which skips the zero rows)."""
+def _attributes(pads):
+    (top, bottom), (left, right) = pads
+    return dict(pad_top=np.int64(top), pad_bottom=np.int64(bottom), pad_left=np.int64(left),
+                pad_right=np.int64(right))
+
+
+def _forward(x, kernel, pads):
+    """Stride-1 convolution of x (B, H, W, C), zero-padded by pads ((top, bottom), (left, right))
+    inside the kernel, with kernel (KH, KW, C, O)."""
     b, h, w, _ = x.shape
     kh, kw, _, o = kernel.shape
-    top, bottom = pad_rows
-    return _ffi("forward", (b, h + top + bottom - kh + 1, w - kw + 1, o), x, kernel,
-                pad_top=np.int64(top), pad_bottom=np.int64(bottom))
+    (top, bottom), (left, right) = pads
+    return _ffi("forward", (b, h + top + bottom - kh + 1, w + left + right - kw + 1, o), x, kernel,
+                **_attributes(pads))
 
 
-@jax.custom_vjp
-def conv2d_valid(x, kernel):
-    """VALID, stride-1 convolution of x (B, H, W, C) with kernel (KH, KW, C, O), float32."""
-    return _forward(x, kernel)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def conv2d(x, kernel, pads=((0, 0), (0, 0))):
+    """Stride-1 convolution of x (B, H, W, C) with kernel (KH, KW, C, O), float32, x zero-padded by
+    pads ((top, bottom), (left, right)), each at most the kernel's size - 1 (default: VALID)."""
+    return _forward(x, kernel, pads)
 
 
-def _conv_forward(x, kernel):
-    return _forward(x, kernel), (x, kernel)
+def _conv_forward(x, kernel, pads):
+    return _forward(x, kernel, pads), (x, kernel)
 
 
-def _conv_backward(residuals, grad):
+def _conv_backward(pads, residuals, grad):
     x, kernel = residuals
-    dw = _ffi("weight_gradient", kernel.shape, x, kernel, grad)
+    dw = _ffi("weight_gradient", kernel.shape, x, kernel, grad, **_attributes(pads))
     kh, kw = kernel.shape[:2]
-    # The input gradient is a full convolution of the output gradient with the kernel rotated by
-    # 180 degrees and its channel axes swapped; XLA drops it where nothing needs it (an input layer).
-    g_padded = jnp.pad(grad, ((0, 0), (0, 0), (kw - 1, kw - 1), (0, 0)))
-    dx = _forward(g_padded, jnp.flip(jnp.swapaxes(kernel, 2, 3), (0, 1)), (kh - 1, kh - 1))
+    (top, bottom), (left, right) = pads
+    # The input gradient is a full convolution of the output gradient (padded by k - 1, less the
+    # forward's padding) with the kernel rotated by 180 degrees and its channel axes swapped; XLA
+    # drops it where nothing needs it (an input layer).
+    dx = _forward(grad, jnp.flip(jnp.swapaxes(kernel, 2, 3), (0, 1)),
+                  ((kh - 1 - top, kh - 1 - bottom), (kw - 1 - left, kw - 1 - right)))
     return dx, dw
 
 
-conv2d_valid.defvjp(_conv_forward, _conv_backward)
+conv2d.defvjp(_conv_forward, _conv_backward)
 
 
 def _explicit_padding(lhs, rhs, window_strides, padding):
@@ -170,8 +180,14 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
                         feature_group_count, batch_group_count)
     if (pads is not None and strides == (1, 1) and lhs.shape[-1] <= MAX_CHANNELS
             and rhs.shape[-1] <= MAX_CHANNELS and load()):
-        (top, bottom), (left, right) = pads
-        return conv2d_valid(jnp.pad(lhs, ((0, 0), (top, bottom), (left, right), (0, 0))), rhs)
+        # Pads up to the kernel's size - 1 are the kernels' own; larger ones are padded here.
+        sizes = rhs.shape[:2]
+        inner = tuple(tuple(min(p, k - 1) for p in pair) for pair, k in zip(pads, sizes, strict=True))
+        outer = tuple(tuple(p - q for p, q in zip(pair, kept, strict=True))
+                      for pair, kept in zip(pads, inner, strict=True))
+        if outer != ((0, 0), (0, 0)):
+            lhs = jnp.pad(lhs, ((0, 0), *outer, (0, 0)))
+        return conv2d(lhs, rhs, inner)
     if (pads is not None and conv_onednn.enabled() and conv_onednn.wins(lhs.shape, rhs.shape, strides, pads)
             and conv_onednn.load()):
         return conv_onednn.conv2d(lhs, rhs, strides, pads)
