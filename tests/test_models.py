@@ -8,7 +8,7 @@ import pytest
 
 from compax.errors import UserError
 from compax.models import MODELS, count_params, get_model, init_variables
-from compax.models.layers import max_pool_2x2
+from compax.models.layers import TrainingBatchNorm, batch_norm, max_pool_2x2
 
 
 def param_count(name, classes, width=1.0):
@@ -107,3 +107,88 @@ def test_max_pool_gradient_equals_torch_max_pool2d():
     (pooled * torch.tensor(upstream.transpose(0, 3, 1, 2))).sum().backward()
     grad = jax.grad(lambda a: jnp.sum(max_pool_2x2(a) * upstream))(jnp.asarray(x))
     np.testing.assert_array_equal(np.asarray(grad).transpose(0, 3, 1, 2), x_torch.grad.numpy())
+
+
+def batch_norm_step(module, variables, x, upstream):
+    """y, the updated running statistics, and the gradients (x, scale, bias) of a loss that also
+    reads the updated statistics (so the moments' gradient paths are checked too)."""
+    def loss(x, params):
+        y, updated = module.apply({"params": params, "batch_stats": variables["batch_stats"]}, x,
+                                  mutable=["batch_stats"])
+        stats = updated["batch_stats"]
+        return jnp.sum(y * upstream) + jnp.sum(stats["mean"] * 3.0 - stats["var"] * 5.0), (y, stats)
+    (_, (y, stats)), grads = jax.value_and_grad(loss, (0, 1), has_aux=True)(x, variables["params"])
+    return y, stats, grads
+
+
+@pytest.mark.parametrize("shape", [(128, 32, 32, 8), (7, 5, 3, 64), (32, 84)])
+def test_training_batch_norm_equals_flax_batch_norm(shape):
+    """The hand-written gradient against XLA's autodiff of flax's BatchNorm, on a ResNet-18 x0.125
+    map, odd sizes with 64 channels and a dense layer's output, from a non-trivial state."""
+    keys = jax.random.split(jax.random.key(0), 6)
+    x = 3.0 * jax.random.normal(keys[0], shape) + 1.5
+    upstream = jax.random.normal(keys[1], shape)
+    channels = shape[-1]
+    variables = {"params": {"scale": 1 + 0.3 * jax.random.normal(keys[2], (channels,)),
+                            "bias": jax.random.normal(keys[3], (channels,))},
+                 "batch_stats": {"mean": jax.random.normal(keys[4], (channels,)),
+                                 "var": jnp.exp(jax.random.normal(keys[5], (channels,)))}}
+    ours = batch_norm_step(batch_norm(train=True), variables, x, upstream)
+    flax_bn = nn.BatchNorm(use_running_average=False, momentum=0.9, epsilon=1e-5)
+    theirs = batch_norm_step(flax_bn, variables, x, upstream)
+    for got, want in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs), strict=True):
+        np.testing.assert_allclose(got, want, rtol=0, atol=2e-5 * float(jnp.abs(want).max()))
+    assert isinstance(batch_norm(train=True), nn.BatchNorm)  # folding and shrinking find it
+    init = batch_norm(train=True).init(jax.random.key(1), x)
+    assert jax.tree.map(jnp.shape, init) == jax.tree.map(jnp.shape, flax_bn.init(jax.random.key(1), x))
+    np.testing.assert_array_equal(init["batch_stats"]["var"], 1.0)  # not updated by init
+
+
+def test_training_batch_norm_under_vmap_equals_each_member():
+    x = jax.random.normal(jax.random.key(2), (3, 16, 6, 6, 5))
+    variables = jax.vmap(lambda x: batch_norm(train=True).init(jax.random.key(0), x))(x)
+    upstream = jax.random.normal(jax.random.key(3), x.shape[1:])
+    stacked = jax.vmap(lambda v, x: batch_norm_step(batch_norm(train=True), v, x, upstream))(
+        variables, x)
+    for m in range(3):
+        alone = batch_norm_step(batch_norm(train=True), jax.tree.map(lambda a, m=m: a[m], variables),
+                                x[m], upstream)
+        for got, want in zip(jax.tree.leaves(stacked), jax.tree.leaves(alone), strict=True):
+            np.testing.assert_allclose(got[m], want, rtol=0, atol=1e-5 * float(jnp.abs(want).max()))
+
+
+def test_training_batch_norm_refuses_what_it_does_not_do():
+    x = jnp.ones((4, 3, 3, 2))
+    with pytest.raises(ValueError, match="use nn.BatchNorm"):
+        TrainingBatchNorm(use_running_average=False, axis=1).init(jax.random.key(0), x)
+    with pytest.raises(ValueError, match="use nn.BatchNorm"):
+        TrainingBatchNorm(use_running_average=False, use_bias=False).init(jax.random.key(0), x)
+
+
+@pytest.mark.torch
+def test_training_batch_norm_equals_torch():
+    """Forward and gradients against PyTorch's training-mode batch_norm on a ResNet-18 map."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(3)
+    x = (2 * rng.standard_normal((16, 8, 8, 32)) + 1).astype(np.float32)
+    upstream = rng.standard_normal(x.shape).astype(np.float32)
+    scale = (1 + 0.2 * rng.standard_normal(32)).astype(np.float32)
+    bias = rng.standard_normal(32).astype(np.float32)
+    variables = {"params": {"scale": jnp.asarray(scale), "bias": jnp.asarray(bias)},
+                 "batch_stats": {"mean": jnp.zeros(32), "var": jnp.ones(32)}}
+
+    def loss(x, params):
+        y, _ = batch_norm(train=True).apply({"params": params,
+                                              "batch_stats": variables["batch_stats"]}, x,
+                                             mutable=["batch_stats"])
+        return jnp.sum(y * upstream), y
+    (_, y), (dx, dparams) = jax.value_and_grad(loss, (0, 1), has_aux=True)(
+        jnp.asarray(x), variables["params"])
+    tx, tw, tb = (torch.tensor(a, requires_grad=True) for a in (x.transpose(0, 3, 1, 2), scale, bias))
+    ty = torch.nn.functional.batch_norm(tx, torch.zeros(32), torch.ones(32), tw, tb, training=True,
+                                        momentum=0.1, eps=1e-5)
+    (ty * torch.tensor(upstream.transpose(0, 3, 1, 2))).sum().backward()
+    np.testing.assert_allclose(y, ty.detach().numpy().transpose(0, 2, 3, 1), atol=2e-5, rtol=0)
+    np.testing.assert_allclose(dx, tx.grad.numpy().transpose(0, 2, 3, 1), atol=2e-5, rtol=0)
+    np.testing.assert_allclose(dparams["scale"], tw.grad.numpy(), atol=2e-4, rtol=1e-5)
+    np.testing.assert_allclose(dparams["bias"], tb.grad.numpy(), atol=2e-4, rtol=1e-5)
