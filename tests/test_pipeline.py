@@ -195,6 +195,21 @@ def test_every_config_file_loads_and_passes_validation(path):
     validate_config(module.get_config())
 
 
+def test_hooker_config_takes_members_and_the_gradual_epochs():
+    from compax.config import hooker_config
+    from compax.validate import validate_config
+    config = hooker_config("cifar10", "members=10,gmp_epochs=60")
+    validate_config(config)
+    assert config.population == 10
+    gradual = [v for v in config.compress.variants if v.startswith("gmp")]
+    assert len(gradual) == 5 and all(v.endswith(f",epochs=60,patience={config.patience})")
+                                     for v in gradual)
+    assert not any("epochs" in v for v in hooker_config("cifar10", "members=4").compress.variants)
+    for bad in ("members=1", "gmp_epochs=x", "width=2", "members=10;gmp_epochs=60"):
+        with pytest.raises(ValueError, match="unknown config argument"):
+            hooker_config("gtsrb", bad)
+
+
 def test_configs_choose_the_paper_size_on_accelerators_and_the_cpu_size_on_the_cpu(monkeypatch, caplog):
     import jax
 
