@@ -181,10 +181,9 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
     if (pads is not None and strides == (1, 1) and lhs.shape[-1] <= MAX_CHANNELS
             and rhs.shape[-1] <= MAX_CHANNELS and load()):
         # Pads up to the kernel's size - 1 are the kernels' own; larger ones are padded here.
-        sizes = rhs.shape[:2]
-        inner = tuple(tuple(min(p, k - 1) for p in pair) for pair, k in zip(pads, sizes, strict=True))
-        outer = tuple(tuple(p - q for p, q in zip(pair, kept, strict=True))
-                      for pair, kept in zip(pads, inner, strict=True))
+        (kh, kw), ((top, bottom), (left, right)) = rhs.shape[:2], pads
+        inner = ((min(top, kh - 1), min(bottom, kh - 1)), (min(left, kw - 1), min(right, kw - 1)))
+        outer = tuple((a - i, b - j) for (a, b), (i, j) in zip(pads, inner, strict=True))
         if outer != ((0, 0), (0, 0)):
             lhs = jnp.pad(lhs, ((0, 0), *outer, (0, 0)))
         return conv2d(lhs, rhs, inner)
