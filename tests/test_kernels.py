@@ -23,12 +23,17 @@ from compax.analysis.gradcam import grad_cam
 from compax.analysis.saliency import saliency_maps
 from compax.analysis.taps import cpu_convolutions_for
 from compax.compress import Compressed
-from compax.kernels import conv_cpu, conv_onednn, cpu_convolutions
+from compax.kernels import build, conv_cpu, conv_onednn, cpu_convolutions
 from compax.models import get_model, init_variables
 
 NHWC = ("NHWC", "HWIO", "NHWC")
 
-pytestmark = pytest.mark.skipif(not conv_cpu.load(), reason="no C++ compiler: the kernels are off")
+pytestmark = pytest.mark.skipif(build.compiler() is None, reason="no C++ compiler: the kernels are off")
+
+
+def test_the_kernels_build_where_a_compiler_is_installed():
+    """A compile error must fail here, not turn every kernel test into a test of XLA's fallback."""
+    assert conv_cpu.load(), "conv_cpu.cc did not compile: see the warning above"
 
 
 def xla_conv(x, w, padding):

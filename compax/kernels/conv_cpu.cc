@@ -25,6 +25,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <utility>
 #include <vector>
 
 #include "image_ranges.h"
@@ -318,27 +319,29 @@ ffi::Error ConvWeightGradientImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   return ffi::Error::Success();
 }
 
+// The four pads every handler takes after its buffers, as attributes of the custom call.
+template <typename Binding>
+auto WithPads(Binding binding) {
+  return std::move(binding)
+      .template Attr<int64_t>("pad_top")
+      .template Attr<int64_t>("pad_bottom")
+      .template Attr<int64_t>("pad_left")
+      .template Attr<int64_t>("pad_right");
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CompaxConvForward, ConvForwardImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("pad_top")
-                                  .Attr<int64_t>("pad_bottom")
-                                  .Attr<int64_t>("pad_left")
-                                  .Attr<int64_t>("pad_right"));
+                              WithPads(ffi::Ffi::Bind()
+                                           .Ctx<ffi::ThreadPool>()
+                                           .Arg<ffi::Buffer<ffi::F32>>()
+                                           .Arg<ffi::Buffer<ffi::F32>>()
+                                           .Ret<ffi::Buffer<ffi::F32>>()));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CompaxConvWeightGradient, ConvWeightGradientImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("pad_top")
-                                  .Attr<int64_t>("pad_bottom")
-                                  .Attr<int64_t>("pad_left")
-                                  .Attr<int64_t>("pad_right"));
+                              WithPads(ffi::Ffi::Bind()
+                                           .Ctx<ffi::ThreadPool>()
+                                           .Arg<ffi::Buffer<ffi::F32>>()
+                                           .Arg<ffi::Buffer<ffi::F32>>()
+                                           .Arg<ffi::Buffer<ffi::F32>>()
+                                           .Ret<ffi::Buffer<ffi::F32>>()));
