@@ -76,6 +76,7 @@ def base_config() -> ml_collections.ConfigDict:
 CPU_SIZED = {
     "lenet5": (1.0, 60, 10),
     "squeezenet": (0.25, 15, 5),
+    "squeezenet_torchvision": (0.25, 15, 5),
     "resnet18": (0.125, 8, 4),
     "vgg6": (0.25, 15, 5),
 }

@@ -1,5 +1,7 @@
 """Models: output shapes, parameter counts against the study's figures, BatchNorm, the registry."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -192,3 +194,42 @@ def test_training_batch_norm_equals_torch():
     np.testing.assert_allclose(dx, tx.grad.numpy().transpose(0, 2, 3, 1), atol=2e-5, rtol=0)
     np.testing.assert_allclose(dparams["scale"], tw.grad.numpy(), atol=2e-4, rtol=1e-5)
     np.testing.assert_allclose(dparams["bias"], tb.grad.numpy(), atol=2e-4, rtol=1e-5)
+
+
+def torch_twins_module():
+    """experiments/torch_twins.py: the PyTorch twins bench_models times compax against."""
+    import importlib.util
+    import pathlib
+    path = pathlib.Path(__file__).parents[1] / "experiments" / "torch_twins.py"
+    spec = importlib.util.spec_from_file_location("torch_twins", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("name", ["squeezenet", "squeezenet_torchvision"])
+def test_squeezenet_heads_equal_their_pytorch_twins(name):
+    """Both heads, with the same weights, against their PyTorch twins: the default's class
+    maps are linear (logits can be negative), torchvision's are rectified before the pool."""
+    torch = pytest.importorskip("torch")
+    model = get_model(name, 10, 0.25)
+    params = init_variables(model, jax.random.key(0))["params"]
+    # Larger classifier weights than the N(0, 0.01) init, so that some class maps are negative.
+    params["classifier"]["kernel"] = params["classifier"]["kernel"] * 100
+    twin = torch_twins_module().torch_model(name, 0.25, 10).eval()
+    layers = [("conv1",)] + [(f"fire{i}", part) for i in range(1, 9)
+                             for part in ("squeeze", "expand1x1", "expand3x3")] + [("classifier",)]
+    convs = [m for m in twin.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == len(layers)
+    with torch.no_grad():
+        for conv, path in zip(convs, layers, strict=True):
+            leaf = functools.reduce(lambda tree, key: tree[key], path, params)
+            conv.weight.copy_(torch.from_numpy(np.asarray(leaf["kernel"]).transpose(3, 2, 0, 1)))
+            conv.bias.copy_(torch.from_numpy(np.asarray(leaf["bias"])))
+    x = np.random.default_rng(0).standard_normal((4, 32, 32, 3)).astype(np.float32)
+    got = np.asarray(model.apply({"params": params}, jnp.asarray(x)))
+    with torch.no_grad():
+        want = twin(torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    assert (got < 0).any() == (name == "squeezenet")

@@ -5,6 +5,8 @@ their running statistics in the `batch_stats` collection, and SqueezeNet needs a
 stream when `train=True`.
 """
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -16,7 +18,8 @@ from compax.models.resnet import ResNet18
 from compax.models.squeezenet import SqueezeNet
 from compax.models.vgg import VGG6
 
-MODELS = {"lenet5": LeNet5, "squeezenet": SqueezeNet, "resnet18": ResNet18, "vgg6": VGG6}
+MODELS = {"lenet5": LeNet5, "squeezenet": SqueezeNet, "resnet18": ResNet18, "vgg6": VGG6,
+          "squeezenet_torchvision": functools.partial(SqueezeNet, classifier_relu=True)}
 INPUT_SHAPE = (32, 32, 3)
 
 

@@ -41,6 +41,7 @@ HEAD_LAYERS = {
     "lenet5": ("fc1", "fc2", "fc3"),
     "resnet18": ("fc",),
     "squeezenet": ("classifier",),
+    "squeezenet_torchvision": ("classifier",),
     "vgg6": ("fc1", "fc2", "fc3"),
 }
 
