@@ -9,6 +9,7 @@ from ml_collections import config_dict
 
 from compax import methods  # noqa: F401  (registers the analyses, whose settings are keys here)
 from compax.analyses import ANALYSES
+from compax.models import cpu_size
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -70,16 +71,6 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
-# Per model, the CPU-sized setting: (width, max_epochs, patience). LeNet-5 is small enough to
-# train at full width on the full datasets; the larger models are narrowed to finish in minutes.
-# A model not listed trains at full width with LeNet-5's schedule.
-CPU_SIZED = {
-    "lenet5": (1.0, 60, 10),
-    "squeezenet": (0.25, 15, 5),
-    "squeezenet_torchvision": (0.25, 15, 5),
-    "resnet18": (0.125, 8, 4),
-    "vgg6": (0.25, 15, 5),
-}
 SIZES = ("auto", "cpu", "paper")
 
 
@@ -106,7 +97,7 @@ def study_config(dataset: str, model: str, size: str = "auto") -> ml_collections
 
     `paper`: the study's setting (full width, Adam, early stopping with patience 40, CIFAR-10
     augmented by random flips and 4-px-pad random crops). `cpu`: the same data and procedure with
-    the model narrowed and the patience shortened (`CPU_SIZED`) so that a run fits on 2 CPU cores.
+    the model narrowed and the patience shortened (the model's `cpu_size`) so that a run fits on 2 CPU cores.
     `auto`: `paper` on an accelerator, `cpu` on the CPU (`chosen_size`).
     """
     size = chosen_size(size)
@@ -118,7 +109,7 @@ def study_config(dataset: str, model: str, size: str = "auto") -> ml_collections
         c.max_epochs = 500
         c.patience = 40
     else:
-        c.model_width, c.max_epochs, c.patience = CPU_SIZED.get(model, CPU_SIZED["lenet5"])
+        c.model_width, c.max_epochs, c.patience = cpu_size(model)
     return c
 
 

@@ -4,7 +4,7 @@ python experiments/bench_models.py [--models=lenet5,resnet18] [--widths=cpu,1.0]
                                    [--batch_size=128] [--steps=10] [--repeats=3] [--classes=10]
                                    [--torch_threads=0]
 
-For each model (`compax.models.MODELS`) at each width (`cpu`: its `compax.config.CPU_SIZED` width,
+For each model (`compax.models.MODELS`) at each width (`cpu`: its class's `cpu_size` width,
 or a number) five runners are timed, interleaved round by round (`bench_train.
 interleaved_seconds_per_step`), the fastest round counting: compax's train step (`make_train_step`:
 Adam, cross-entropy, batch `batch_size`, the CPU convolution kernels of `compax.kernels`), the same
@@ -37,7 +37,7 @@ from torch_twins import torch_model
 flags.FLAGS.set_default("steps", 10)
 _MODELS = flags.DEFINE_list("models", None, "Models to time (default: every registered one).")
 _WIDTHS = flags.DEFINE_list("widths", ["cpu", "1.0"],
-                            "Widths: 'cpu' (the model's CPU_SIZED width) or multipliers.")
+                            "Widths: 'cpu' (the model's cpu_size width) or multipliers.")
 _CLASSES = flags.DEFINE_integer("classes", 10, "Output classes of every model.")
 _QUICK = flags.DEFINE_bool("quick", False, "2 steps, 1 round: proves the script runs, times roughly.")
 _TORCH_THREADS = flags.DEFINE_integer(
@@ -153,8 +153,7 @@ def torch_runners(name: str, width: float, classes: int, images, labels, batch: 
 
 
 def model_widths(models, widths) -> list[tuple[str, float]]:
-    from compax.config import CPU_SIZED
-    from compax.models import MODELS
+    from compax.models import MODELS, cpu_size
 
     unknown = sorted(set(models) - set(MODELS))
     if unknown:
@@ -162,7 +161,7 @@ def model_widths(models, widths) -> list[tuple[str, float]]:
     pairs = []
     for name in models:
         for width in widths:
-            value = CPU_SIZED.get(name, CPU_SIZED["lenet5"])[0] if width == "cpu" else float(width)
+            value = cpu_size(name)[0] if width == "cpu" else float(width)
             if (name, value) not in pairs:
                 pairs.append((name, value))
     return pairs

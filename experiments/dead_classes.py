@@ -80,14 +80,7 @@ def torch_run(name: str, dataset) -> list[dict]:
     from torch_twins import torch_model  # experiments/ is the script's directory
 
     torch.manual_seed(0)
-    model = torch_model(name, _WIDTH.value, dataset.num_classes)
-    for module in model.modules():
-        if isinstance(module, torch.nn.Conv2d):
-            if module.out_channels == dataset.num_classes:
-                torch.nn.init.normal_(module.weight, 0.0, 0.01)
-            else:
-                torch.nn.init.kaiming_uniform_(module.weight)
-            torch.nn.init.zeros_(module.bias)
+    model = torch_model(name, _WIDTH.value, dataset.num_classes, torchvision_init=True)
     optimizer = torch.optim.Adam(model.parameters(), lr=_LR.value)
     mean = torch.tensor(dataset.mean).view(1, 3, 1, 1)
     std = torch.tensor(dataset.std).view(1, 3, 1, 1)

@@ -3,10 +3,15 @@ compax against (imported from the scripts' directory; tests/test_models.py check
 twins against the flax model with the same weights)."""
 
 
-def torch_model(name: str, width: float, classes: int):
-    """compax.models' architecture `name` at `width` in PyTorch (NCHW), PyTorch's initialisation."""
+def torch_model(name: str, width: float, classes: int, torchvision_init: bool = False):
+    """compax.models' architecture `name` at `width` in PyTorch (NCHW), PyTorch's layer
+    initialisation; for SqueezeNet `torchvision_init` gives torchvision's (and compax's) instead:
+    Kaiming-uniform convolutions (a=0), the classifier N(0, 0.01), zero biases."""
     import torch
     from torch import nn
+
+    if torchvision_init and name not in ("squeezenet", "squeezenet_torchvision"):
+        raise ValueError(f"torchvision_init is SqueezeNet's, not {name!r}'s")
 
     from compax.models.layers import scaled
     from compax.models.resnet import STAGES
@@ -52,9 +57,18 @@ def torch_model(name: str, width: float, classes: int):
             layers.append(Fire(cin, scaled(squeeze, width), scaled(expand, width)))
             cin = 2 * scaled(expand, width)
             layers += [nn.MaxPool2d(2)] if i in POOL_AFTER else []
+        classifier = nn.Conv2d(cin, classes, 1)
+        if torchvision_init:
+            for module in nn.Sequential(*layers).modules():
+                if isinstance(module, nn.Conv2d):
+                    nn.init.kaiming_uniform_(module.weight)
+                    nn.init.zeros_(module.bias)
+            nn.init.normal_(classifier.weight, 0.0, 0.01)
+            nn.init.zeros_(classifier.bias)
         head = [nn.ReLU()] if name == "squeezenet_torchvision" else []
-        return nn.Sequential(*layers, nn.Dropout(0.5), nn.Conv2d(cin, classes, 1), *head,
-                             nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        return nn.Sequential(*layers, nn.Dropout(0.5), classifier, *head, nn.AdaptiveAvgPool2d(1),
+                             nn.Flatten())
+
     if name == "resnet18":
         class BasicBlock(nn.Module):
             def __init__(self, cin, cout, stride):

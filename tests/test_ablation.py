@@ -1,6 +1,7 @@
 """Layer ablation: the dropped blocks and head shapes of every model, exact transfer of the frozen
 body (parameters and BatchNorm statistics), the retrained head, accuracy, and population semantics."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,10 +11,10 @@ import pytest
 from compax.compress import apply_compressed, compress
 from compax.data import normalize
 from compax.errors import UserError
-from compax.models import get_model, init_variables
+from compax.models import get_model, init_variables, model_class
 from compax.models.layers import scaled
 from compax.population import model_apply, take_members
-from compax.train.ablation import HEAD_LAYERS, _EvalModeModel, ablate, ablated_model, transfer_body
+from compax.train.ablation import _EvalModeModel, ablate, ablated_model, head_layers, transfer_body
 from compax.train.population import INIT, member_keys
 from compax.train.steps import epoch_order, make_train_step
 from tests.helpers import tiny_dataset
@@ -64,7 +65,8 @@ ABLATIONS = {
 @pytest.mark.parametrize("name", sorted(ABLATIONS))
 def test_ablated_model_drops_the_last_block_and_keeps_every_other_layer(name):
     width, dropped, (first_head, head_inputs) = ABLATIONS[name]
-    full, ablated = get_model(name, 7, width), ablated_model(name, 7, width)
+    full = get_model(name, 7, width)
+    ablated = ablated_model(full)
     assert not full.drop_last_block and ablated.drop_last_block
     full_shapes = layer_shapes(jax.eval_shape(lambda: init_variables(full, jax.random.key(0))))
     ablated_vars = jax.eval_shape(lambda: init_variables(ablated, jax.random.key(0)))
@@ -72,7 +74,7 @@ def test_ablated_model_drops_the_last_block_and_keeps_every_other_layer(name):
     top = {key.split("/")[0] for _, key in full_shapes}
     assert top - {key.split("/")[0] for _, key in ablated_shapes} == set(dropped)
     for (collection, key), shape in ablated_shapes.items():
-        if key.split("/")[0] not in HEAD_LAYERS[name]:
+        if key.split("/")[0] not in head_layers(full):
             assert full_shapes[collection, key] == shape, key  # the body transfers one to one
     kernel = ablated_vars["params"][first_head]["kernel"].shape
     assert int(np.prod(kernel[:-1])) == head_inputs
@@ -80,11 +82,21 @@ def test_ablated_model_drops_the_last_block_and_keeps_every_other_layer(name):
     assert logits.shape == (3, 7)
 
 
+def test_a_registered_variant_keeps_its_own_head():
+    # squeezenet_torchvision is SqueezeNet with its class maps rectified: the ablated model keeps
+    # the ReLU, and shares SqueezeNet's head layers and CPU size.
+    torchvision = get_model("squeezenet_torchvision", 7, 0.25)
+    ablated = ablated_model(torchvision)
+    assert ablated.classifier_relu and ablated.drop_last_block and ablated.width == 0.25
+    assert head_layers(ablated) == head_layers(get_model("squeezenet", 7)) == ("classifier",)
+    assert model_class("squeezenet_torchvision") is model_class("squeezenet")
+
+
 @pytest.fixture(scope="module")
 def lenet_ablation():
     dataset = tiny_dataset()
     trained = random_population(get_model("lenet5", dataset.num_classes), members=2, seed=0)
-    model, variables, _ = ablate("lenet5", dataset.num_classes, 1.0, trained, dataset, epochs=3,
+    model, variables, _ = ablate(get_model("lenet5", dataset.num_classes, 1.0), trained, dataset, epochs=3,
                                  batch_size=32, learning_rate=3e-3, seed=5, chunk=1)
     return dataset, trained, model, variables
 
@@ -116,24 +128,25 @@ def test_lenet_ablation_learns_the_tiny_dataset_and_works_as_a_variant(lenet_abl
 def test_a_member_is_the_ablation_of_its_own_seed(lenet_ablation):
     dataset, trained, _, variables = lenet_ablation
     # Members in reverse order from seed 4: trained member 0 is now member 1, with seed 4 + 1 = 5 as before.
-    _, reversed_run, _ = ablate("lenet5", dataset.num_classes, 1.0, take_members(trained, np.array([1, 0])),
-                             dataset, epochs=3, batch_size=32, learning_rate=3e-3, seed=4, chunk=1)
+    _, reversed_run, _ = ablate(get_model("lenet5", dataset.num_classes, 1.0),
+                                take_members(trained, np.array([1, 0])), dataset, epochs=3,
+                                batch_size=32, learning_rate=3e-3, seed=4, chunk=1)
     for got, want in zip(jax.tree.leaves(take_members(reversed_run, 1)),
                          jax.tree.leaves(take_members(variables, 0)), strict=True):
         np.testing.assert_array_equal(got, want)
 
 
 def test_vgg_body_transfers_with_its_batchnorm_statistics():
-    model = ablated_model("vgg6", 4, 0.25)
+    model = ablated_model(get_model("vgg6", 4, 0.25))
     trained = random_population(get_model("vgg6", 4, 0.25), members=2, seed=1)
     initial = random_population(model, members=2, seed=2)
-    variables = transfer_body(trained, initial, HEAD_LAYERS["vgg6"])
+    variables = transfer_body(trained, initial, head_layers(model))
     batchnorms = {f"bn{i}" for i in range(1, 6)}
     assert set(variables["params"]) == {f"conv{i}" for i in range(1, 6)} | batchnorms | {"fc1", "fc2", "fc3"}
     assert set(variables["batch_stats"]) == batchnorms
     for (collection, key), _ in layer_shapes(variables).items():
         layer, leaf = key.split("/")
-        source = initial if layer in HEAD_LAYERS["vgg6"] else trained
+        source = initial if layer in head_layers(model) else trained
         assert variables[collection][layer][leaf] is source[collection][layer][leaf]
 
 
@@ -141,7 +154,7 @@ def test_head_training_runs_the_frozen_batchnorms_in_evaluation_mode():
     # The training loss of a step is the cross-entropy of the model in evaluation mode (running
     # statistics), and the BatchNorm statistics are not updated.
     dataset = tiny_dataset(per_class=16)
-    model = ablated_model("vgg6", dataset.num_classes, 0.25)
+    model = ablated_model(get_model("vgg6", dataset.num_classes, 0.25))
     variables = random_population(model, members=1, seed=3)
     tx = optax.adam(1e-3)
     step = make_train_step(_EvalModeModel(model), tx, dataset.mean, dataset.std, False, chunk=1)
@@ -163,12 +176,12 @@ def test_head_training_runs_the_frozen_batchnorms_in_evaluation_mode():
 def test_vgg_ablation_keeps_its_batchnorm_body_and_trains_its_head():
     dataset = tiny_dataset(per_class=16)
     trained = random_population(get_model("vgg6", dataset.num_classes, 0.25), members=1, seed=1)
-    model, variables, _ = ablate("vgg6", dataset.num_classes, 0.25, trained, dataset, epochs=1, batch_size=16,
-                              learning_rate=1e-3, seed=0, chunk=1)
+    model, variables, _ = ablate(get_model("vgg6", dataset.num_classes, 0.25), trained, dataset, epochs=1,
+                                 batch_size=16, learning_rate=1e-3, seed=0, chunk=1)
     for collection in ("params", "batch_stats"):
         for layer, leaves in variables[collection].items():
             for leaf, value in leaves.items():
-                if layer in HEAD_LAYERS["vgg6"]:
+                if layer in head_layers(model):
                     continue
                 np.testing.assert_array_equal(bits(value), bits(trained[collection][layer][leaf]))
     assert "conv6" not in variables["params"] and "bn6" not in variables["batch_stats"]
@@ -181,15 +194,17 @@ def test_vgg_ablation_keeps_its_batchnorm_body_and_trains_its_head():
 
 def test_bad_inputs_are_user_errors():
     dataset = tiny_dataset(per_class=8)
-    model = ablated_model("lenet5", dataset.num_classes, 1.0)
+    model = ablated_model(get_model("lenet5", dataset.num_classes, 1.0))
     keys = jax.random.split(jax.random.key(0), 2)
     ablated = jax.eval_shape(jax.vmap(lambda k: init_variables(model, k)), keys)
     narrow = random_population(get_model("lenet5", dataset.num_classes, 0.5), members=2, seed=0)
     with pytest.raises(UserError, match="no layer 'conv1'"):
-        transfer_body(narrow, ablated, HEAD_LAYERS["lenet5"])
+        transfer_body(narrow, ablated, head_layers(model))
     single = take_members(random_population(get_model("lenet5", dataset.num_classes), 1, seed=0), 0)
     with pytest.raises(UserError, match="leading member axis"):
-        transfer_body(single, ablated, HEAD_LAYERS["lenet5"])
+        transfer_body(single, ablated, head_layers(model))
+    with pytest.raises(UserError, match="head_layers"):
+        head_layers(nn.Dense(3))  # a class that does not name its head
     with pytest.raises(UserError, match="epochs must be >= 1"):
-        ablate("lenet5", dataset.num_classes, 0.5, narrow, dataset, epochs=0, batch_size=8,
+        ablate(get_model("lenet5", dataset.num_classes, 0.5), narrow, dataset, epochs=0, batch_size=8,
                learning_rate=1e-3, seed=0, chunk=1)

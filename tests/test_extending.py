@@ -1,8 +1,9 @@
-"""Extending compax by adding code, not by editing it: a new compression step and a new analysis,
+"""Extending compax by adding code, not by editing it: a new model, compression step and analysis,
 defined in this file alone, run through launch.py and reach results.json and the report.
 
 The config file that launch.py reads is Python: it imports this module, whose decorators register
-the step and the analysis, before it builds the config (`base_config` adds the analysis's settings).
+the step and the analysis, registers the model in `MODELS`, then builds the config (`base_config`
+adds the analysis's settings; `study_config` takes the model's CPU size).
 """
 
 import dataclasses
@@ -12,6 +13,7 @@ import subprocess
 import sys
 from typing import ClassVar
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,9 +22,29 @@ import pytest
 from compax.analyses import Analysis, register_analysis
 from compax.compress.registry import STEPS, MemberStep, register_step, variant_recipes
 from compax.compress.variants import Compressed
+from compax.data import synthetic_signs
 from compax.errors import UserError
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+class ToyNet(nn.Module):
+    """A toy CNN: conv3x3(8)-ReLU-maxpool2, conv3x3(16)-ReLU-maxpool2 (the last block), dense."""
+
+    cpu_size: ClassVar[tuple[float, int, int]] = (1.0, 2, 1)  # width, max_epochs, patience
+    head_layers: ClassVar[tuple[str, ...]] = ("head",)
+    num_classes: int
+    width: float = 1.0
+    drop_last_block: bool = False
+
+    @nn.compact
+    def __call__(self, x, train=False):
+        del train
+        blocks = (8,) if self.drop_last_block else (8, 16)
+        for i, channels in enumerate(blocks):
+            x = nn.relu(nn.Conv(max(1, round(channels * self.width)), (3, 3), name=f"conv{i + 1}")(x))
+            x = nn.max_pool(x, (2, 2), (2, 2))
+        return nn.Dense(self.num_classes, name="head")(x.reshape(x.shape[0], -1))
 
 
 @register_step
@@ -73,25 +95,27 @@ class ToyLogitNorm(Analysis):
 CONFIG = '''
 from tests import test_extending  # registers the toy step and analysis
 
-from compax.config import base_config
+from compax.config import study_config
+from compax.models import MODELS
+
+MODELS.setdefault("toynet", test_extending.ToyNet)
 
 
 def get_config():
-    c = base_config()
+    c = study_config("synthetic_signs", "toynet", "cpu")  # ToyNet's cpu_size: 2 epochs
     c.population = 2
-    c.max_epochs = 2
     c.progress = False
     c.compress.sparsity_step = 0.1
     c.compress.calibration_images = 64
     c.compress.variants = ("w8a8", "toy=toy_sign(keep_first=True)",
-                           "toy_p50=l1_global(amount=0.5)+toy_sign()")
+                           "toy_p50=l1_global(amount=0.5)+toy_sign()", "ablated")
     c.analysis.analyses = "classes,toy_logit_norm"
     c.analysis.toy_logit_power = 1.0
     return c
 '''
 
 
-def test_a_step_and_an_analysis_defined_here_run_through_launch(tmp_path):
+def test_a_model_a_step_and_an_analysis_defined_here_run_through_launch(tmp_path):
     config = tmp_path / "toy_config.py"
     config.write_text(CONFIG)
     workdir = tmp_path / "run"
@@ -108,7 +132,14 @@ def test_a_step_and_an_analysis_defined_here_run_through_launch(tmp_path):
         v = results["variants"][name]
         assert v["toy_logit_norm"] > 0 and np.isfinite(v["toy_logit_norm_ratio"])
         assert "disagreement" in v  # the registered analyses ran too
-    assert json.loads((workdir / "config.json").read_text())["analysis"]["toy_logit_power"] == 1.0
+    config = json.loads((workdir / "config.json").read_text())
+    assert config["analysis"]["toy_logit_power"] == 1.0
+    assert config["model"] == "toynet" and config["max_epochs"] == 2 and config["patience"] == 1
+    # ToyNet without its last block: conv2 is gone, the head reads 16x16x8 maps instead of 8x8x16
+    base, ablated = results["variants"]["baseline"], results["variants"]["ablated"]
+    classes = len(synthetic_signs.CLASSES)
+    assert ablated["recipe"] == "ablate(epochs=5)" and ablated["macs"] < base["macs"]
+    assert ablated["params"] == base["params"] - (3 * 3 * 8 * 16 + 16) + (16 * 16 * 8 - 8 * 8 * 16) * classes
     summary = (workdir / "report" / "summary.md").read_text()
     assert "Toy logit norms" in summary and "toy norm ratio" in summary
 

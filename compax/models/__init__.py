@@ -1,8 +1,10 @@
 """The study's models as pure flax modules, NHWC, registered by name.
 
-Every model is called as `model.apply(variables, images, train=...)`; models with BatchNorm keep
-their running statistics in the `batch_stats` collection, and SqueezeNet needs a `dropout` PRNG
-stream when `train=True`.
+A new model is one file and one entry in `MODELS`: a flax module taking `num_classes`, `width` and
+`drop_last_block` (layer ablation), with two class attributes, `cpu_size` (its CPU-sized setting)
+and `head_layers` (the layers after its last conv block). Every model is called as
+`model.apply(variables, images, train=...)`; models with BatchNorm keep their running statistics in
+the `batch_stats` collection, and SqueezeNet needs a `dropout` PRNG stream when `train=True`.
 """
 
 import functools
@@ -30,6 +32,21 @@ def get_model(name: str, num_classes: int, width: float = 1.0) -> nn.Module:
     if not width > 0:
         raise UserError(f"model width must be > 0, got {width}: set --config.model_width")
     return MODELS[name](num_classes=num_classes, width=width)
+
+
+def model_class(name: str) -> type[nn.Module]:
+    """The flax class of the registered model `name` (a `functools.partial` registration, such as
+    `squeezenet_torchvision`, shares its class's `cpu_size` and `head_layers`)."""
+    if name not in MODELS:
+        raise UserError(f"unknown model {name!r}: choose one of {', '.join(sorted(MODELS))}")
+    factory = MODELS[name]
+    return factory.func if isinstance(factory, functools.partial) else factory
+
+
+def cpu_size(name: str) -> tuple[float, int, int]:
+    """(width, max_epochs, patience) of the registered model `name` in the CPU-sized setting: its
+    class's `cpu_size`, or full width, at most 60 epochs and patience 10 where it names none."""
+    return getattr(model_class(name), "cpu_size", (1.0, 60, 10))
 
 
 def init_variables(model: nn.Module, key: jax.Array) -> dict:

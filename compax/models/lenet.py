@@ -6,6 +6,8 @@ pooling, as in the PyTorch tutorials the study follows). The feature map is flat
 (C, H, W) order, PyTorch's order, so that weights port one-to-one to and from `torch.nn.Linear`.
 """
 
+from typing import ClassVar
+
 import flax.linen as nn
 import jax.numpy as jnp
 
@@ -14,6 +16,11 @@ from compax.models.layers import Conv, Dense, max_pool_2x2, scaled
 
 class LeNet5(nn.Module):
     """LeNet-5 classifier for NHWC 32x32 images; `width` scales every layer."""
+
+    # The CPU-sized setting (`compax.config.study_config`): (width, max_epochs, patience).
+    cpu_size: ClassVar[tuple[float, int, int]] = (1.0, 60, 10)
+    # The layers after the last conv block, which layer ablation re-initialises and trains.
+    head_layers: ClassVar[tuple[str, ...]] = ("fc1", "fc2", "fc3")
 
     num_classes: int
     width: float = 1.0

@@ -6,6 +6,8 @@ shortcuts where the shape changes, global average pooling and a linear classifie
 convolution is followed by BatchNorm and has no bias. About 11.2M parameters.
 """
 
+from typing import ClassVar
+
 import flax.linen as nn
 import jax.numpy as jnp
 
@@ -34,6 +36,11 @@ class BasicBlock(nn.Module):
 
 class ResNet18(nn.Module):
     """ResNet-18 for 32x32 NHWC images; `width` scales every convolution."""
+
+    # The CPU-sized setting (`compax.config.study_config`): (width, max_epochs, patience).
+    cpu_size: ClassVar[tuple[float, int, int]] = (0.125, 8, 4)
+    # The layers after the last conv block, which layer ablation re-initialises and trains.
+    head_layers: ClassVar[tuple[str, ...]] = ("fc",)
 
     num_classes: int
     width: float = 1.0

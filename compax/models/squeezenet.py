@@ -22,6 +22,7 @@ the 18 ReLU layers and the network never leaves the majority class.
 """
 
 import functools
+from typing import ClassVar
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -51,6 +52,11 @@ class Fire(nn.Module):
 
 class SqueezeNet(nn.Module):
     """SqueezeNet 1.1 for 32x32 NHWC images; `width` scales every convolution."""
+
+    # The CPU-sized setting (`compax.config.study_config`): (width, max_epochs, patience).
+    cpu_size: ClassVar[tuple[float, int, int]] = (0.25, 15, 5)
+    # The layers after the last conv block, which layer ablation re-initialises and trains.
+    head_layers: ClassVar[tuple[str, ...]] = ("classifier",)
 
     num_classes: int
     width: float = 1.0

@@ -5,6 +5,8 @@ pool after every second one, then FC 2048 -> 1024 -> 512 -> classes with ReLU be
 inputs the last feature map is 4x4x128 = 2048 values. About 2.9M parameters.
 """
 
+from typing import ClassVar
+
 import flax.linen as nn
 import jax.numpy as jnp
 
@@ -16,6 +18,11 @@ HIDDEN = (1024, 512)
 
 class VGG6(nn.Module):
     """VGG-6 for 32x32 NHWC images; `width` scales every convolution and hidden layer."""
+
+    # The CPU-sized setting (`compax.config.study_config`): (width, max_epochs, patience).
+    cpu_size: ClassVar[tuple[float, int, int]] = (0.25, 15, 5)
+    # The layers after the last conv block, which layer ablation re-initialises and trains.
+    head_layers: ClassVar[tuple[str, ...]] = ("fc1", "fc2", "fc3")
 
     num_classes: int
     width: float = 1.0

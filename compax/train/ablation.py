@@ -1,12 +1,13 @@
 """Layer ablation (Zee, Lakshmana and Nwogu): drop the last conv block, freeze the rest, retrain the head.
 
 The ablated model is the trained model built with `drop_last_block=True` (LeNet-5 without conv2 and
-its pool, ResNet-18 without the stage layer4_*, SqueezeNet without fire8, VGG-6 without conv6 and its
-pool). Its layers keep their names, so every layer before the dropped block (the body) takes the
-trained weights unchanged and stays frozen, while the layers after it (the head, `HEAD_LAYERS`: the
-dense layers, SqueezeNet's 1x1 classifier convolution) are initialised afresh and trained with Adam on
-the softmax cross-entropy. The change in accuracy (and every other analysis of the variant) measures
-how much the dropped block contributed beyond what the head can recover from the earlier features.
+its pool, ResNet-18 without the stage layer4_*, SqueezeNet without fire8, VGG-6 without conv6 and
+its pool). Its layers keep their names, so every layer before the dropped block (the body) takes the
+trained weights unchanged and stays frozen, while the layers after it (the head, the model class's
+`head_layers`: the dense layers, SqueezeNet's 1x1 classifier convolution) are initialised afresh and
+trained with Adam on the softmax cross-entropy. The change in accuracy (and every other analysis of
+the variant) measures how much the dropped block contributed beyond what the head can recover from
+the earlier features.
 
 The head is trained with the whole model in evaluation mode: frozen BatchNorm layers normalise with
 their running statistics, in training exactly as at test time, and keep them; SqueezeNet's dropout
@@ -32,23 +33,24 @@ import optax
 from compax.compress.registry import Context, Step, Variant, register_step
 from compax.data import Dataset
 from compax.errors import UserError
-from compax.models import MODELS, get_model, init_variables
+from compax.models import init_variables
 from compax.train.population import init_population, variables_of
 from compax.train.retrain import Trainable, TrainingRun, train_population
 
-# The layers after the dropped block: re-initialised and trained.
-HEAD_LAYERS = {
-    "lenet5": ("fc1", "fc2", "fc3"),
-    "resnet18": ("fc",),
-    "squeezenet": ("classifier",),
-    "squeezenet_torchvision": ("classifier",),
-    "vgg6": ("fc1", "fc2", "fc3"),
-}
+
+def ablated_model(model: nn.Module) -> nn.Module:
+    """`model` (a registered model) without its last conv block (`drop_last_block=True`)."""
+    return model.clone(drop_last_block=True)
 
 
-def ablated_model(model_name: str, num_classes: int, width: float) -> nn.Module:
-    """The registered model without its last conv block (`drop_last_block=True`)."""
-    return get_model(model_name, num_classes, width).clone(drop_last_block=True)
+def head_layers(model: nn.Module) -> tuple[str, ...]:
+    """The layers after the dropped block, which the ablation re-initialises and trains: the model
+    class's `head_layers` (a UserError for a class that does not name them)."""
+    head = getattr(type(model), "head_layers", None)
+    if head is None:
+        raise UserError(f"ablate needs the head layers of {type(model).__name__}: give the class a"
+                        " `head_layers: ClassVar[tuple[str, ...]]` attribute (compax/models/)")
+    return head
 
 
 def transfer_body(trained: dict, ablated: dict, head: tuple[str, ...]) -> dict:
@@ -81,26 +83,27 @@ class _EvalModeModel(Trainable):
         return self.model.apply(variables, x, train=False), {}
 
 
-def ablate(model_name: str, num_classes: int, width: float, variables: dict, dataset: Dataset, *,
+def ablate(trained_model: nn.Module, variables: dict, dataset: Dataset, *,
            epochs: int, batch_size: int, learning_rate: float, seed: int, chunk: int,
            augment: bool = False, log_dir=None, checkpoint_dir=None) -> tuple[nn.Module, dict, dict]:
     """(ablated model, its variables, training info) of a trained population (Zee et al.'s layer
     ablation).
 
-    `variables` hold the trained population (`params`, `batch_stats` where the model has BatchNorm)
-    with a leading member axis. Member i's head is initialised and its batches drawn from seed
-    `seed + i` (the streams of `compax.train.population`); the head is trained with
-    optax.adam(learning_rate) on the mean softmax cross-entropy of `batch_size` shuffled training
-    images (augmented with random flips and crops if `augment`) for `epochs` epochs, and each member
-    keeps the head of its epoch with the lowest validation loss. `chunk` members are vmapped at a
-    time. The result works like any trained population, e.g. `compress("float32", model, member)`.
-    The training is `compax.train.retrain`'s: per-epoch losses go to TensorBoard event files in
-    `log_dir`, checkpoints to `checkpoint_dir` (None: nowhere); the info is its cost.
+    `variables` hold the population of `trained_model`, a registered model (`params`, `batch_stats`
+    where the model has BatchNorm), with a leading member axis. Member i's head is initialised and
+    its batches drawn from seed `seed + i` (the streams of `compax.train.population`); the head is
+    trained with optax.adam(learning_rate) on the mean softmax cross-entropy of `batch_size`
+    shuffled training images (augmented with random flips and crops if `augment`) for `epochs`
+    epochs, and each member keeps the head of its epoch with the lowest validation loss. `chunk`
+    members are vmapped at a time. The result works like any trained population, e.g.
+    `compress("float32", model, member)`. The training is `compax.train.retrain`'s: per-epoch
+    losses go to TensorBoard event files in `log_dir`, checkpoints to `checkpoint_dir` (None:
+    nowhere); the info is its cost.
     """
     if epochs < 1:
         raise UserError(f"ablation epochs must be >= 1, got {epochs}: set the epochs of the ablate step")
-    model = ablated_model(model_name, num_classes, width)
-    head = HEAD_LAYERS[model_name]
+    model = ablated_model(trained_model)
+    head = head_layers(model)
     seeds = jnp.arange(jax.tree.leaves(variables)[0].shape[0], dtype=jnp.int32) + seed
 
     def labels(params):
@@ -113,7 +116,7 @@ def ablate(model_name: str, num_classes: int, width: float, variables: dict, dat
     run = TrainingRun(dataset, batch_size, batch_size, seed, augment, chunk, log_dir, checkpoint_dir)
     trained = train_population(
         _EvalModeModel(model), tx, start["params"], start.get("batch_stats", {}), run, epochs=epochs,
-        patience=None, identity=f"ablate(epochs={epochs}) of {model_name}",
+        patience=None, identity=f"ablate(epochs={epochs}) of {type(model).__name__}",
         learning_rate_note=learning_rate, start_candidate=False)
     return model, variables_of(trained.params, trained.batch_stats), trained.info
 
@@ -135,21 +138,16 @@ class Ablate(Step):
         compressed, config = variant.compressed, ctx.config
         if compressed.qstate is not None or compressed.dtype != "float32":
             raise UserError("ablate retrains a float32 model: put it before quantize or cast")
-        model_name = type(variant.model).__name__
-        name = next((n for n, cls in MODELS.items() if cls.__name__ == model_name), None)
-        if name not in HEAD_LAYERS:
-            raise UserError(f"ablate knows the head layers of {', '.join(HEAD_LAYERS)}, not of"
-                            f" {model_name}: add it to HEAD_LAYERS in compax/train/ablation.py")
-        width, classes = variant.model.width, variant.model.num_classes
+        head_layers(variant.model)  # checked before any work
         info = dict(variant.info)
         if ctx.abstract:
-            model = ablated_model(name, classes, width)
+            model = ablated_model(variant.model)
             size = jax.tree.leaves(compressed.variables)[0].shape[0]
             keys = jax.random.split(jax.random.key(0), size)
             variables = jax.eval_shape(jax.vmap(lambda k: init_variables(model, k)), keys)
         else:
             model, variables, training = ablate(
-                name, classes, width, compressed.variables, ctx.dataset, epochs=self.epochs,
+                variant.model, compressed.variables, ctx.dataset, epochs=self.epochs,
                 batch_size=config.batch_size, learning_rate=config.learning_rate,
                 seed=config.seed, chunk=ctx.chunk, augment=config.augment, log_dir=ctx.step_log_dir,
                 checkpoint_dir=ctx.step_checkpoint_dir)
