@@ -1,6 +1,8 @@
-"""compax's w8a8 and w4a8 post-training quantization against PyTorch's (fbgemm) on a trained LeNet-5.
+"""compax's w8a8 and w4a8 post-training quantization against PyTorch's (fbgemm) on a trained
+LeNet-5 or SqueezeNet.
 
 python experiments/compare_torch_ptq.py --workdir=runs/gtsrb_lenet
+python experiments/compare_torch_ptq.py --workdir=runs/gtsrb_squeezenet_paper
 
 Restores the trained population of a finished `launch.py` run, quantizes member `--member` with
 compax and with `torch.ao.quantization` (eager static PTQ, fbgemm, per-channel weights,
@@ -27,7 +29,8 @@ from compax.train import fit
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from tests.torch_ref import compare_with_torch_ptq  # noqa: E402
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Workdir of a finished LeNet-5 run.", required=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Workdir of a finished LeNet-5 or SqueezeNet run.",
+                                required=True)
 _MEMBER = flags.DEFINE_integer("member", 0, "Population member to quantize.")
 
 

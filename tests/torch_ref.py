@@ -1,4 +1,5 @@
-"""compax's PTQ against PyTorch's on the same LeNet-5 weights (PyTorch is imported only here).
+"""compax's PTQ against PyTorch's on the same LeNet-5 or SqueezeNet weights (PyTorch is imported
+only here).
 
 The reference is what Schwaiger et al. (2022) ran: `torch.ao.quantization` eager-mode static PTQ with
 the fbgemm engine and `get_default_qconfig('fbgemm')` (HistogramObserver with reduce_range=True for
@@ -6,19 +7,24 @@ activations, PerChannelMinMaxObserver qint8 per_channel_symmetric for weights), 
 linear+relu fused, QuantStub / DeQuantStub around the network, calibrated on the same images in one
 batch (so that its histograms are exact, as compax's are) or batch by batch (compax's
 `histogram_batches` observer). Also `quantize_dynamic` (dynamic int8 Linear layers). Weights port
-one to one from `compax.models.LeNet5`: conv kernels HWIO -> OIHW, dense kernels (in, out) ->
-(out, in), the feature map flattened in (C, H, W) order by both.
+one to one from `compax.models.LeNet5` and `compax.models.SqueezeNet`: conv kernels HWIO -> OIHW,
+dense kernels (in, out) -> (out, in), LeNet-5's feature map flattened in (C, H, W) order by both.
+SqueezeNet's fire modules concatenate through `FloatFunctional.cat` (its own observer), as
+torchvision's quantizable models do with their adds and cats.
 """
 
 import contextlib
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from compax.compress.observers import affine_qparams, histogram_range
 from compax.compress.ptq import QuantConfig, ptq, quantized_apply
 from compax.errors import UserError
+from compax.models.lenet import LeNet5
+from compax.models.squeezenet import POOL_AFTER, SqueezeNet
 
 LENET_LAYERS = ("conv1", "conv2", "fc1", "fc2", "fc3")
 
@@ -61,6 +67,86 @@ def torch_lenet(params):
             return self.dequant(self.fc3(x))
 
     return LeNet5().eval()
+
+
+def _port_conv(kernel, bias):
+    import torch
+    from torch import nn
+
+    kernel = np.asarray(kernel, np.float32)
+    layer = nn.Conv2d(kernel.shape[2], kernel.shape[3], kernel.shape[:2],
+                      padding=(kernel.shape[0] - 1) // 2)
+    layer.weight.data = torch.from_numpy(np.ascontiguousarray(kernel.transpose(3, 2, 0, 1)))
+    layer.bias.data = torch.from_numpy(np.asarray(bias, np.float32))
+    return layer
+
+
+def torch_squeezenet(params, classifier_relu: bool = False):
+    """A float torch SqueezeNet holding `params` (a compax SqueezeNet's, any width, from the
+    shapes), eval mode, QuantStub/DeQuantStub around it, ready for eager-mode PTQ: each conv and
+    its ReLU are separate modules to fuse (`fuse_groups`), each fire's cat a FloatFunctional."""
+    import torch
+    from torch import nn
+    from torch.ao import quantization as tq
+
+    fires = sorted((name for name in params if name.startswith("fire")), key=lambda n: int(n[4:]))
+    if "conv1" not in params or "classifier" not in params or not fires:
+        raise UserError("params lack SqueezeNet layers: pass the variables of get_model('squeezenet', ...)")
+
+    class Fire(nn.Module):
+        def __init__(self, layers):
+            super().__init__()
+            for name in ("squeeze", "expand1x1", "expand3x3"):
+                setattr(self, name, _port_conv(layers[name]["kernel"], layers[name]["bias"]))
+                setattr(self, f"{name}_relu", nn.ReLU())
+            self.cat = torch.ao.nn.quantized.FloatFunctional()
+
+        def forward(self, x):
+            s = self.squeeze_relu(self.squeeze(x))
+            return self.cat.cat([self.expand1x1_relu(self.expand1x1(s)),
+                                 self.expand3x3_relu(self.expand3x3(s))], 1)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.quant, self.dequant = tq.QuantStub(), tq.DeQuantStub()
+            self.conv1, self.relu1 = _port_conv(params["conv1"]["kernel"], params["conv1"]["bias"]), nn.ReLU()
+            self.pool, self.fires = nn.MaxPool2d(2), nn.ModuleDict({f: Fire(params[f]) for f in fires})
+            self.classifier = _port_conv(params["classifier"]["kernel"], params["classifier"]["bias"])
+            self.classifier_relu = nn.ReLU() if classifier_relu else nn.Identity()
+            self.average = nn.AdaptiveAvgPool2d(1)
+
+        def forward(self, x):
+            x = self.pool(self.relu1(self.conv1(self.quant(x))))
+            for i, fire in enumerate(self.fires.values()):
+                x = fire(x)
+                x = self.pool(x) if i in POOL_AFTER else x
+            x = self.classifier_relu(self.classifier(x))
+            return self.dequant(torch.flatten(self.average(x), 1))
+
+    net = Net().eval()
+    net.fuse_groups = [["conv1", "relu1"]] + [
+        [f"fires.{f}.{name}", f"fires.{f}.{name}_relu"] for f in fires
+        for name in ("squeeze", "expand1x1", "expand3x3")] + (
+        [["classifier", "classifier_relu"]] if classifier_relu else [])
+    net.points = ["quant", "conv1"] + [f"fires.{f}.{name}" for f in fires
+                                       for name in ("squeeze", "expand1x1", "expand3x3", "cat")] + [
+        "classifier"]
+    return net
+
+
+def torch_quantizable(model, params):
+    """The torch twin of `model` (a LeNet5 or SqueezeNet) holding `params`, with `fuse_groups` (the
+    conv/linear + ReLU pairs to fuse) and `points` (the modules whose outputs PTQ quantizes, in
+    compax's order of quantization points)."""
+    if isinstance(model, LeNet5):
+        net = torch_lenet(params)
+        net.fuse_groups = [["conv1", "relu1"], ["conv2", "relu2"], ["fc1", "relu3"], ["fc2", "relu4"]]
+        net.points = ["quant", *LENET_LAYERS]
+        return net
+    if isinstance(model, SqueezeNet):
+        return torch_squeezenet(params, model.classifier_relu)
+    raise UserError(f"no quantizable PyTorch twin of {type(model).__name__}: LeNet5 or SqueezeNet")
 
 
 @contextlib.contextmanager
@@ -117,40 +203,47 @@ def torch_dynamic(params, images):
     return float_logits, logits
 
 
-def torch_ptq(params, calib_images, images, weight_bits: int = 8, calib_batch: int | None = None):
-    """PyTorch's fbgemm PTQ of LeNet-5 on NHWC float images (as compax takes them), calibrated on
-    `calib_images` in one batch or, with `calib_batch`, in batches of that many (a DataLoader).
+def _batched(net, images, batch: int = 1000):
+    import torch
+
+    return torch.cat([net(_nchw(images[i:i + batch])) for i in range(0, len(images), batch)]).numpy()
+
+
+def torch_ptq(model, params, calib_images, images, weight_bits: int = 8,
+              calib_batch: int | None = None):
+    """PyTorch's fbgemm PTQ of `model` (LeNet-5 or SqueezeNet, `torch_quantizable`) holding
+    `params`, on NHWC float images (as compax takes them), calibrated on `calib_images` in one batch
+    or, with `calib_batch`, in batches of that many (a DataLoader).
 
     Returns (float logits, int8 logits, {point: (scale, zero point)}, {point: (histogram, min,
-    max)} of its observers after calibration), points in order input, conv1, ..., fc3.
+    max)} of its observers after calibration), points in compax's order (input first).
     """
     import torch
     from torch.ao import quantization as tq
 
-    model = torch_lenet(params)
-    points = ("quant",) + LENET_LAYERS
+    net = torch_quantizable(model, params)
     with torch.no_grad(), _engine("fbgemm"):
-        float_logits = model(_nchw(images)).numpy()
-        model.qconfig = torch_qconfig(weight_bits)
-        tq.fuse_modules(model, [["conv1", "relu1"], ["conv2", "relu2"], ["fc1", "relu3"],
-                                ["fc2", "relu4"]], inplace=True)
-        prepared = tq.prepare(model)
+        float_logits = _batched(net, images)
+        net.qconfig = torch_qconfig(weight_bits)
+        tq.fuse_modules(net, net.fuse_groups, inplace=True)
+        prepared = tq.prepare(net)
         step = calib_batch or len(calib_images)
         for start in range(0, len(calib_images), step):
             prepared(_nchw(calib_images[start:start + step]))
-        observed = {name: tuple(getattr(getattr(prepared, name).activation_post_process, a).numpy()
-                                for a in ("histogram", "min_val", "max_val")) for name in points}
+        observed = {name: tuple(getattr(prepared.get_submodule(name).activation_post_process,
+                                        a).numpy() for a in ("histogram", "min_val", "max_val"))
+                    for name in net.points}
         quantized = tq.convert(prepared)
-        int8_logits = quantized(_nchw(images)).numpy()
-    qparams = {name: (float(getattr(quantized, name).scale), int(getattr(quantized, name).zero_point))
-               for name in points}
+        int8_logits = _batched(quantized, images)
+    qparams = {name: (float(quantized.get_submodule(name).scale),
+                      int(quantized.get_submodule(name).zero_point)) for name in net.points}
     return float_logits, int8_logits, qparams, observed
 
 
 def compare_with_torch_ptq(model, variables, calib_images, images, labels,
                            weight_bits: int = 8, calib_batch: int | None = None) -> dict:
     """Accuracy and agreement of compax's PTQ (w8a8, or w4a8 with weight_bits=4) and PyTorch's on
-    the same LeNet-5 weights, PyTorch calibrated in one batch (compax: the exact `histogram`
+    the same LeNet-5 or SqueezeNet weights, PyTorch calibrated in one batch (compax: the exact `histogram`
     observer) or in batches of `calib_batch` (compax: `histogram_batches` with that batch).
 
     Returns accuracies (float model, compax, torch), the share of images both predict alike, the
@@ -166,9 +259,11 @@ def compare_with_torch_ptq(model, variables, calib_images, images, labels,
                          observer="histogram_batches" if calib_batch else "histogram",
                          calibration_batch=calib_batch or 128)
     variables_q, qstate = ptq(model, variables, jnp.asarray(calib_images, jnp.float32), config)
-    ours = np.asarray(quantized_apply(model, variables_q, qstate, jnp.asarray(images, jnp.float32)))
-    float_logits, theirs, qparams, observed = torch_ptq(variables["params"], calib_images, images,
-                                                         weight_bits, calib_batch)
+    apply = jax.jit(quantized_apply, static_argnums=0)
+    ours = np.concatenate([np.asarray(apply(model, variables_q, qstate, jnp.asarray(images[i:i + 1000])))
+                           for i in range(0, len(images), 1000)])
+    float_logits, theirs, qparams, observed = torch_ptq(model, variables["params"], calib_images,
+                                                         images, weight_bits, calib_batch)
     scales = np.asarray(qstate.activation_scale, np.float64)
     torch_scales, torch_zero_points = map(np.asarray, zip(*qparams.values(), strict=True))
     from_their_histograms = [
