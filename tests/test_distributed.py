@@ -134,7 +134,12 @@ def _multi_host(workdir: pathlib.Path) -> dict:
 
 def _run(args: list[str], devices: int, extra_env: dict | None = None, **popen) -> subprocess.Popen:
     # Optimisation level 0: compiling takes a quarter of the time; every run compared uses it.
-    flags = f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0"
+    # The forced devices are threads of one process: on 2 loaded cores one of them can reach a
+    # collective more than XLA:CPU's default 40 s after the others (seen once in CI: "3 of 4
+    # arrived", the run aborted), so the rendezvous waits up to 10 minutes.
+    flags = (f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0"
+             " --xla_cpu_collective_timeout_seconds=600"
+             " --xla_cpu_collective_call_terminate_timeout_seconds=600")
     env = {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu", **(extra_env or {})}
     return subprocess.Popen([sys.executable, __file__, *args], cwd=ROOT, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen)
