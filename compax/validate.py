@@ -216,6 +216,14 @@ def _check_names(config: ml_collections.ConfigDict) -> None:
         raise unknown("compress.observer", observer, OBSERVERS)
     variants = lookup(config, "compress.variants")
     if variants is not MISSING:
-        variant_recipes(variants)
+        recipes = variant_recipes(variants)
+        if model is not MISSING:
+            from compax.models import get_model
+
+            width = lookup(config, "model_width")
+            instance = get_model(model, 10, 1.0 if width is MISSING else width)
+            for steps in recipes.values():
+                for step in steps:
+                    step.check(instance)
     if lookup(config, "analysis.analyses") is not MISSING:
         check_analyses(config.analysis)

@@ -208,3 +208,29 @@ def test_bad_inputs_are_user_errors():
     with pytest.raises(UserError, match="epochs must be >= 1"):
         ablate(get_model("lenet5", dataset.num_classes, 0.5), narrow, dataset, epochs=0, batch_size=8,
                learning_rate=1e-3, seed=0, chunk=1)
+
+
+class _Headless(nn.Module):
+    """A registered model that names no head layers."""
+
+    num_classes: int
+    width: float = 1.0
+
+    @nn.compact
+    def __call__(self, x, train=False):
+        return nn.Dense(self.num_classes)(x.reshape(x.shape[0], -1))
+
+
+def test_ablating_a_model_without_head_layers_is_refused_before_any_stage(monkeypatch):
+    from compax.config import base_config
+    from compax.models import MODELS
+    from compax.validate import validate_config
+
+    monkeypatch.setitem(MODELS, "headless", _Headless)
+    config = base_config()
+    config.model = "headless"
+    config.compress.variants = ("w8a8", "ablated")
+    with pytest.raises(UserError, match="head layers of _Headless"):
+        validate_config(config)
+    config.compress.variants = ("w8a8", "pruned")  # the other steps run on any model
+    validate_config(config)

@@ -119,6 +119,10 @@ class Step:
     def __call__(self, variant: Variant, ctx: Context) -> Variant:
         raise NotImplementedError
 
+    def check(self, model) -> None:
+        """Raises a UserError if the step cannot run on `model` (the run's flax model); called by
+        `compax.validate` before any stage runs. Most steps run on any model."""
+
     def describe(self) -> str:
         """The step as recipe text, with every setting."""
         settings = ",".join(f"{f.name}={getattr(self, f.name)}" for f in dataclasses.fields(self))

@@ -134,11 +134,13 @@ class Ablate(Step):
         if not isinstance(self.epochs, int) or self.epochs < 1:
             raise UserError(f"ablate: epochs must be an integer >= 1, got {self.epochs!r}")
 
+    def check(self, model) -> None:
+        head_layers(model)
+
     def __call__(self, variant: Variant, ctx: Context) -> Variant:
         compressed, config = variant.compressed, ctx.config
         if compressed.qstate is not None or compressed.dtype != "float32":
             raise UserError("ablate retrains a float32 model: put it before quantize or cast")
-        head_layers(variant.model)  # checked before any work
         info = dict(variant.info)
         if ctx.abstract:
             model = ablated_model(variant.model)
