@@ -32,7 +32,7 @@ from absl import app, flags
 # experiments/ is the script's directory. bench_train defines --batch_size (128), --steps and
 # --repeats (3), used here too, with 10 steps per round by default.
 from bench_train import _BATCH, _REPEATS, _STEPS, compax_runner, interleaved_seconds_per_step
-from torch_twins import torch_model
+from torch_twins import torch_runners
 
 flags.FLAGS.set_default("steps", 10)
 _MODELS = flags.DEFINE_list("models", None, "Models to time (default: every registered one).")
@@ -45,6 +45,8 @@ _TORCH_THREADS = flags.DEFINE_integer(
     "shared with other work, 1 avoids its OpenMP barriers waiting for preempted threads.")
 
 GEMM_SIZE = 2048
+# Both frameworks normalise the random images alike, (x / 255 - MEAN) / STD.
+MEAN, STD = np.full(3, 0.5, np.float32), np.full(3, 0.25, np.float32)
 
 
 def gemm_gflops(repeats: int) -> dict:
@@ -80,11 +82,10 @@ def compax_runners(name: str, width: float, classes: int, images, labels, batch:
 
     from compax.kernels import cpu_convolutions
 
-    mean, std = np.full(3, 127.5, np.float32), np.full(3, 64.0, np.float32)
-    train = compax_runner(1, 1, images, labels, mean, std, batch, name, width, classes)
+    train = compax_runner(1, 1, images, labels, MEAN, STD, batch, name, width, classes)
     model = train.model
     variables = jax.tree.map(lambda a: a[0], train.variables())
-    x = jnp.asarray((images[:batch].astype(np.float32) - mean) / std)
+    x = jnp.asarray((images[:batch].astype(np.float32) / 255 - MEAN) / STD)
 
     @jax.jit
     def predict(variables, x):
@@ -113,43 +114,6 @@ def forward_flops(name: str, width: float, classes: int, batch: int) -> float:
     compiled = jax.jit(lambda v, x: model.apply(v, x, train=False)).lower(variables, x).compile()
     analysis = compiled.cost_analysis()
     return (analysis[0] if isinstance(analysis, list) else analysis)["flops"] / batch
-
-
-def torch_runners(name: str, width: float, classes: int, images, labels, batch: int):
-    """(train run(n), inference run(n)) of the PyTorch twin, warmed up; None without torch."""
-    try:
-        import torch
-    except ImportError:
-        return None
-    torch.manual_seed(0)
-    model = torch_model(name, width, classes)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    images = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()  # NCHW uint8, as a loader
-    labels = torch.from_numpy(labels).long()
-    num_steps = len(images) // batch
-    order = torch.randperm(len(images))
-
-    def train(n):
-        model.train()
-        for i in range(n):
-            index = order[(i % num_steps) * batch:(i % num_steps + 1) * batch]
-            x = (images[index].float() - 127.5) / 64.0
-            loss = torch.nn.functional.cross_entropy(model(x), labels[index])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-
-    x = (images[:batch].float() - 127.5) / 64.0
-
-    def infer(n):
-        model.eval()
-        with torch.inference_mode():
-            for _ in range(n):
-                model(x)
-
-    train(2)
-    infer(2)
-    return train, infer
 
 
 def model_widths(models, widths) -> list[tuple[str, float]]:
@@ -205,7 +169,7 @@ def main(argv):
         runners = dict(zip((("compax", "train"), ("compax", "infer")), compax_runners(*data),
                            strict=True))
         runners["compax_xla_conv", "train"] = xla_train
-        twin = torch_runners(*data)
+        twin = torch_runners(name, width, classes, images, labels, MEAN, STD, batch)
         if twin is not None:
             runners.update(zip((("torch", "train"), ("torch", "infer")), twin, strict=True))
         seconds = interleaved_seconds_per_step(runners, dict.fromkeys(runners, steps), repeats)

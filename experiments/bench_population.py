@@ -13,7 +13,7 @@ machine hits all of them:
          one program, vmapped `CPU_MEMBER_GROUP` members at a time; on accelerators all members
          unless they do not fit in memory) and `steps_per_call(steps)` steps per call;
   loop   a Python loop over the members, each calling a single-member jit-compiled step;
-  torch  PyTorch's LeNet-5 of experiments/torch_lenet.py, one model (images/s), if installed:
+  torch  PyTorch's twin of the model (experiments/torch_twins.py), one model (images/s), if installed:
          the faster of one thread and one per core (torch_1, torch_all), as OpenMP's spinning
          threads on a loaded machine can make PyTorch's default 30x slower.
 The last line is one JSON object: speedup_vmap_vs_loop, speedup_auto_vs_loop (LeNet-5) and
@@ -27,7 +27,7 @@ import platform
 import time
 
 from absl import app, flags
-from torch_lenet import torch_runner  # experiments/ is the script's directory
+from torch_twins import torch_runners  # experiments/ is the script's directory
 
 _SIZES = flags.DEFINE_list("sizes", ["1", "4", "16", "32"], "Population sizes.")
 _BATCH = flags.DEFINE_integer("batch_size", 128, "Images per step and member.")
@@ -105,10 +105,9 @@ def population_rates(model_name: str, size: int, batch: int, steps: int, repeats
                         [np.array([i]) for i in range(size)]),
     }
     for name, threads in (("torch_1", 1), ("torch_all", os.cpu_count())):
-        torch_run = (torch_runner(images, labels, mean, std, batch, threads)
-                     if model_name == "lenet5" else None)
-        if torch_run is not None:
-            runners[name] = torch_run
+        twin = torch_runners(model_name, 1.0, num_classes, images, labels, mean, std, batch, threads)
+        if twin is not None:
+            runners[name] = twin[0]
     seconds = best_seconds(runners, steps, repeats)
     rates = {way: (1 if way.startswith("torch") else size) * batch * steps / s
              for way, s in seconds.items()}

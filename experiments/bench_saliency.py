@@ -41,7 +41,7 @@ from compax.train import fit
 
 # The PyTorch reference models live with the tests (test-only code, outside the package).
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from tests.torch_ref import torch_lenet  # noqa: E402
+from tests.torch_models import torch_twin  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Workdir of a finished LeNet-5 GTSRB run (optional).")
 _BATCH = flags.DEFINE_integer("batch_size", 256, "Images per saliency batch (compax and PyTorch).")
@@ -76,11 +76,11 @@ def lenet_and_level(dataset):
     return config, trained.model, jax.device_get(take_members(trained.variables, 0)), level
 
 
-def torch_saliency(params, images: np.ndarray, targets: np.ndarray, batch: int) -> np.ndarray:
+def torch_saliency(model, params, images: np.ndarray, targets: np.ndarray, batch: int) -> np.ndarray:
     """The same maps from PyTorch autograd on the float LeNet-5 holding `params`."""
     import torch
 
-    net = torch_lenet(params)
+    net = torch_twin(model, params)
     maps = []
     for start in range(0, len(images), batch):
         x = torch.tensor(images[start:start + batch].transpose(0, 3, 1, 2), requires_grad=True)
@@ -125,7 +125,7 @@ def main(argv):
     result["torch_float_s"] = result["ratio_compax_vs_torch_float"] = None
     if torch is not None:
         torch_s, torch_maps = fastest(lambda: torch_saliency(
-            variables["params"], images, targets, _BATCH.value), _REPEATS.value)
+            model, variables["params"], images, targets, _BATCH.value), _REPEATS.value)
         result["torch_float_s"] = torch_s
         result["torch_threads"] = torch.get_num_threads()
         result["ratio_compax_vs_torch_float"] = torch_s / result["seconds"]["float32"]

@@ -16,7 +16,7 @@ import platform
 import time
 
 from absl import app, flags
-from torch_lenet import torch_runner  # experiments/ is the script's directory
+from torch_twins import torch_runners  # experiments/ is the script's directory
 
 _BATCH = flags.DEFINE_integer("batch_size", 128, "Images per step and model.")
 _STEPS = flags.DEFINE_integer("steps", 60, "Timed steps per repeat.")
@@ -107,9 +107,9 @@ def main(argv):
     conv_cpu.enable(True)
     runners.update(single=compax_runner(1, 0, *data), pop8=compax_runner(8, 0, *data),
                    pop8_one_vmap=compax_runner(8, 8, *data))
-    torch_run = torch_runner(*data)
-    if torch_run is not None:
-        runners["torch"] = torch_run
+    twin = torch_runners("lenet5", 1.0, 43, *data)
+    if twin is not None:
+        runners["torch"] = twin[0]
     seconds = interleaved_seconds_per_step(
         runners, {name: pop_steps if name.startswith("pop8") else steps for name in runners},
         repeats)

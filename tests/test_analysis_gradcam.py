@@ -13,7 +13,7 @@ from compax.compress import apply_compressed, compress, fake_quant
 from compax.errors import UserError
 from compax.models import get_model, init_variables
 from compax.population import chunked_vmap
-from tests.test_analysis_saliency import N, lenet_setup, torch_lenet
+from tests.test_analysis_saliency import N, lenet_setup, torch_twin
 from tests.test_prune import random_variables
 
 
@@ -48,10 +48,10 @@ def test_tap_points_are_the_last_conv_stage_and_the_classifier(name, drop_last_b
     assert (points.last_conv, points.classifier, points.last_conv_shape) == (last_conv, classifier, shape)
 
 
-def torch_taps_and_cam(params, x, targets):
+def torch_taps_and_cam(model, params, x, targets):
     """conv2's output z, d y_t / dz, fc3's input and the Grad-CAM map, from torch hooks."""
     torch = pytest.importorskip("torch")
-    net = torch_lenet(params)
+    net = torch_twin(model, params)
     seen = {}
     net.conv2.register_forward_hook(lambda module, args, out: seen.update(z=out) or out.retain_grad())
     net.fc3.register_forward_hook(lambda module, args, out: seen.update(features=args[0]))
@@ -72,7 +72,7 @@ def torch_taps_and_cam(params, x, targets):
 @pytest.mark.torch
 def test_float_taps_gradient_and_grad_cam_match_torch_hooks(lenet, lenet_cams):
     model, variables, float32, _, x, targets = lenet
-    z, dz, features, cam = torch_taps_and_cam(variables["params"], x, targets)
+    z, dz, features, cam = torch_taps_and_cam(model, variables["params"], x, targets)
 
     def target_logits(offsets):
         logits, taps = apply_with_taps(model, float32, x, offsets)

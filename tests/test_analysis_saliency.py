@@ -24,7 +24,7 @@ from compax.errors import UserError
 from compax.models import get_model
 from compax.population import chunked_vmap
 from tests.test_prune import random_variables
-from tests.torch_ref import torch_lenet
+from tests.torch_models import torch_twin
 
 CLASSES = 43
 N = 6
@@ -58,8 +58,8 @@ def lenet_maps(lenet):
 @pytest.mark.torch
 def test_float_saliency_matches_torch_autograd(lenet, lenet_maps):
     torch = pytest.importorskip("torch")
-    _, variables, _, _, x, targets = lenet
-    net = torch_lenet(variables["params"])
+    model, variables, _, _, x, targets = lenet
+    net = torch_twin(model, variables["params"])
     images = torch.tensor(np.asarray(x).transpose(0, 3, 1, 2), requires_grad=True)
     logits = net(images)
     logits.gather(1, torch.tensor(np.asarray(targets), dtype=torch.int64)[:, None]).sum().backward()

@@ -60,7 +60,7 @@ def test_dynamic_int8_agrees_with_torch_quantize_dynamic(lenet, images):
     assert set(c.qstate.weight_scale) == {"fc1/kernel", "fc2/kernel", "fc3/kernel"}
     ours = np.asarray(jax.jit(apply_compressed, static_argnums=0)(model, c, x))
     integer = np.asarray(jax.jit(int8_apply, static_argnums=0)(model, c.variables, c.qstate, x))
-    float_logits, theirs = torch_dynamic(variables["params"], np.asarray(x))
+    float_logits, theirs = torch_dynamic(model, variables["params"], np.asarray(x))
     # fbgemm accumulates the codes in int32 and scales the sums to float, as int8_apply does: the
     # same up to float rounding of that scaling (measured: 0 here, 1e-7 of the logits' range on a
     # trained LeNet-5). Fake quantization accumulates dequantized values in float, which rounds

@@ -1,6 +1,5 @@
 """Models: output shapes, parameter counts against the study's figures, BatchNorm, the registry."""
 
-import functools
 
 import flax.linen as nn
 import jax
@@ -11,6 +10,7 @@ import pytest
 from compax.errors import UserError
 from compax.models import MODELS, count_params, get_model, init_variables
 from compax.models.layers import TrainingBatchNorm, batch_norm, max_pool_2x2
+from tests.torch_models import port_params, torch_model
 
 
 def param_count(name, classes, width=1.0):
@@ -196,37 +196,47 @@ def test_training_batch_norm_equals_torch():
     np.testing.assert_allclose(dparams["bias"], tb.grad.numpy(), atol=2e-4, rtol=1e-5)
 
 
-def torch_twins_module():
-    """experiments/torch_twins.py: the PyTorch twins bench_models times compax against."""
-    import importlib.util
-    import pathlib
-    path = pathlib.Path(__file__).parents[1] / "experiments" / "torch_twins.py"
-    spec = importlib.util.spec_from_file_location("torch_twins", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+@pytest.mark.torch
+@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("width", [0.25, 1.0])
+def test_every_model_has_a_pytorch_twin_with_its_parameter_count(name, width):
+    """The benchmarks' PyTorch twins are the same architectures: as many trainable parameters as
+    compax's model (batch norm: scale and bias in both, its statistics as buffers / batch_stats)."""
+    pytest.importorskip("torch")
+    model = get_model(name, 43, width)
+    variables = jax.eval_shape(lambda: init_variables(model, jax.random.key(0)))
+    twin = torch_model(name, width, 43)
+    assert sum(p.numel() for p in twin.parameters()) == count_params(variables["params"])
+
+
+@pytest.mark.torch
+def test_porting_weights_of_another_width_or_model_is_refused():
+    pytest.importorskip("torch")
+    params = init_variables(get_model("lenet5", 10, 0.5), jax.random.key(0))["params"]
+    with pytest.raises(UserError, match="does not fit the twin's"):
+        port_params(torch_model("lenet5", 1.0, 10), params)
+    twin = torch_model("lenet5", 0.5, 10)
+    with pytest.raises(UserError, match="has no layer 'fc9'"):
+        port_params(twin, {"fc9": params["fc1"]})
+    with pytest.raises(UserError, match=r"params lack the twin's layers \['fc3'\]"):
+        port_params(twin, {name: layer for name, layer in params.items() if name != "fc3"})
+    with pytest.raises(UserError, match="no PyTorch twin of model 'alexnet'"):
+        torch_model("alexnet", 1.0, 10)
 
 
 @pytest.mark.torch
 @pytest.mark.parametrize("name", ["squeezenet", "squeezenet_torchvision"])
 def test_squeezenet_heads_equal_their_pytorch_twins(name):
-    """Both heads, with the same weights, against their PyTorch twins: the default's class
-    maps are linear (logits can be negative), torchvision's are rectified before the pool."""
+    """Both heads, with the same weights, against their PyTorch twins (tests/torch_models.py, the
+    ones the benchmarks time and the PTQ tests quantize): the default's class maps are linear
+    (logits can be negative), torchvision's are rectified before the pool."""
     torch = pytest.importorskip("torch")
     model = get_model(name, 10, 0.25)
     params = init_variables(model, jax.random.key(0))["params"]
     # Larger classifier weights than the N(0, 0.01) init, so that some class maps are negative.
     params["classifier"]["kernel"] = params["classifier"]["kernel"] * 100
-    twin = torch_twins_module().torch_model(name, 0.25, 10).eval()
-    layers = [("conv1",)] + [(f"fire{i}", part) for i in range(1, 9)
-                             for part in ("squeeze", "expand1x1", "expand3x3")] + [("classifier",)]
-    convs = [m for m in twin.modules() if isinstance(m, torch.nn.Conv2d)]
-    assert len(convs) == len(layers)
-    with torch.no_grad():
-        for conv, path in zip(convs, layers, strict=True):
-            leaf = functools.reduce(lambda tree, key: tree[key], path, params)
-            conv.weight.copy_(torch.from_numpy(np.asarray(leaf["kernel"]).transpose(3, 2, 0, 1)))
-            conv.bias.copy_(torch.from_numpy(np.asarray(leaf["bias"])))
+    twin = torch_model(name, 0.25, 10).eval()
+    port_params(twin, params)
     x = np.random.default_rng(0).standard_normal((4, 32, 32, 3)).astype(np.float32)
     got = np.asarray(model.apply({"params": params}, jnp.asarray(x)))
     with torch.no_grad():

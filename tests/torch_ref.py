@@ -1,16 +1,14 @@
 """compax's PTQ against PyTorch's on the same LeNet-5 or SqueezeNet weights (PyTorch is imported
-only here).
+inside the functions).
 
 The reference is what Schwaiger et al. (2022) ran: `torch.ao.quantization` eager-mode static PTQ with
 the fbgemm engine and `get_default_qconfig('fbgemm')` (HistogramObserver with reduce_range=True for
 activations, PerChannelMinMaxObserver qint8 per_channel_symmetric for weights), conv+relu and
 linear+relu fused, QuantStub / DeQuantStub around the network, calibrated on the same images in one
 batch (so that its histograms are exact, as compax's are) or batch by batch (compax's
-`histogram_batches` observer). Also `quantize_dynamic` (dynamic int8 Linear layers). Weights port
-one to one from `compax.models.LeNet5` and `compax.models.SqueezeNet`: conv kernels HWIO -> OIHW,
-dense kernels (in, out) -> (out, in), LeNet-5's feature map flattened in (C, H, W) order by both.
-SqueezeNet's fire modules concatenate through `FloatFunctional.cat` (its own observer), as
-torchvision's quantizable models do with their adds and cats.
+`histogram_batches` observer). Also `quantize_dynamic` (dynamic int8 Linear layers). The networks
+are `tests/torch_models.py`'s twins of `compax.models.LeNet5` and `compax.models.SqueezeNet`, the
+compax weights ported in by name.
 """
 
 import contextlib
@@ -22,131 +20,7 @@ import numpy as np
 
 from compax.compress.observers import affine_qparams, histogram_range
 from compax.compress.ptq import QuantConfig, ptq, quantized_apply
-from compax.errors import UserError
-from compax.models.lenet import LeNet5
-from compax.models.squeezenet import POOL_AFTER, SqueezeNet
-
-LENET_LAYERS = ("conv1", "conv2", "fc1", "fc2", "fc3")
-
-
-def torch_lenet(params):
-    """A float torch LeNet-5 with QuantStub/DeQuantStub holding `params` (a compax LeNet5's), in
-    eval mode; before `torch.ao.quantization.prepare` the stubs are identities, so it is also the
-    float reference of the analyses' tests (saliency, Grad-CAM)."""
-    import torch
-    from torch import nn
-    from torch.ao import quantization as tq
-
-    missing = [name for name in LENET_LAYERS if name not in params]
-    if missing:
-        raise UserError(f"params lack LeNet-5 layers {missing}: pass the variables of "
-                        "get_model('lenet5', ...)")
-
-    class LeNet5(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.quant, self.dequant = tq.QuantStub(), tq.DeQuantStub()
-            for name in LENET_LAYERS:
-                kernel = np.asarray(params[name]["kernel"], np.float32)
-                if kernel.ndim == 4:
-                    layer = nn.Conv2d(kernel.shape[2], kernel.shape[3], kernel.shape[:2])
-                    weight = kernel.transpose(3, 2, 0, 1)
-                else:
-                    layer = nn.Linear(*kernel.shape)
-                    weight = kernel.T
-                layer.weight.data = torch.from_numpy(np.ascontiguousarray(weight))
-                layer.bias.data = torch.from_numpy(np.asarray(params[name]["bias"], np.float32))
-                setattr(self, name, layer)
-            self.relu1, self.relu2, self.relu3, self.relu4 = (nn.ReLU() for _ in range(4))
-            self.pool = nn.MaxPool2d(2)
-
-        def forward(self, x):
-            x = self.pool(self.relu1(self.conv1(self.quant(x))))
-            x = torch.flatten(self.pool(self.relu2(self.conv2(x))), 1)
-            x = self.relu4(self.fc2(self.relu3(self.fc1(x))))
-            return self.dequant(self.fc3(x))
-
-    return LeNet5().eval()
-
-
-def _port_conv(kernel, bias):
-    import torch
-    from torch import nn
-
-    kernel = np.asarray(kernel, np.float32)
-    layer = nn.Conv2d(kernel.shape[2], kernel.shape[3], kernel.shape[:2],
-                      padding=(kernel.shape[0] - 1) // 2)
-    layer.weight.data = torch.from_numpy(np.ascontiguousarray(kernel.transpose(3, 2, 0, 1)))
-    layer.bias.data = torch.from_numpy(np.asarray(bias, np.float32))
-    return layer
-
-
-def torch_squeezenet(params, classifier_relu: bool = False):
-    """A float torch SqueezeNet holding `params` (a compax SqueezeNet's, any width, from the
-    shapes), eval mode, QuantStub/DeQuantStub around it, ready for eager-mode PTQ: each conv and
-    its ReLU are separate modules to fuse (`fuse_groups`), each fire's cat a FloatFunctional."""
-    import torch
-    from torch import nn
-    from torch.ao import quantization as tq
-
-    fires = sorted((name for name in params if name.startswith("fire")), key=lambda n: int(n[4:]))
-    if "conv1" not in params or "classifier" not in params or not fires:
-        raise UserError("params lack SqueezeNet layers: pass the variables of get_model('squeezenet', ...)")
-
-    class Fire(nn.Module):
-        def __init__(self, layers):
-            super().__init__()
-            for name in ("squeeze", "expand1x1", "expand3x3"):
-                setattr(self, name, _port_conv(layers[name]["kernel"], layers[name]["bias"]))
-                setattr(self, f"{name}_relu", nn.ReLU())
-            self.cat = torch.ao.nn.quantized.FloatFunctional()
-
-        def forward(self, x):
-            s = self.squeeze_relu(self.squeeze(x))
-            return self.cat.cat([self.expand1x1_relu(self.expand1x1(s)),
-                                 self.expand3x3_relu(self.expand3x3(s))], 1)
-
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.quant, self.dequant = tq.QuantStub(), tq.DeQuantStub()
-            self.conv1, self.relu1 = _port_conv(params["conv1"]["kernel"], params["conv1"]["bias"]), nn.ReLU()
-            self.pool, self.fires = nn.MaxPool2d(2), nn.ModuleDict({f: Fire(params[f]) for f in fires})
-            self.classifier = _port_conv(params["classifier"]["kernel"], params["classifier"]["bias"])
-            self.classifier_relu = nn.ReLU() if classifier_relu else nn.Identity()
-            self.average = nn.AdaptiveAvgPool2d(1)
-
-        def forward(self, x):
-            x = self.pool(self.relu1(self.conv1(self.quant(x))))
-            for i, fire in enumerate(self.fires.values()):
-                x = fire(x)
-                x = self.pool(x) if i in POOL_AFTER else x
-            x = self.classifier_relu(self.classifier(x))
-            return self.dequant(torch.flatten(self.average(x), 1))
-
-    net = Net().eval()
-    net.fuse_groups = [["conv1", "relu1"]] + [
-        [f"fires.{f}.{name}", f"fires.{f}.{name}_relu"] for f in fires
-        for name in ("squeeze", "expand1x1", "expand3x3")] + (
-        [["classifier", "classifier_relu"]] if classifier_relu else [])
-    net.points = ["quant", "conv1"] + [f"fires.{f}.{name}" for f in fires
-                                       for name in ("squeeze", "expand1x1", "expand3x3", "cat")] + [
-        "classifier"]
-    return net
-
-
-def torch_quantizable(model, params):
-    """The torch twin of `model` (a LeNet5 or SqueezeNet) holding `params`, with `fuse_groups` (the
-    conv/linear + ReLU pairs to fuse) and `points` (the modules whose outputs PTQ quantizes, in
-    compax's order of quantization points)."""
-    if isinstance(model, LeNet5):
-        net = torch_lenet(params)
-        net.fuse_groups = [["conv1", "relu1"], ["conv2", "relu2"], ["fc1", "relu3"], ["fc2", "relu4"]]
-        net.points = ["quant", *LENET_LAYERS]
-        return net
-    if isinstance(model, SqueezeNet):
-        return torch_squeezenet(params, model.classifier_relu)
-    raise UserError(f"no quantizable PyTorch twin of {type(model).__name__}: LeNet5 or SqueezeNet")
+from tests.torch_models import torch_twin
 
 
 @contextlib.contextmanager
@@ -183,8 +57,9 @@ def _nchw(a):
     return torch.from_numpy(np.ascontiguousarray(np.asarray(a, np.float32).transpose(0, 3, 1, 2)))
 
 
-def torch_dynamic(params, images):
-    """(float logits, logits of `torch.ao.quantization.quantize_dynamic`) of LeNet-5 on NHWC images,
+def torch_dynamic(model, params, images):
+    """(float logits, logits of `torch.ao.quantization.quantize_dynamic`) of `model` (LeNet-5)
+    holding `params` on NHWC images,
     the fbgemm engine, every nn.Linear dynamically quantized with `per_channel_dynamic_qconfig`
     (qint8 per-channel symmetric weights; per call, the input's min/max over the whole tensor,
     quint8 with reduce_range), the convolutions in float; one call on all `images`."""
@@ -192,10 +67,10 @@ def torch_dynamic(params, images):
     from torch import nn
     from torch.ao import quantization as tq
 
-    model = torch_lenet(params)
+    net = torch_twin(model, params)
     with torch.no_grad(), _engine("fbgemm"):
-        float_logits = model(_nchw(images)).numpy()
-        dynamic = tq.quantize_dynamic(model, {nn.Linear: tq.per_channel_dynamic_qconfig},
+        float_logits = net(_nchw(images)).numpy()
+        dynamic = tq.quantize_dynamic(net, {nn.Linear: tq.per_channel_dynamic_qconfig},
                                       dtype=torch.qint8)
         logits = dynamic(_nchw(images)).numpy()
     if not isinstance(dynamic.fc1, torch.ao.nn.quantized.dynamic.Linear):
@@ -211,7 +86,7 @@ def _batched(net, images, batch: int = 1000):
 
 def torch_ptq(model, params, calib_images, images, weight_bits: int = 8,
               calib_batch: int | None = None):
-    """PyTorch's fbgemm PTQ of `model` (LeNet-5 or SqueezeNet, `torch_quantizable`) holding
+    """PyTorch's fbgemm PTQ of `model` (LeNet-5 or SqueezeNet, `torch_twin`) holding
     `params`, on NHWC float images (as compax takes them), calibrated on `calib_images` in one batch
     or, with `calib_batch`, in batches of that many (a DataLoader).
 
@@ -221,7 +96,7 @@ def torch_ptq(model, params, calib_images, images, weight_bits: int = 8,
     import torch
     from torch.ao import quantization as tq
 
-    net = torch_quantizable(model, params)
+    net = torch_twin(model, params)
     with torch.no_grad(), _engine("fbgemm"):
         float_logits = _batched(net, images)
         net.qconfig = torch_qconfig(weight_bits)
