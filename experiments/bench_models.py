@@ -185,7 +185,9 @@ def main(argv):
                 row[f"{framework}_{kind}_gemm_fraction"] = (
                     None if rate is None else factor * flops * rate / (gemm * 1e9))
         rows.append(row)
-        print(f"{name} x{width:g} ({flops / 1e6:.1f} MFLOP/image forward):")
+        print(f"{name} x{width:g} ({flops / 1e6:.1f} MFLOP/image forward)"
+              + (":" if twin is not None else ", compax only (no torch, or no twin of the model in "
+                 "tests/torch_models.py):"))
         print(f"  train  compax {row['compax_train_img_s']:8.0f} img/s"
               f" (XLA conv {row['compax_xla_conv_train_img_s']:8.0f})"
               + ("" if twin is None else f"  PyTorch {row['torch_train_img_s']:8.0f}"

@@ -6,13 +6,13 @@ import pathlib
 import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # the repository root
-from tests.torch_models import torch_model  # noqa: E402
+from tests.torch_models import TWINS, torch_model  # noqa: E402
 
 
 def torch_runners(name: str, width: float, classes: int, images, labels, mean, std, batch: int,
                   threads: int | None = None):
     """(train run(n), inference run(n)) of the PyTorch twin of model `name`, warmed up; None
-    without torch.
+    without torch or for a model without a twin in tests/torch_models.py.
 
     `train(n)`: n Adam (lr 1e-3) steps of cross-entropy on batches of `batch` uint8 NHWC `images`
     (permuted to NCHW once, as a loader would), normalised in each step as compax's are,
@@ -24,6 +24,8 @@ def torch_runners(name: str, width: float, classes: int, images, labels, mean, s
     try:
         import torch
     except ImportError:
+        return None
+    if name not in TWINS:
         return None
 
     torch.manual_seed(0)

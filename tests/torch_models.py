@@ -162,20 +162,23 @@ def _resnet18(width: float, classes: int):
     return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, classes))
 
 
+_SQUEEZENETS = {"squeezenet": False, "squeezenet_torchvision": True}  # name: classifier_relu
+_BUILDERS = {"lenet5": _lenet5, "vgg6": _vgg6, "resnet18": _resnet18}
+# The registered models (compax.models.MODELS) with a twin here; a new model gets one by a builder.
+TWINS = frozenset({*_SQUEEZENETS, *_BUILDERS})
+
+
 def torch_model(name: str, width: float, classes: int, torchvision_init: bool = False):
     """The PyTorch twin of the registered model `name` at `width`, PyTorch's layer initialisation;
     for SqueezeNet `torchvision_init` gives torchvision's (and compax's) instead: Kaiming-uniform
     convolutions (a=0), the classifier N(0, 0.01), zero biases."""
-    squeezenets = {"squeezenet": False, "squeezenet_torchvision": True}  # name: classifier_relu
-    if torchvision_init and name not in squeezenets:
+    if torchvision_init and name not in _SQUEEZENETS:
         raise UserError(f"torchvision_init is SqueezeNet's, not {name!r}'s")
-    if name in squeezenets:
-        return _squeezenet(width, classes, squeezenets[name], torchvision_init)
-    builders = {"lenet5": _lenet5, "vgg6": _vgg6, "resnet18": _resnet18}
-    if name not in builders:
-        raise UserError(f"no PyTorch twin of model {name!r}: choose from "
-                        f"{', '.join(sorted([*builders, *squeezenets]))}")
-    return builders[name](width, classes)
+    if name in _SQUEEZENETS:
+        return _squeezenet(width, classes, _SQUEEZENETS[name], torchvision_init)
+    if name not in _BUILDERS:
+        raise UserError(f"no PyTorch twin of model {name!r}: choose from {', '.join(sorted(TWINS))}")
+    return _BUILDERS[name](width, classes)
 
 
 def port_params(net, params) -> None:
