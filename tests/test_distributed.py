@@ -138,7 +138,8 @@ def _run(args: list[str], devices: int, extra_env: dict | None = None, **popen) 
     # The forced devices are threads of one process: on 2 loaded cores one of them can reach a
     # collective more than XLA:CPU's default 40 s after the others, so the rendezvous waits up to
     # 5 minutes. Single-device computations run inline (JAX_CPU_ENABLE_ASYNC_DISPATCH=false), so
-    # fewer computations wait in each device's queue of at most 32 (see `_result` for why).
+    # fewer computations wait in each device's queue of at most 32 (see
+    # `_result_of_a_run_that_may_hang` for why).
     flags = (f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0"
              " --xla_cpu_collective_timeout_seconds=300"
              " --xla_cpu_collective_call_terminate_timeout_seconds=300")
