@@ -122,13 +122,17 @@ class Hooker(Analysis):
             if not cie:
                 continue
             significant = cie.get("significant_classes", [])
+            untestable = cie.get("untestable_classes", [])
             rows.append([variant, str(len(significant)),
                          ", ".join(names[c] for c in significant[:12])
-                         + (" …" if len(significant) > 12 else ""),
+                         + (" …" if len(significant) > 12 else ""), str(len(untestable)),
                          str(cie.get("pies")), fmt(cie.get("pie_share"), 2, scale=100)])
         if rows:
-            page.table(self.title, ["variant", "significant classes", "which (Welch p<α)", "CIEs",
-                                    "CIE % of test"], rows, "Welch tests and CIEs")
+            page.table(self.title, ["variant", "significant classes", "which (Welch p<α)",
+                                    "untestable (recall unchanged)", "CIEs", "CIE % of test"], rows,
+                       "Welch tests and CIEs. A class whose recall is the same in both populations"
+                       " is untestable: its normalised change is the whole model's, not evidence"
+                       " about the class (compax.analysis.hooker.untestable_classes)")
         page.table(self.title, ["variant", "classes outside the band (original)",
                                 "outside (compressed)", "crossed", "images of crossed classes"],
                    [[variant, fmt(b.get("outside_original"), 1), fmt(b.get("outside_compressed"), 1),

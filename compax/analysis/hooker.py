@@ -7,7 +7,8 @@ i of both shares a seed, but the class test treats the populations as independen
 et al. do with separately trained populations, so P != P' is allowed there.
 
 - Class level: the normalised class accuracy of every member and a two-sided Welch t-test per class
-  between the populations (`impacted_classes`), with an optional multiple-testing correction.
+  between the populations (`impacted_classes`), with an optional multiple-testing correction; a
+  class whose recall did not change is untestable (`untestable_classes`), never impacted.
 - Sample level: compression identified exemplars (CIEs; PIEs for pruning), the samples whose modal
   label differs between the populations (`compression_identified_exemplars`).
 - Single model: the one-standard-deviation band rule of the Hooker thesis (`band_rule`), per paired
@@ -80,9 +81,12 @@ def welch_t_test(sample_a, sample_b):
     t = (mean_a - mean_b) / sqrt(s_a^2/Pa + s_b^2/Pb) with s^2 the unbiased variances, Welch-Satterthwaite
     degrees of freedom nu = (s_a^2/Pa + s_b^2/Pb)^2 / ((s_a^2/Pa)^2/(Pa-1) + (s_b^2/Pb)^2/(Pb-1)) and
     p = 2 (1 - F_nu(|t|)), as `scipy.stats.ttest_ind(a, b, equal_var=False)` (the test of Hooker et al.
-    2019). A column where both samples have zero variance carries no sampling noise: it gets t = 0 and
-    p = 1 (no evidence) when the means are equal and t = +-inf, p = 0 when they differ (where SciPy
-    gives NaN for equal means). Columns holding NaN give NaN. Float64, NumPy; Pa, Pb >= 2.
+    2019). Where both samples of a column have zero variance t is 0/0 or x/0, which SciPy returns as
+    NaN or as a precision-loss artefact (p ~ 1e-30); the stated rule instead (`_no_variance`): equal
+    means give t = 0, p = 1 (no evidence); different means mean that every member of one sample lies
+    above every member of the other, and p is the exact two-sided Mann-Whitney U p-value of that
+    complete separation, 2 / binom(Pa + Pb, Pa) (1/3 for two members each), t = +-inf. Columns
+    holding NaN give NaN. Float64, NumPy; Pa, Pb >= 2.
     """
     sample_a, sample_b = np.asarray(sample_a, np.float64), np.asarray(sample_b, np.float64)
     size_a, size_b = len(sample_a), len(sample_b)
@@ -96,14 +100,17 @@ def welch_t_test(sample_a, sample_b):
         t = difference / np.sqrt(error_a + error_b)
         dof = (error_a + error_b) ** 2 / (error_a ** 2 / (size_a - 1) + error_b ** 2 / (size_b - 1))
     p = 2.0 * stats.t.sf(np.abs(t), dof)
-    return _degenerate(t, p, difference, (error_a == 0) & (error_b == 0))
+    separated = 2.0 / math.comb(size_a + size_b, size_a)  # exact Mann-Whitney, complete separation
+    return _no_variance(t, p, difference, (error_a == 0) & (error_b == 0), min(1.0, separated))
 
 
-def _degenerate(t, p, difference, no_variance):
-    """The guard of `welch_t_test` for columns without sampling noise: t = 0, p = 1 for equal
-    means, t = +-inf, p = 0 otherwise."""
+def _no_variance(t, p, difference, no_variance, separated_p: float):
+    """The t-tests' rule for columns whose variance estimate is zero (t undefined): t = 0, p = 1
+    (no evidence) for a zero mean difference; otherwise t = +-inf and p = `separated_p`, the exact
+    distribution-free p-value of the data's complete ordering (Mann-Whitney for Welch, the sign test
+    for the paired t-test), so that a zero variance never yields p = 0 by accident."""
     t = np.where(no_variance, np.where(difference == 0, 0.0, np.copysign(np.inf, difference)), t)
-    p = np.where(no_variance, np.where(difference == 0, 1.0, 0.0), p)
+    p = np.where(no_variance, np.where(difference == 0, 1.0, separated_p), p)
     return t, p
 
 
@@ -120,9 +127,11 @@ def paired_t_test(sample_a, sample_b):
     """Two-sided paired t-test per column of `sample_a (P, C)` against `sample_b (P, C)`: (t, p).
 
     With d = a - b per member: t = mean(d) / (s_d / sqrt(P)), s_d the unbiased standard deviation,
-    P - 1 degrees of freedom, p = 2 (1 - F(|t|)), as `scipy.stats.ttest_rel`; the zero-variance
-    guard of `welch_t_test` (s_d = 0: t = 0, p = 1 when mean(d) = 0, else +-inf, 0). Columns holding
-    NaN give NaN. Float64, NumPy; P >= 2.
+    P - 1 degrees of freedom, p = 2 (1 - F(|t|)), as `scipy.stats.ttest_rel`. Where s_d = 0 (t
+    undefined; SciPy gives NaN or a precision-loss artefact): t = 0, p = 1 when mean(d) = 0 (no
+    evidence), else all P differences are equal and of one sign, t = +-inf and p is the exact
+    two-sided sign-test p-value 2^(1 - P) (`scipy.stats.binomtest(P, P)`; 0.5 for two members).
+    Columns holding NaN give NaN. Float64, NumPy; P >= 2.
     """
     d = _paired(sample_a, sample_b, "paired t")
     count = len(d)
@@ -130,7 +139,7 @@ def paired_t_test(sample_a, sample_b):
     with np.errstate(divide="ignore", invalid="ignore"):
         t = mean / (spread / np.sqrt(count))
     p = 2.0 * stats.t.sf(np.abs(t), count - 1)
-    return _degenerate(t, p, mean, spread == 0)
+    return _no_variance(t, p, mean, spread == 0, min(1.0, 2.0 ** (1 - count)))
 
 
 def wilcoxon_signed_rank(sample_a, sample_b):
@@ -225,6 +234,43 @@ def _populations(preds_original, preds_compressed, num_classes: int, labels=None
     return preds_original, preds_compressed, labels
 
 
+def _correct_per_class(labels, preds, num_classes: int) -> np.ndarray:
+    """Correct predictions per member and class, (P, C) int: the integer numerator of the recall."""
+    return np.stack([np.bincount(labels[pred == labels], minlength=num_classes) for pred in preds])
+
+
+def untestable_classes(labels, preds_original, preds_compressed, num_classes: int,
+                       paired: bool) -> np.ndarray:
+    """The classes on which a test of normalised class accuracy can only measure the whole model, (C,) bool.
+
+    Hooker et al.'s normalisation, a[m, c] - A (or a[m, c] / A[m]), makes a class whose own recall
+    a[m, c] did not change differ between the populations by exactly the change of the overall
+    accuracy A. A t-test of that difference is a test of the model, not of the class, and with
+    30 members (or with constant recalls, where the variance is zero) it is significant whenever
+    the model's accuracy moved: a class that nothing changed would be reported as impacted. So a
+    class is untestable, no evidence either way, when its recall carries no difference between
+    the populations:
+    - `paired` (member m of both populations is the same trained model): every member's recall of
+      c is unchanged, #correct'[m, c] = #correct[m, c] for all m;
+    - independent populations: the per-member recalls of c are the same multiset in both (equal
+      sizes), or are one constant within each population and the same constant in both.
+    Counts of correct predictions are compared, so "unchanged" is exact. A variance taken from the
+    binomial sampling of the test set would not rescue these classes: at recall 0 or 1, the usual
+    case (a class every member gets right, or none does), it is zero too. A class without test
+    samples is untested anyway (NaN). Untestable classes are left out of the tests and of the
+    multiple-testing family and are listed apart (`impacted_classes`).
+    """
+    correct_original = _correct_per_class(labels, preds_original, num_classes)
+    correct_compressed = _correct_per_class(labels, preds_compressed, num_classes)
+    if paired:
+        return np.all(correct_original == correct_compressed, axis=0)
+    constant = (np.ptp(correct_original, axis=0) == 0) & (np.ptp(correct_compressed, axis=0) == 0)
+    same_constant = constant & (correct_original[0] == correct_compressed[0])
+    if len(correct_original) != len(correct_compressed):
+        return same_constant
+    return np.all(np.sort(correct_original, axis=0) == np.sort(correct_compressed, axis=0), axis=0)
+
+
 def impacted_classes(labels, preds_original, preds_compressed, num_classes: int, alpha: float = 0.05,
                      correction: str | None = None, normalization: str = "subtract",
                      test: str = "welch") -> dict:
@@ -237,13 +283,15 @@ def impacted_classes(labels, preds_original, preds_compressed, num_classes: int,
     trained populations, each normalised by its population's mean accuracy under "subtract"), or,
     for a population compressed member by member from the original one (member m of both shares a
     seed), "paired_t" (`paired_t_test`) or "wilcoxon" (`wilcoxon_signed_rank`) on the per-member
-    differences, each member normalised by its own accuracy. A class without test samples is not
-    tested (t, p, p_adjusted NaN, never significant).
+    differences, each member normalised by its own accuracy. A class without test samples, and an
+    untestable class (`untestable_classes`: its recall did not change, so its normalised change is
+    the model's; paired for the paired tests, as multisets for Welch), is not tested: t, p,
+    p_adjusted NaN, never significant, not counted in the correction's family.
 
     Returns t (the test's statistic; Welch and paired t > 0: the compressed population is relatively
-    better), p, p_adjusted (C,) float64, significant (C,) bool, significant_classes (list of ints),
-    count, correction, alpha, normalization, test, and mean_original, mean_compressed (C,): the
-    population means of the normalised class accuracy.
+    better), p, p_adjusted (C,) float64, significant, untestable (C,) bool, significant_classes and
+    untestable_classes (lists of ints), count, correction, alpha, normalization, test, and
+    mean_original, mean_compressed (C,): the population means of the normalised class accuracy.
     """
     preds_original, preds_compressed, labels = _populations(preds_original, preds_compressed,
                                                             num_classes, labels)
@@ -258,12 +306,15 @@ def impacted_classes(labels, preds_original, preds_compressed, num_classes: int,
                                                       normalization, own), np.float64)
     run_test = {"welch": welch_t_test, "paired_t": paired_t_test, "wilcoxon": wilcoxon_signed_rank}[test]
     t, p = run_test(compressed, original)
+    untestable = untestable_classes(labels, preds_original, preds_compressed, num_classes, own)
+    t, p = np.where(untestable, np.nan, t), np.where(untestable, np.nan, p)
     tested = np.isfinite(p)
     p_adjusted = np.full(num_classes, np.nan)
     p_adjusted[tested] = adjust_p_values(p[tested], correction)
     significant = p_adjusted <= alpha
     return {"t": t, "p": p, "p_adjusted": p_adjusted, "significant": significant,
             "significant_classes": np.flatnonzero(significant).tolist(), "count": int(significant.sum()),
+            "untestable": untestable, "untestable_classes": np.flatnonzero(untestable).tolist(),
             "correction": correction, "alpha": float(alpha), "normalization": normalization,
             "test": test, "mean_original": original.mean(axis=0),
             "mean_compressed": compressed.mean(axis=0)}
@@ -381,6 +432,7 @@ def population_summary(labels, preds_original, preds_compressed, num_classes: in
     compression; P = P'), so the paired tests run beside Welch; otherwise it was trained on its own
     (e.g. gradual pruning from initialisation) and only Welch applies. `design` says which.
     From `impacted_classes` (Welch, `normalization`, `correction`): significant_classes, count,
+    untestable_classes (recall unchanged: no evidence either way, `untestable_classes`),
     correction, alpha, normalization, and per class p, p_adjusted and normalized_accuracy_change =
     mean_compressed - mean_original (None where a class was not tested); the size of the effects
     found: median_abs_change (median |change| over the significant classes, None without any) and
@@ -405,6 +457,7 @@ def population_summary(labels, preds_original, preds_compressed, num_classes: in
         change = classes["mean_compressed"] - classes["mean_original"]
         found = np.abs(change[classes["significant"]])
         return {"significant_classes": classes["significant_classes"], "count": classes["count"],
+                "untestable_classes": classes["untestable_classes"],
                 "p": _json_floats(classes["p"]), "p_adjusted": _json_floats(classes["p_adjusted"]),
                 "normalized_accuracy_change": _json_floats(change),
                 "median_abs_change": float(np.median(found)) if found.size else None,
