@@ -1,8 +1,12 @@
 """synthetic_signs: a procedurally generated, imbalanced, traffic-sign-like dataset (no files).
 
 Each class is a sign: a shape (circle, triangle, inverted triangle, square, diamond, octagon), rim
-and fill colours and a glyph (bar, strokes, cross, arrow, dot, ring or none). Some classes differ
-only by glyph, colour or shape, so a small CNN confuses them. Every image draws one sign at a random
+and fill colours and a glyph (bar, strokes, cross, upward or rightward arrow, dot, ring or none).
+Some classes differ only by glyph, colour or shape, so a small CNN confuses them, but every class
+differs from every other by something visible at 32x32 pixels: the octagon's outline is within
+0.6 pixel of a circle's at the signs' sizes, so the stop sign has a white rim (no circular sign has
+one), and the square one-way sign, whose outline alone was not learned beside the more frequent
+circular "ahead only", points its arrow right instead of up. Every image draws one sign at a random
 position, size and slight rotation, with colour jitter, on a textured background, then applies
 random lighting, contrast, blur and noise. Class frequencies decay geometrically (the most frequent
 class is `IMBALANCE` times the rarest), as in GTSRB. `boxes` holds each sign's bounding box.
@@ -69,6 +73,7 @@ _GLYPH_DISTANCE = {
     "two": lambda u, v: np.minimum(_box(u - 0.35, v, 0.17, 0.75), _box(u + 0.35, v, 0.17, 0.75)),
     "cross": _cross,
     "arrow": _arrow,
+    "right arrow": lambda u, v: _arrow(v, -u),
     "dot": lambda u, v: np.hypot(u, v) - 0.4,
     "ring": lambda u, v: np.abs(np.hypot(u, v) - 0.55) - 0.16,
 }
@@ -98,8 +103,8 @@ CLASSES = (
     ("yield", "inverted triangle", "red", "white", "none", "black"),
     ("priority road", "diamond", "white", "yellow", "none", "black"),
     ("end of priority", "diamond", "white", "yellow", "cross", "black"),
-    ("stop", "octagon", "red", "red", "bar", "white"),
-    ("one way", "square", "blue", "blue", "arrow", "white"),
+    ("stop", "octagon", "white", "red", "bar", "white"),
+    ("one way", "square", "blue", "blue", "right arrow", "white"),
     ("parking", "square", "blue", "blue", "dot", "white"),
 )
 CLASS_NAMES = tuple(c[0] for c in CLASSES)
