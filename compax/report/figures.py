@@ -266,14 +266,26 @@ def level_trends(directory, families: dict) -> str | None:
     if not families:
         return None
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.2), layout="constrained")
+    draw_level_trends(axes, families)
+    return _save(fig, directory, "level_trends.png")
+
+
+def draw_level_trends(axes, families: dict, floor: tuple | None = None,
+                      impacted_title: str = "Impacted classes (Welch)") -> None:
+    """Draws `level_trends`' two panels on `axes` (impacted classes, CIEs): one line per family
+    ({label: [(level, impacted classes, CIEs), ...]}); `floor` (label, impacted classes, CIEs), if
+    given, as a dashed horizontal line on each panel (e.g. a second uncompressed population)."""
     for label, points in families.items():
         levels, impacted, cies = (np.asarray(column, float) for column in zip(*points, strict=True))
         axes[0].plot(levels, impacted, "o-", label=label)
         axes[1].plot(levels, cies, "o-", label=label)
-    axes[0].set(xlabel="sparsity", ylabel="impacted classes", title="Impacted classes (Welch)")
+    if floor is not None:
+        label, impacted, cies = floor
+        axes[0].axhline(impacted, color="grey", ls="--", lw=1, label=label)
+        axes[1].axhline(cies, color="grey", ls="--", lw=1, label=label)
+    axes[0].set(xlabel="sparsity", ylabel="impacted classes", title=impacted_title)
     axes[1].set(xlabel="sparsity", ylabel="CIEs (test samples)", title="CIEs / PIEs")
     axes[1].legend(fontsize=7)
-    return _save(fig, directory, "level_trends.png")
 
 
 def pie_accuracy(directory, rows: dict) -> str | None:
