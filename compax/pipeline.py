@@ -65,7 +65,7 @@ from compax.compress import Compressed, storage_bytes
 from compax.compress.flops import model_macs
 from compax.compress.store import restore_compressed
 from compax.compress_population import abstract_variants, compress_population
-from compax.data import load_dataset
+from compax.data import Dataset, load_dataset
 from compax.distributed import is_main_process
 from compax.errors import UserError
 from compax.models import count_params, get_model
@@ -74,6 +74,7 @@ from compax.report import write_report
 from compax.stages import STAGES, StageRecords, parse_stages, write_json_atomic
 from compax.train import fit
 from compax.train.checkpoint import recorded_config
+from compax.train.loop import check_batch_size
 from compax.train.memory import check_population_fits
 from compax.validate import validate_config
 from compax.workdir import MANIFEST, lock_workdir, make_workdir, sha256_file
@@ -109,20 +110,29 @@ def prepare_workdir(config: ml_collections.ConfigDict, workdir: pathlib.Path) ->
                         " --workdir or delete the old one")
 
 
-class Run:
-    """The stages of one config in one workdir, and what they pass on to each other."""
+def load_checked_dataset(config: ml_collections.ConfigDict) -> Dataset:
+    """The dataset of `config`, after the checks of the values that depend on it: the batch
+    against the training images, the population against the free memory."""
+    dataset = load_dataset(config.dataset, data_dir=config.data_dir, split_seed=config.split_seed,
+                           val_fraction=config.val_fraction, download=config.download)
+    check_batch_size(config.batch_size, len(dataset.train))
+    check_population_fits(get_model(config.model, dataset.num_classes, config.model_width),
+                          config.population)
+    return dataset
 
-    def __init__(self, config: ml_collections.ConfigDict, workdir: pathlib.Path):
+
+class Run:
+    """The stages of one config in one workdir, and what they pass on to each other; `dataset`
+    is loaded (`load_checked_dataset`) where not given."""
+
+    def __init__(self, config: ml_collections.ConfigDict, workdir: pathlib.Path,
+                 dataset: Dataset | None = None):
         self.config, self.workdir = config, workdir
-        self.records = StageRecords(workdir, config)
-        self.dataset = load_dataset(config.dataset, data_dir=config.data_dir,
-                                    split_seed=config.split_seed, val_fraction=config.val_fraction,
-                                    download=config.download)
+        self.dataset = load_checked_dataset(config) if dataset is None else dataset
         logging.info("%s: %d train / %d val / %d test images, %d classes", self.dataset.name,
                      len(self.dataset.train), len(self.dataset.val), len(self.dataset.test),
                      self.dataset.num_classes)
-        check_population_fits(get_model(config.model, self.dataset.num_classes, config.model_width),
-                              config.population)
+        self.records = StageRecords(workdir, config)
         self._trained = None
 
     @property
@@ -287,14 +297,16 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
     workdir = pathlib.Path(workdir)
     validate_config(config)  # every value and name, before anything touches the workdir
     wanted = parse_stages(config.stages)
+    dataset = load_checked_dataset(config)  # and the values that need it, before the workdir too
     with lock_workdir(workdir, is_main_process()):  # one run per workdir at a time
-        return _run_stages(config, workdir, wanted)
+        return _run_stages(config, workdir, wanted, dataset)
 
 
-def _run_stages(config: ml_collections.ConfigDict, workdir: pathlib.Path, wanted) -> dict:
-    """The stages `wanted` of `config` in `workdir`, which this process has locked."""
+def _run_stages(config: ml_collections.ConfigDict, workdir: pathlib.Path, wanted,
+                dataset: Dataset) -> dict:
+    """The stages `wanted` of `config` on `dataset` in `workdir`, which this process has locked."""
     prepare_workdir(config, workdir)
-    pipeline = Run(config, workdir)
+    pipeline = Run(config, workdir, dataset)
     records = pipeline.records
     for stage in STAGES:
         if stage not in wanted:

@@ -10,7 +10,7 @@ an exclusion regex that leaves something to prune) follow the table, then every 
 models, stages, the observer, and what the registries hold (variants and their steps and settings,
 `compax.compress.registry`; analyses and their settings, `compax.analyses`).
 Values that depend on the data (a batch larger than the training set) are checked where the data
-are loaded, before the first epoch.
+are loaded (`pipeline.load_checked_dataset`), before the workdir is created.
 """
 
 import math

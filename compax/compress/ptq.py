@@ -33,6 +33,7 @@ does `jax.grad` through the straight-through estimator. Models are called as
 
 import dataclasses
 import functools
+import numbers
 
 import flax
 import jax
@@ -60,6 +61,14 @@ OBSERVERS = ("histogram", "minmax", "histogram_batches")
 DYNAMIC_LAYERS = {"all": interpret.LAYERS, "dense": frozenset({"dot_general"})}
 
 
+def check_bits(key: str, bits) -> None:
+    """Raises a UserError unless `bits` (the setting `key`) is an integer from 2 to 8: not a
+    bool, not a float such as 3.5 or 4.0."""
+    if isinstance(bits, bool) or not isinstance(bits, numbers.Integral) or not 2 <= bits <= 8:
+        raise UserError(f"bad {key}={bits!r}: it takes a whole number of bits from 2 to 8,"
+                        f" e.g. {key}=4")
+
+
 @dataclasses.dataclass(frozen=True)
 class QuantConfig:
     """Bit widths and observers; the defaults are PyTorch's fbgemm default qconfig at 8 bits.
@@ -80,10 +89,9 @@ class QuantConfig:
     calibration_batch: int = 128
 
     def __post_init__(self):
-        bits = [self.weight_bits] + ([self.activation_bits] if self.activation_bits else [])
-        if any(not 2 <= b <= 8 for b in bits) or self.activation_bits == 0:
-            raise UserError(f"bit widths {bits} outside 2..8: choose weight and activation bits "
-                            "between 2 and 8 (activation_bits=None for float activations)")
+        check_bits("weight_bits", self.weight_bits)
+        if self.activation_bits is not None:
+            check_bits("activation_bits", self.activation_bits)
         if self.observer not in OBSERVERS:
             raise UserError(f"unknown observer {self.observer!r}: choose one of {OBSERVERS}")
         if self.dynamic and self.activation_bits is None:

@@ -4,6 +4,8 @@ import dataclasses
 
 import numpy as np
 
+from compax.errors import UserError
+
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Split:
@@ -84,7 +86,17 @@ class Dataset:
     def create(
         cls, name: str, class_names: tuple[str, ...], train: Split, val: Split, test: Split
     ) -> "Dataset":
-        """The dataset with these parts, its mean and std computed from `train`."""
+        """The dataset with these parts, its mean and std computed from `train`; a part without
+        images is a UserError."""
+        parts = {"train": train, "val": val, "test": test}
+        empty = next((part for part, split in parts.items() if not len(split)), None)
+        if empty:
+            sizes = ", ".join(f"{len(split)} {part}" for part, split in parts.items())
+            raise UserError(
+                f"the {empty} split of {name} holds no images ({sizes}): give every class two or"
+                " more tracks or images (the val split holds out one or more of each) and the"
+                " test split one or more"
+            )
         mean, std = channel_stats(train.images)
         return cls(
             name=name,

@@ -175,7 +175,8 @@ def check_arrays(
 
     `shapes` gives, per array, its shape (ints; "N" for the number of examples, "N+1" for one
     more) and the numpy dtype kinds it may have ("u" unsigned, "i" signed integers, "f" floats;
-    "u1" exactly uint8). Every array must agree on N, and `label` must lie in [0, num_classes).
+    "u1" exactly uint8). Float arrays must hold finite values only (no NaN or inf), every array
+    must agree on N, N must be at least 1, and `label` must lie in [0, num_classes).
     """
     fix = f"copy it again from the offline copy ({README_HINT}) or run online with download=True"
     counts = {}
@@ -191,12 +192,19 @@ def check_arrays(
                 f"{what} file {path}: array {key!r} is {a.shape} {a.dtype}, not ({wanted}) "
                 f"{'uint8' if kinds == 'u1' else 'of dtype kind ' + kinds}: {fix}"
             )
+        if a.dtype.kind == "f" and not np.isfinite(a).all():
+            raise UserError(
+                f"{what} file {path}: array {key!r} holds {np.count_nonzero(~np.isfinite(a))} "
+                f"non-finite values (NaN or inf): {fix}"
+            )
         for s, d in zip(shape, a.shape, strict=True):
             if s in ("N", "N+1"):
                 counts[key] = d - (s == "N+1")
     if len(set(counts.values())) > 1:
         sizes = ", ".join(f"{k} {n}" for k, n in counts.items())
         raise UserError(f"{what} file {path} holds different numbers of examples ({sizes}): {fix}")
+    if 0 in counts.values():
+        raise UserError(f"{what} file {path} holds no examples: {fix}")
     labels = arrays.get("label")
     if labels is not None and labels.size and not (0 <= labels.min() and labels.max() < num_classes):
         raise UserError(

@@ -111,6 +111,13 @@ def _check_finite(losses: np.ndarray, active: np.ndarray, epoch: int, seeds: np.
             f" epoch {epoch - 1} is kept")
 
 
+def check_batch_size(batch_size: int, train_images: int) -> None:
+    """Raises a UserError when `batch_size` exceeds the `train_images` (an epoch of no step)."""
+    if batch_size > train_images:
+        raise UserError(f"batch_size {batch_size} exceeds the {train_images} training images:"
+                        " lower --config.batch_size")
+
+
 def fit(config: ml_collections.ConfigDict, dataset: Dataset, workdir: str | pathlib.Path,
         progress: bool = True, mesh: Mesh | None = None) -> TrainResult:
     """Trains the population described by `config` on `dataset`, resuming from `workdir`.
@@ -124,10 +131,8 @@ def fit(config: ml_collections.ConfigDict, dataset: Dataset, workdir: str | path
     tx = make_optimizer(config)
     seeds = population_seeds(config)
     batch_size = config.batch_size
+    check_batch_size(batch_size, len(dataset.train))
     steps = len(dataset.train) // batch_size
-    if steps == 0:
-        raise UserError(f"batch_size {batch_size} exceeds the {len(dataset.train)} training images:"
-                        " lower --config.batch_size")
 
     state = shard_members(init_population(model, tx, jnp.asarray(seeds)), mesh)
     checkpoints = PopulationCheckpoints(workdir / "checkpoints")
