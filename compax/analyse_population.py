@@ -19,12 +19,15 @@ this run spent on the test logits and the analyses' preparation.
 import pathlib
 import time
 
+import jax
 import numpy as np
 from absl import logging
 
 from compax import methods  # noqa: F401  (registers the analyses)
 from compax.analyses import Compared, Reference, check_analyses
+from compax.compress.registry import Variant
 from compax.errors import UserError
+from compax.population import population_chunk
 from compax.workdir import read_json, sha256_file, write_json_atomic
 
 
@@ -111,6 +114,32 @@ def analyse_population(config, dataset, model, original, models: dict, populatio
     logging.info("analysis seconds: %s", ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()))
     return {"variants": variants,
             "analysis_seconds": {k: round(v, 1) for k, v in seconds.items()}}, arrays
+
+
+def compare_populations(name: str, config, dataset, original: Variant, compressed: Variant,
+                        **settings) -> tuple[dict, dict]:
+    """(results, arrays) of the one analysis `name` of the population `compressed` against the
+    population `original`, as `analyse_population` gives them for a variant (without the other
+    analyses, nor kept parts). Both are `Variant`s: the flax module evaluating the population and
+    its `Compressed` with a leading member axis (member m of `compressed` is compared with member
+    m of `original`; `compressed.info["design"]`, "paired" by default, says whether it was
+    compressed from it). The settings are those of `config.analysis`, with `settings` replacing
+    some (e.g. ece_bins=10); each is checked as `--config.analysis.<key>` is."""
+    config = config.copy_and_resolve_references()
+    unknown = sorted(set(settings) - set(config.analysis))
+    if unknown:
+        raise UserError(f"unknown analysis setting {unknown[0]!r}: the settings are"
+                        f" {', '.join(k for k in config.analysis if k != 'analyses')}")
+    config.analysis.update({**settings, "analyses": name})
+    (analysis,) = check_analyses(config.analysis)
+    chunk = population_chunk(config.population_chunk,
+                             jax.tree.leaves(original.compressed)[0].shape[0])
+    ref = Reference(config, dataset, original.model, original.compressed, chunk)
+    analysis.prepare(ref)
+    variant = Compared("compressed", compressed.model, compressed.compressed,
+                       ref.predict(compressed.model, compressed.compressed),
+                       compressed.info.get("design", "paired"))
+    return analysis.compare(ref, variant)
 
 
 def _analysed(analyses, run) -> dict:

@@ -1,13 +1,17 @@
 """Target confidence, confidence change and calibration error against NumPy loops and torch."""
 
 import functools
+import types
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from compax.analyses import Compared
+from compax.analyses.calibration import Calibration
 from compax.analysis.calibration import (
     QUANTILE_LEVELS,
     calibration_bins,
@@ -111,6 +115,29 @@ def test_ece_and_mce_match_a_numpy_loop(logits):
     np.testing.assert_allclose(bins["confidence"], conf, atol=1e-6)
     np.testing.assert_allclose(bins["accuracy"], acc, atol=1e-6)
     assert count.sum() == N and (count == 0).any()  # some low-confidence bins are empty
+
+
+def test_the_calibration_analysis_reports_each_members_mce(logits):
+    labels, original, compressed = logits
+    members = (np.stack([original, 0.5 * original]), np.stack([compressed, 3.0 * compressed]))
+    ref = types.SimpleNamespace(labels=labels, logits=members[0],
+                                settings=ml_collections.ConfigDict({"ece_bins": M}))
+    analysis = Calibration()
+    analysis.prepare(ref)
+    baseline, _ = analysis.baseline(ref)
+    results, _ = analysis.compare(ref, Compared("compressed", None, None, members[1]))
+    mce = [np.array([maximum_calibration_error(z, labels, M) for z in population])
+           for population in members]
+    assert len(set(mce[0].tolist() + mce[1].tolist())) == 4  # four different members
+    np.testing.assert_allclose([baseline["mce"], baseline["mce_std"]], [mce[0].mean(), mce[0].std()],
+                               rtol=1e-6)
+    np.testing.assert_allclose([results["mce"], results["mce_std"]], [mce[1].mean(), mce[1].std()],
+                               rtol=1e-6)
+    np.testing.assert_allclose([results["delta_mce"], results["delta_mce_std"]],
+                               [(mce[1] - mce[0]).mean(), (mce[1] - mce[0]).std()], rtol=1e-5)
+    columns = analysis.columns(results)
+    assert columns["MCE"] == f"{mce[1].mean():.3f}"
+    assert columns["ΔMCE"] == f"{(mce[1] - mce[0]).mean():+.3f}"
 
 
 @pytest.mark.torch

@@ -110,9 +110,16 @@ class Reference:
 
     def predict(self, model, population) -> np.ndarray:
         """Test logits (P, N, C) of a population of `Compressed`."""
-        fn = make_predict(lambda c, x: apply_compressed(model, c, x), self.dataset.mean,
-                          self.dataset.std, self.config.eval_batch_size, self.chunk)
-        return fn(population, self.dataset.test.images)
+        return population_logits(model, population, self.dataset, self.config.eval_batch_size,
+                                 self.chunk)
+
+
+def population_logits(model, population, dataset: Dataset, batch_size: int, chunk: int) -> np.ndarray:
+    """Test logits (P, N, C) of `population`, a `Compressed` with a leading member axis evaluated
+    by the flax module `model`, `batch_size` images and `chunk` members at a time."""
+    fn = make_predict(lambda c, x: apply_compressed(model, c, x), dataset.mean, dataset.std,
+                      batch_size, chunk)
+    return fn(population, dataset.test.images)
 
 
 @dataclasses.dataclass

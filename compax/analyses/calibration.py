@@ -1,9 +1,10 @@
 """Confidence and calibration (Schwaiger et al. 2022; Mantowsky et al.; Guo et al. 2017).
 
-Per member: the expected calibration error (ECE) of the variant and its change against the original
-member, the change of the softmax confidence in the target class split by same / different
-prediction (summaries per member, reported as mean ± std over members), and reliability bins
-(accuracy per confidence bin) of every member, drawn as the member mean with member 0's
+Per member: the expected and the maximum calibration error (ECE, MCE; Guo et al. 2017, eqs. 3
+and 5) of the variant and their changes against the original member (results: means over members
+with their std), the change of the softmax confidence in the target class split by same /
+different prediction (summaries per member, reported as mean ± std over members), and reliability
+bins (accuracy per confidence bin) of every member, drawn as the member mean with member 0's
 confidence-change histogram kept as the example.
 """
 
@@ -40,11 +41,13 @@ class Calibration(Analysis):
                             f" {settings.ece_bins!r}")
 
     def _members(self, ref: Reference, logits: np.ndarray):
-        labels, bins = jnp.asarray(ref.labels), ref.settings.ece_bins
+        """(ECE (P,), MCE (P,), reliability bins (P, bins)) of every member's test `logits`."""
+        labels, bins, logits = jnp.asarray(ref.labels), ref.settings.ece_bins, jnp.asarray(logits)
         ece = jax.vmap(lambda z: calibration.expected_calibration_error(z, labels, bins))
+        mce = jax.vmap(lambda z: calibration.maximum_calibration_error(z, labels, bins))
         reliability = jax.vmap(lambda z: calibration.calibration_bins(z, labels, bins))
-        return np.asarray(ece(jnp.asarray(logits))), jax.tree.map(
-            np.asarray, reliability(jnp.asarray(logits)))
+        return (np.asarray(ece(logits)), np.asarray(mce(logits)),
+                jax.tree.map(np.asarray, reliability(logits)))
 
     def _arrays(self, reliability) -> dict:
         """Reliability bins as member means (accuracy over the members with samples in a bin)."""
@@ -59,15 +62,16 @@ class Calibration(Analysis):
                     "reliability_count": count.mean(0)}
 
     def prepare(self, ref):
-        self.ece, self.reliability = self._members(ref, ref.logits)
+        self.ece, self.mce, self.reliability = self._members(ref, ref.logits)
 
     def baseline(self, ref):
-        return ({"ece": float(self.ece.mean()), "ece_std": float(self.ece.std())},
+        return ({"ece": float(self.ece.mean()), "ece_std": float(self.ece.std()),
+                 "mce": float(self.mce.mean()), "mce_std": float(self.mce.std())},
                 self._arrays(self.reliability))
 
     def compare(self, ref: Reference, variant: Compared):
         labels = jnp.asarray(ref.labels)
-        ece, reliability = self._members(ref, variant.logits)
+        ece, mce, reliability = self._members(ref, variant.logits)
         changes = jax.vmap(lambda a, b: calibration.confidence_change(a, b, labels))(
             jnp.asarray(ref.logits), jnp.asarray(variant.logits))
         groups = {}
@@ -79,6 +83,9 @@ class Calibration(Analysis):
         results = {"ece": float(ece.mean()), "ece_std": float(ece.std()),
                    "delta_ece": float((ece - self.ece).mean()),
                    "delta_ece_std": float((ece - self.ece).std()),
+                   "mce": float(mce.mean()), "mce_std": float(mce.std()),
+                   "delta_mce": float((mce - self.mce).mean()),
+                   "delta_mce_std": float((mce - self.mce).std()),
                    "confidence_diff": groups}
         arrays = {"confidence_diff": np.asarray(changes["diff"][0]),
                   "same_prediction": np.asarray(changes["same_prediction"][0]),
@@ -88,7 +95,8 @@ class Calibration(Analysis):
     def columns(self, results):
         conf = ((results.get("confidence_diff") or {}).get("all") or {}).get("members", {})
         return {"confidence Δ pp": fmt_mean_std(conf.get("mean"), 2, 100, True),
-                "ECE": fmt(results.get("ece"), 3), "ΔECE": fmt(results.get("delta_ece"), 3, True)}
+                "ECE": fmt(results.get("ece"), 3), "ΔECE": fmt(results.get("delta_ece"), 3, True),
+                "MCE": fmt(results.get("mce"), 3), "ΔMCE": fmt(results.get("delta_mce"), 3, True)}
 
     def report(self, page, results, arrays):
         from compax.report import figures
@@ -103,9 +111,11 @@ class Calibration(Analysis):
             different = ((v.get("confidence_diff") or {}).get("different") or {}).get("members", {})
             rows.append([variant, f"{fmt(v.get('ece'), 3)} ± {fmt(v.get('ece_std'), 3)}",
                          f"{fmt(v.get('delta_ece'), 3, True)} ± {fmt(v.get('delta_ece_std'), 3)}",
+                         f"{fmt(v.get('mce'), 3)} ± {fmt(v.get('mce_std'), 3)}",
+                         f"{fmt(v.get('delta_mce'), 3, True)} ± {fmt(v.get('delta_mce_std'), 3)}",
                          fmt_mean_std(members.get("mean"), 2, 100, True),
                          fmt_mean_std(different.get("mean"), 2, 100, True),
                          fmt_mean_std(different.get("count"), 1)])
-        page.table(self.title, ["variant", "ECE", "ΔECE", "confidence Δ pp (all)",
+        page.table(self.title, ["variant", "ECE", "ΔECE", "MCE", "ΔMCE", "confidence Δ pp (all)",
                                 "confidence Δ pp (changed predictions)", "changed predictions"],
                    rows, "Calibration over members (mean ± std)")

@@ -265,6 +265,13 @@ def variant_recipes(names) -> dict[str, tuple[Step, ...]]:
     return recipes
 
 
+def variant_recipe(entry: str) -> tuple[str, tuple[Step, ...]]:
+    """(name, steps) of one `compress.variants` entry: a registered name or `name=recipe` text
+    (checked as `variant_recipes` checks them)."""
+    ((name, steps),) = variant_recipes([entry]).items()
+    return name, steps
+
+
 def describe(steps: tuple[Step, ...]) -> str:
     """Recipe text with every setting spelled out (what results.json records)."""
     return "+".join(s.describe() for s in steps) or "(uncompressed)"

@@ -51,23 +51,28 @@ class Compressed:
 
 def compress(variant: str, model, variables, calib_images=None, masks=None, *,
              reduce_range: bool = True, observer: str = "histogram") -> Compressed:
-    """The registered `variant` (`registry.RECIPES`) of one model.
+    """The `variant` of one model: a registered name (`registry.RECIPES`) or `name=recipe` text,
+    e.g. `p70=l1_global(amount=0.7)+quantize(weight_bits=4)`.
 
-    Quantizing recipes calibrate on `calib_images` (normalised training images); `masks` (from
-    `prune.py`) are required by the recipes that prune and replace the masks they would compute,
-    so that a recipe with amount=searched runs outside a population run; `reduce_range` and
-    `observer` configure activation quantization (see `ptq.QuantConfig`).
+    Quantizing recipes calibrate on `calib_images` (normalised training images). `masks` (from
+    `prune.py`) replace the masks that the pruning steps would compute; a recipe that prunes at
+    amount=searched needs them (the level is searched on a population run), and recipes that do
+    not prune take none. `reduce_range` and `observer` configure activation quantization (see
+    `ptq.QuantConfig`).
     """
     from compax import methods  # noqa: F401  (registers the steps)
     from compax.compress import registry
     from compax.config import base_config
     from compax.errors import UserError
 
-    recipe = registry.variant_recipes([variant])[variant]
-    prunes = any(getattr(s, "prunes", False) for s in recipe)
-    if prunes != (masks is not None):
-        raise UserError(f"variant {variant} {'needs' if masks is None else 'takes no'} masks: "
-                        "pass masks to the pruning variants only")
+    name, recipe = registry.variant_recipe(variant)
+    pruning = [s for s in recipe if getattr(s, "prunes", False)]
+    if masks is not None and not pruning:
+        raise UserError(f"variant {name} takes no masks: pass masks to the pruning variants only")
+    if masks is None and any(s.amount == "searched" for s in pruning):
+        raise UserError(f"variant {name} prunes at amount=searched, a level searched on a"
+                        " population: pass its masks (compax.compress.global_l1_masks), or give"
+                        " the step a fixed amount, e.g. l1_global(amount=0.5)")
     config = base_config()
     config.compress.reduce_range, config.compress.observer = reduce_range, observer
     # Shapes only (e.g. from jax.eval_shape) give the variant's shapes and static data.
