@@ -7,17 +7,22 @@ has no data for it (the analysis was not enabled). Nothing here computes an anal
 import pathlib
 
 import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import numpy as np
+from matplotlib.figure import Figure
 
 DPI = 110
 
 
+def _subplots(*grid, figsize=None, layout=None, **options):
+    """(figure, axes) as `matplotlib.pyplot.subplots` gives them, on a `Figure` that pyplot does
+    not manage: no backend is chosen or changed, nothing opens a window or shows up inline in a
+    notebook that imports compax, and nothing needs closing."""
+    fig = Figure(figsize=figsize, layout=layout)
+    return fig, fig.subplots(*grid, **options)
+
+
 def _save(fig, directory: pathlib.Path, name: str) -> str:
     fig.savefig(directory / name, dpi=DPI, bbox_inches="tight")
-    plt.close(fig)
     return name
 
 
@@ -30,7 +35,7 @@ def sparsity_search(directory, results) -> str | None:
     search = results.get("sparsity_search")
     if not search:
         return None
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, ax = _subplots(figsize=(6, 3.5))
     ax.plot(100 * np.asarray(search["levels"]), 100 * np.asarray(search["val_accuracy"]), "-")
     ax.axhline(100 * search["baseline_val_accuracy"], color="grey", ls="--", label="uncompressed")
     ax.axhline(100 * search["baseline_val_accuracy"] - search["tolerance_pp"], color="grey", ls=":",
@@ -50,7 +55,7 @@ def confusion_change(directory, arrays, variant, class_names) -> str | None:
     change = arrays[key]
     limit = max(float(np.abs(change).max()), 0.1)
     size = 3 + 0.14 * len(class_names)
-    fig, ax = plt.subplots(figsize=(size, size * 0.85))
+    fig, ax = _subplots(figsize=(size, size * 0.85))
     image = ax.imshow(change, cmap="RdBu_r", vmin=-limit, vmax=limit)
     ax.set(xlabel="predicted class", ylabel="true class",
            title=f"{variant}: confusion change (pp)")
@@ -63,7 +68,7 @@ def confusion_change(directory, arrays, variant, class_names) -> str | None:
 
 def _grouped_bars(directory, name, series: dict, class_names, ylabel: str, title: str) -> str:
     """One bar per class and series (variant), side by side."""
-    fig, ax = plt.subplots(figsize=(max(6, 0.22 * len(class_names) * len(series) ** 0.5), 3.5))
+    fig, ax = _subplots(figsize=(max(6, 0.22 * len(class_names) * len(series) ** 0.5), 3.5))
     width = 0.8 / len(series)
     for i, (label, values) in enumerate(series.items()):
         ax.bar(np.arange(len(class_names)) + i * width, values, width, label=label)
@@ -89,7 +94,7 @@ def confidence_histograms(directory, results, arrays) -> str | None:
     variants = [v for v in compressed_variants(results) if f"{v}.confidence_diff" in arrays]
     if not variants:
         return None
-    fig, axes = plt.subplots(1, len(variants), figsize=(3.2 * len(variants), 3), squeeze=False)
+    fig, axes = _subplots(1, len(variants), figsize=(3.2 * len(variants), 3), squeeze=False)
     bins = np.linspace(-1, 1, 41)
     for ax, v in zip(axes[0], variants, strict=True):
         diff, same = arrays[f"{v}.confidence_diff"], arrays[f"{v}.same_prediction"].astype(bool)
@@ -106,7 +111,7 @@ def reliability(directory, results, arrays) -> str | None:
     names = [v for v in results["variants"] if f"{v}.reliability_accuracy" in arrays]
     if not names:
         return None
-    fig, axes = plt.subplots(1, len(names), figsize=(2.6 * len(names), 2.8), squeeze=False)
+    fig, axes = _subplots(1, len(names), figsize=(2.6 * len(names), 2.8), squeeze=False)
     for ax, v in zip(axes[0], names, strict=True):
         accuracy, confidence = arrays[f"{v}.reliability_accuracy"], arrays[f"{v}.reliability_confidence"]
         count = arrays[f"{v}.reliability_count"]
@@ -126,7 +131,7 @@ def mad_distribution(directory, results, arrays, method="saliency") -> str | Non
     variants = [v for v in compressed_variants(results) if f"{v}.{method}_mad" in arrays]
     if not variants:
         return None
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, ax = _subplots(figsize=(6, 3.5))
     top = max(float(arrays[f"{v}.{method}_mad"].max()) for v in variants)
     bins = np.linspace(0, max(top, 1e-3), 50)
     for v in variants:
@@ -149,7 +154,7 @@ def attention_grid(directory, arrays, variant, images, method="saliency", column
     n = len(index)
     columns = min(columns, n)
     blocks = -(-n // columns)
-    fig, axes = plt.subplots(3 * blocks, columns, figsize=(1.3 * columns, 1.35 * 3 * blocks),
+    fig, axes = _subplots(3 * blocks, columns, figsize=(1.3 * columns, 1.35 * 3 * blocks),
                              squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
@@ -173,7 +178,7 @@ def attention_side_by_side(directory, results, arrays, images, method="saliency"
     if len(names) < 2:
         return None
     index = arrays[f"baseline.{method}_showcase_index"]
-    fig, axes = plt.subplots(len(index), len(names) + 1,
+    fig, axes = _subplots(len(index), len(names) + 1,
                              figsize=(1.25 * (len(names) + 1), 1.3 * len(index)), squeeze=False)
     for r, i in enumerate(index):
         axes[r][0].imshow(images[i])
@@ -191,12 +196,12 @@ def tsne(directory, results, arrays, class_names) -> str | None:
     names = [v for v in results["variants"] if f"{v}.tsne" in arrays]
     if not names:
         return None
-    fig, axes = plt.subplots(1, len(names), figsize=(3 * len(names), 3), squeeze=False)
+    fig, axes = _subplots(1, len(names), figsize=(3 * len(names), 3), squeeze=False)
     for ax, v in zip(axes[0], names, strict=True):
         xy, labels = arrays[f"{v}.tsne"], arrays[f"{v}.tsne_labels"]
         for j, c in enumerate(np.unique(labels)):
             keep = labels == c
-            ax.scatter(xy[keep, 0], xy[keep, 1], s=3, color=plt.cm.tab10(j % 10),
+            ax.scatter(xy[keep, 0], xy[keep, 1], s=3, color=matplotlib.colormaps["tab10"](j % 10),
                        label=class_names[c])
         score = results["variants"][v].get("tsne_silhouette")
         ax.set(title=f"{v}" + (f"\nsilhouette {score:.3f}" if score is not None else ""),
@@ -221,7 +226,7 @@ def example_images(directory, images, index, name, titles=None, columns=10) -> s
         return None
     index = index[:columns * 3]
     rows = -(-len(index) // columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(1.1 * columns, 1.2 * rows), squeeze=False)
+    fig, axes = _subplots(rows, columns, figsize=(1.1 * columns, 1.2 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for k, i in enumerate(index):
@@ -249,7 +254,7 @@ def population_spread(directory, results, key: str, label: str, name: str) -> st
             if isinstance(r.get(key), list) and r[key]]
     if not rows:
         return None
-    fig, ax = plt.subplots(figsize=(max(4, 0.8 * len(rows)), 3))
+    fig, ax = _subplots(figsize=(max(4, 0.8 * len(rows)), 3))
     for i, (_, values) in enumerate(rows):
         ax.plot(np.full(len(values), i), values, ".", color="grey", ms=4)
         ax.errorbar(i, np.nanmean(values), np.nanstd(values), fmt="o", color="C3", capsize=4)
@@ -265,7 +270,7 @@ def level_trends(directory, families: dict) -> str | None:
     families = {label: points for label, points in families.items() if len(points) >= 2}
     if not families:
         return None
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2), layout="constrained")
+    fig, axes = _subplots(1, 2, figsize=(9, 3.2), layout="constrained")
     draw_level_trends(axes, families)
     return _save(fig, directory, "level_trends.png")
 
@@ -296,7 +301,7 @@ def pie_accuracy(directory, rows: dict) -> str | None:
         return None
     names, values = list(rows), np.asarray(list(rows.values()), float)
     x = np.arange(len(names))
-    fig, axes = plt.subplots(1, 2, figsize=(max(6, 0.9 * len(names)), 3.2))
+    fig, axes = _subplots(1, 2, figsize=(max(6, 0.9 * len(names)), 3.2))
     for ax, (a, b), title in ((axes[0], (0, 1), "original accuracy"),
                               (axes[1], (2, 3), "accuracy drop after compression")):
         ax.bar(x - 0.2, 100 * values[:, a], 0.4, label="on CIEs")
