@@ -264,11 +264,10 @@ def untestable_classes(labels, preds_original, preds_compressed, num_classes: in
     correct_compressed = _correct_per_class(labels, preds_compressed, num_classes)
     if paired:
         return np.all(correct_original == correct_compressed, axis=0)
+    if len(correct_original) == len(correct_compressed):
+        return np.all(np.sort(correct_original, axis=0) == np.sort(correct_compressed, axis=0), axis=0)
     constant = (np.ptp(correct_original, axis=0) == 0) & (np.ptp(correct_compressed, axis=0) == 0)
-    same_constant = constant & (correct_original[0] == correct_compressed[0])
-    if len(correct_original) != len(correct_compressed):
-        return same_constant
-    return np.all(np.sort(correct_original, axis=0) == np.sort(correct_compressed, axis=0), axis=0)
+    return constant & (correct_original[0] == correct_compressed[0])
 
 
 def impacted_classes(labels, preds_original, preds_compressed, num_classes: int, alpha: float = 0.05,
@@ -522,14 +521,12 @@ def pie_claims(labels, preds_original, preds_compressed, num_classes: int, train
     if min(len(preds_original), len(preds_compressed)) >= 4:
         found = cie_mask(preds_original[0::2], preds_compressed[0::2])
         result["held_out"] = split(found, preds_original[1::2], preds_compressed[1::2])
-    def correct(preds):  # correct predictions per class, summed over members
-        return sum(np.bincount(labels[p == labels], minlength=num_classes) for p in preds)
-
     # The subtracted mean accuracies are one constant for all classes: ranks as the recall change,
     # computed from integer counts so that equal changes tie exactly (P = P' here).
     if len(preds_original) == len(preds_compressed):
         with np.errstate(invalid="ignore", divide="ignore"):
-            change = ((correct(preds_compressed) - correct(preds_original))
+            change = ((_correct_per_class(labels, preds_compressed, num_classes).sum(0)
+                       - _correct_per_class(labels, preds_original, num_classes).sum(0))
                       / (len(preds_original) * np.bincount(labels, minlength=num_classes)))
     else:
         change = (np.asarray(class_accuracy(labels, preds_compressed, num_classes), np.float64).mean(0)
