@@ -169,6 +169,11 @@ def test_untestable_classes_pair_members_or_compare_multisets():
     np.testing.assert_array_equal(
         hooker.untestable_classes(labels, original, np.concatenate([swapped, swapped[:1]]), 3,
                                   paired=False), [True, False, False])
+    # A class without test samples has no recall: untested (NaN), but not called untestable.
+    result = hooker.impacted_classes(labels, original, swapped, 4, test="paired_t")
+    assert np.isnan(result["p"][3]) and result["untestable_classes"] == [0]
+    np.testing.assert_array_equal(hooker.untestable_classes(labels, original, swapped, 4, paired=False),
+                                  [True, False, True, False])
 
 
 @pytest.mark.parametrize("normalization", ["subtract", "ratio"])

@@ -257,17 +257,22 @@ def untestable_classes(labels, preds_original, preds_compressed, num_classes: in
     Counts of correct predictions are compared, so "unchanged" is exact. A variance taken from the
     binomial sampling of the test set would not rescue these classes: at recall 0 or 1, the usual
     case (a class every member gets right, or none does), it is zero too. A class without test
-    samples is untested anyway (NaN). Untestable classes are left out of the tests and of the
-    multiple-testing family and are listed apart (`impacted_classes`).
+    samples has no recall: it is untested (NaN) for that reason and not marked here. Untestable
+    classes are left out of the tests and of the multiple-testing family and are listed apart
+    (`impacted_classes`).
     """
     correct_original = _correct_per_class(labels, preds_original, num_classes)
     correct_compressed = _correct_per_class(labels, preds_compressed, num_classes)
+    has_samples = np.bincount(labels, minlength=num_classes) > 0
     if paired:
-        return np.all(correct_original == correct_compressed, axis=0)
-    if len(correct_original) == len(correct_compressed):
-        return np.all(np.sort(correct_original, axis=0) == np.sort(correct_compressed, axis=0), axis=0)
-    constant = (np.ptp(correct_original, axis=0) == 0) & (np.ptp(correct_compressed, axis=0) == 0)
-    return constant & (correct_original[0] == correct_compressed[0])
+        unchanged = np.all(correct_original == correct_compressed, axis=0)
+    elif len(correct_original) == len(correct_compressed):
+        unchanged = np.all(np.sort(correct_original, axis=0) == np.sort(correct_compressed, axis=0),
+                           axis=0)
+    else:
+        constant = (np.ptp(correct_original, axis=0) == 0) & (np.ptp(correct_compressed, axis=0) == 0)
+        unchanged = constant & (correct_original[0] == correct_compressed[0])
+    return unchanged & has_samples
 
 
 def impacted_classes(labels, preds_original, preds_compressed, num_classes: int, alpha: float = 0.05,
