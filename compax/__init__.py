@@ -64,11 +64,11 @@ def compress_model(recipe, model, variables, calib_images=None, masks=None, **qu
     Quantizing recipes calibrate on `calib_images` (normalised training images). `masks` (True =
     kept, from `compax.compress.global_l1_masks`) replace those pruning would compute; a recipe
     that prunes at amount=searched needs them. `quantization`: `reduce_range`, `observer` (see
-    `compax.compress.variants.compress`, which this calls).
+    `compax.one_model.compress`, which this calls).
 
     >>> import compax
     >>> from compax.data import normalize
-    >>> from compax.population import take_members
+    >>> from compax.member_vmap import take_members
     >>> run = compax.load_run("runs/quickstart")
     >>> member = take_members(run.original, 0)
     >>> calib = normalize(run.dataset.train.images[:64], run.dataset.mean, run.dataset.std)
@@ -80,7 +80,7 @@ def compress_model(recipe, model, variables, calib_images=None, masks=None, **qu
     >>> bool((kernel == 0).mean() > 0.7)
     True
     """
-    from compax.compress.variants import compress
+    from compax.one_model import compress
 
     return compress(recipe, model, variables, calib_images, masks, **quantization)
 

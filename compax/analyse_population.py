@@ -23,11 +23,11 @@ import jax
 import numpy as np
 from absl import logging
 
-from compax import methods  # noqa: F401  (registers the analyses)
+from compax import registrations  # noqa: F401  (registers the analyses)
 from compax.analyses import Compared, Reference, check_analyses
 from compax.compress.registry import Variant
 from compax.errors import UserError
-from compax.population import population_chunk
+from compax.member_vmap import population_chunk
 from compax.workdir import read_json, sha256_file, write_json_atomic
 
 

@@ -29,7 +29,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from compax import methods  # noqa: F401  (registers the compression steps)
+from compax import registrations  # noqa: F401  (registers the compression steps)
 from compax.compress import (
     Compressed,
     apply_compressed,
@@ -45,8 +45,8 @@ from compax.compress.sweep import select_max_sparsity, sparsity_sweep
 from compax.data import Dataset, normalize
 from compax.distributed import to_host
 from compax.errors import UserError
+from compax.member_vmap import chunked_vmap, loss_and_accuracy, make_predict, model_apply, take_members
 from compax.models import count_params
-from compax.population import chunked_vmap, loss_and_accuracy, make_predict, model_apply, take_members
 from compax.stages import stage_config
 from compax.train.retrain import tree_digest
 

@@ -7,7 +7,7 @@ and the types are checked (`ml_collections`).
 import ml_collections
 from ml_collections import config_dict
 
-from compax import methods  # noqa: F401  (registers the analyses, whose settings are keys here)
+from compax import registrations  # noqa: F401  (registers the analyses, whose settings are keys here)
 from compax.analyses import ANALYSES
 from compax.models import cpu_size
 
@@ -29,7 +29,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.seed = 0
     c.population = 1
     # Members vmapped together; 0: automatic (all on accelerators, one at a time on the CPU;
-    # training on one CPU: all in one program, 4 at a time, `compax.population.train_chunking`).
+    # training on one CPU: all in one program, 4 at a time, `compax.member_vmap.train_chunking`).
     c.population_chunk = 0
     c.batch_size = 128
     c.eval_batch_size = 1000

@@ -68,8 +68,8 @@ from compax.compress_population import abstract_variants, compress_population
 from compax.data import Dataset, load_dataset
 from compax.distributed import is_main_process
 from compax.errors import UserError
+from compax.member_vmap import loss_and_accuracy, make_predict, model_apply, population_chunk, take_members
 from compax.models import count_params, get_model
-from compax.population import loss_and_accuracy, make_predict, model_apply, population_chunk, take_members
 from compax.report import write_report
 from compax.stages import STAGES, StageRecords, parse_stages, write_json_atomic
 from compax.train import fit

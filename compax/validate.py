@@ -113,7 +113,7 @@ RULES: dict[str, Rule] = {
     "analysis.analyses": text,  # its settings: each analysis's `check` (compax/analyses)
     "stages": text,
 }
-# The t-SNE perplexity (compax/analysis/embeddings.py): its sample count must exceed it.
+# The t-SNE perplexity (compax/measure/embeddings.py): its sample count must exceed it.
 TSNE_PERPLEXITY = 30
 
 
@@ -196,7 +196,7 @@ def _check_exclude_leaves_weights(exclude: str, model_name: str, width) -> None:
 def _check_names(config: ml_collections.ConfigDict) -> None:
     """Names checked against what compax has: datasets, models, stages, observers, and the
     registries' variants (their steps and settings) and analyses (their settings)."""
-    from compax import methods  # noqa: F401  (fills the registries)
+    from compax import registrations  # noqa: F401  (fills the registries)
     from compax.analyses import check_analyses
     from compax.compress.ptq import OBSERVERS
     from compax.compress.registry import variant_recipes

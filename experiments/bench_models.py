@@ -23,7 +23,9 @@ last line is one JSON object: {"gemm_gflops": {"numpy", "torch", "best"}, "model
 
 import json
 import os
+import pathlib
 import platform
+import sys
 import time
 
 import numpy as np
@@ -32,7 +34,9 @@ from absl import app, flags
 # experiments/ is the script's directory. bench_train defines --batch_size (128), --steps and
 # --repeats (3), used here too, with 10 steps per round by default.
 from bench_train import _BATCH, _REPEATS, _STEPS, compax_runner, interleaved_seconds_per_step
-from torch_twins import torch_runners
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # the repository root
+from torch_reference.runners import torch_runners  # noqa: E402
 
 flags.FLAGS.set_default("steps", 10)
 _MODELS = flags.DEFINE_list("models", None, "Models to time (default: every registered one).")
@@ -187,7 +191,7 @@ def main(argv):
         rows.append(row)
         print(f"{name} x{width:g} ({flops / 1e6:.1f} MFLOP/image forward)"
               + (":" if twin is not None else ", compax only (no torch, or no twin of the model in "
-                 "tests/torch_models.py):"))
+                 "torch_reference/models.py):"))
         print(f"  train  compax {row['compax_train_img_s']:8.0f} img/s"
               f" (XLA conv {row['compax_xla_conv_train_img_s']:8.0f})"
               + ("" if twin is None else f"  PyTorch {row['torch_train_img_s']:8.0f}"

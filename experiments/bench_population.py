@@ -13,7 +13,7 @@ machine hits all of them:
          one program, vmapped `CPU_MEMBER_GROUP` members at a time; on accelerators all members
          unless they do not fit in memory) and `steps_per_call(steps)` steps per call;
   loop   a Python loop over the members, each calling a single-member jit-compiled step;
-  torch  PyTorch's twin of the model (experiments/torch_twins.py), one model (images/s), if installed:
+  torch  PyTorch's twin of the model (torch_reference/runners.py), one model (images/s), if installed:
          the faster of one thread and one per core (torch_1, torch_all), as OpenMP's spinning
          threads on a loaded machine can make PyTorch's default 30x slower.
 The last line is one JSON object: speedup_vmap_vs_loop, speedup_auto_vs_loop (LeNet-5) and
@@ -23,11 +23,15 @@ measurement per model.
 
 import json
 import os
+import pathlib
 import platform
+import sys
 import time
 
 from absl import app, flags
-from torch_twins import torch_runners  # experiments/ is the script's directory
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # the repository root
+from torch_reference.runners import torch_runners  # noqa: E402
 
 _SIZES = flags.DEFINE_list("sizes", ["1", "4", "16", "32"], "Population sizes.")
 _BATCH = flags.DEFINE_integer("batch_size", 128, "Images per step and member.")
@@ -60,8 +64,8 @@ def population_rates(model_name: str, size: int, batch: int, steps: int, repeats
     import ml_collections
     import numpy as np
 
+    from compax.member_vmap import take_members, train_chunking
     from compax.models import get_model
-    from compax.population import take_members, train_chunking
     from compax.train import init_population, make_optimizer
     from compax.train.population import AUGMENT, DATA, DROPOUT, member_keys
     from compax.train.steps import epoch_order, make_train_step, make_train_steps, steps_per_call

@@ -2,7 +2,7 @@
 
 python experiments/bench_saliency.py [--workdir=runs/gtsrb_lenet] [--batch_size=256] [--repeats=2]
 
-Times `compax.analysis.saliency_maps` (|d y_t / d x|, max over colour channels, normalised per
+Times `compax.measure.saliency_maps` (|d y_t / d x|, max over colour channels, normalised per
 image; Simonyan et al. 2014, as Schwaiger et al. 2022 use it) for every image of the test set and
 the study's variants float32, pruned, w8a8, w4a8 and pruned_w8a8 of one LeNet-5 (member 0 of a
 finished `launch.py` run given by --workdir, else a freshly initialised one; the timing does not
@@ -29,19 +29,19 @@ import ml_collections
 import numpy as np
 from absl import app, flags
 
-from compax.analysis.saliency import saliency_maps
-from compax.compress import compress
 from compax.compress.prune import global_l1_masks
 from compax.compress_population import calibration_images
 from compax.config import base_config
 from compax.data import load_dataset, normalize
+from compax.measure.saliency import saliency_maps
+from compax.member_vmap import take_members
 from compax.models import get_model
-from compax.population import take_members
+from compax.one_model import compress
 from compax.train import fit
 
 # The PyTorch reference models live with the tests (test-only code, outside the package).
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from tests.torch_models import torch_twin  # noqa: E402
+from torch_reference.models import torch_twin  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Workdir of a finished LeNet-5 GTSRB run (optional).")
 _BATCH = flags.DEFINE_integer("batch_size", 256, "Images per saliency batch (compax and PyTorch).")

@@ -12,11 +12,15 @@ compax_pop8_img_model_s, torch_img_s (null without torch), ratio_compax_vs_torch
 
 import json
 import os
+import pathlib
 import platform
+import sys
 import time
 
 from absl import app, flags
-from torch_twins import torch_runners  # experiments/ is the script's directory
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # the repository root
+from torch_reference.runners import torch_runners  # noqa: E402
 
 _BATCH = flags.DEFINE_integer("batch_size", 128, "Images per step and model.")
 _STEPS = flags.DEFINE_integer("steps", 60, "Timed steps per repeat.")
@@ -61,8 +65,8 @@ def compax_runner(population: int, chunk: int, images, labels, mean, std, batch:
     import jax.numpy as jnp
     import ml_collections
 
+    from compax.member_vmap import population_chunk
     from compax.models import get_model
-    from compax.population import population_chunk
     from compax.train import init_population, make_optimizer
     from compax.train.population import AUGMENT, DATA, DROPOUT, member_keys, variables_of
     from compax.train.steps import epoch_order, make_train_step

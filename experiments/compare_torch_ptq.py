@@ -22,12 +22,12 @@ from absl import app, flags
 
 from compax.compress_population import calibration_images
 from compax.data import load_dataset, normalize
-from compax.population import take_members
+from compax.member_vmap import take_members
 from compax.train import fit
 
 # The PyTorch reference models live with the tests (test-only code, outside the package).
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from tests.torch_ref import compare_with_torch_ptq  # noqa: E402
+from torch_reference.quantization import compare_with_torch_ptq  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Workdir of a finished LeNet-5 or SqueezeNet run.",
                                 required=True)

@@ -11,7 +11,7 @@ head, ReLU(1x1 conv) then the global average, a class whose conv output is negat
 position of an image gets logit 0 and no gradient from that image; negative for every training
 image, it never comes back (constant on the validation images, it still can, through training
 images that reach it). With --torch the same
-architecture in PyTorch (experiments/torch_twins.py, torchvision's SqueezeNet initialisation:
+architecture in PyTorch (torch_reference/runners.py, torchvision's SqueezeNet initialisation:
 Kaiming-uniform convolutions, classifier N(0, 0.01), zero biases) trains alike on the same
 images: the check that the deaths are the architecture's and not compax's. The last line is one
 JSON object: per framework and model, per epoch, validation accuracy, classes predicted, dead
@@ -22,6 +22,7 @@ import json
 import pathlib
 import platform
 import shutil
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -77,7 +78,8 @@ def compax_run(name: str, dataset, workdir: pathlib.Path) -> list[dict]:
 def torch_run(name: str, dataset) -> list[dict]:
     """The same with the PyTorch twin (torchvision's initialisation), seed 0."""
     import torch
-    from torch_twins import torch_model  # experiments/ is the script's directory
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # the repository root
+    from torch_reference.runners import torch_model
 
     torch.manual_seed(0)
     model = torch_model(name, _WIDTH.value, dataset.num_classes, torchvision_init=True)

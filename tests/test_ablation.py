@@ -8,13 +8,14 @@ import numpy as np
 import optax
 import pytest
 
-from compax.compress import apply_compressed, compress
+from compax.compress import apply_compressed
+from compax.compress.methods.ablation import _EvalModeModel, ablate, ablated_model, head_layers, transfer_body
 from compax.data import normalize
 from compax.errors import UserError
+from compax.member_vmap import model_apply, take_members
 from compax.models import get_model, init_variables, model_class
 from compax.models.layers import scaled
-from compax.population import model_apply, take_members
-from compax.train.ablation import _EvalModeModel, ablate, ablated_model, head_layers, transfer_body
+from compax.one_model import compress
 from compax.train.population import INIT, member_keys
 from compax.train.steps import epoch_order, make_train_step
 from tests.helpers import tiny_dataset

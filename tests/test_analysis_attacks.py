@@ -14,7 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.special import softmax
 
-from compax.analysis.attacks import (
+from compax.errors import UserError
+from compax.measure.attacks import (
     attack_population,
     attack_seconds_per_sample,
     attack_summary,
@@ -24,10 +25,9 @@ from compax.analysis.attacks import (
     pixel_space_apply,
     true_class_margin,
 )
-from compax.compress import compress
-from compax.errors import UserError
+from compax.member_vmap import take_members
 from compax.models import get_model
-from compax.population import take_members
+from compax.one_model import compress
 from tests.helpers import tiny_dataset
 from tests.test_ablation import random_population
 from tests.test_prune import random_variables

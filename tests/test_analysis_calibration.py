@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 
 from compax.analyses import Compared
 from compax.analyses.calibration import Calibration
-from compax.analysis.calibration import (
+from compax.errors import UserError
+from compax.measure.calibration import (
     QUANTILE_LEVELS,
     calibration_bins,
     confidence_bins,
@@ -21,7 +22,6 @@ from compax.analysis.calibration import (
     maximum_calibration_error,
     target_confidence,
 )
-from compax.errors import UserError
 
 C = 43
 N = 2000

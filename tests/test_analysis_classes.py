@@ -12,7 +12,8 @@ from hypothesis.extra import numpy as hnp
 from scipy import stats
 from sklearn import metrics
 
-from compax.analysis.classes import (
+from compax.errors import UserError
+from compax.measure.classes import (
     class_accuracy_change_pp,
     class_report,
     compare_classes,
@@ -23,7 +24,6 @@ from compax.analysis.classes import (
     prediction_flips,
     row_normalized,
 )
-from compax.errors import UserError
 
 C = 43
 N = 3000

@@ -8,17 +8,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from compax.analysis.embeddings import (
+from compax.errors import UserError
+from compax.measure.embeddings import (
     cluster_separation,
     penultimate_features,
     select_classes,
     tsne_embedding,
 )
-from compax.analysis.taps import apply_with_taps
-from compax.compress import compress
-from compax.errors import UserError
+from compax.measure.taps import apply_with_taps
+from compax.member_vmap import chunked_vmap
 from compax.models import get_model
-from compax.population import chunked_vmap
+from compax.one_model import compress
 from tests.test_analysis_saliency import N, lenet_setup
 from tests.test_prune import random_variables
 

@@ -6,13 +6,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from compax.analysis.gradcam import grad_cam
-from compax.analysis.saliency import heatmap_correlation
-from compax.analysis.taps import apply_with_taps, tap_points
-from compax.compress import apply_compressed, compress, fake_quant
+from compax.compress import apply_compressed, fake_quant
 from compax.errors import UserError
+from compax.measure.gradcam import grad_cam
+from compax.measure.saliency import heatmap_correlation
+from compax.measure.taps import apply_with_taps, tap_points
+from compax.member_vmap import chunked_vmap
 from compax.models import get_model, init_variables
-from compax.population import chunked_vmap
+from compax.one_model import compress
 from tests.test_analysis_saliency import N, lenet_setup, torch_twin
 from tests.test_prune import random_variables
 

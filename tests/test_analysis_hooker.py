@@ -1,4 +1,4 @@
-"""Hooker et al. population statistics against NumPy loops and SciPy (`compax/analysis/hooker.py`)."""
+"""Hooker et al. population statistics against NumPy loops and SciPy (`compax/measure/hooker.py`)."""
 
 import json
 
@@ -8,8 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats
 
-from compax.analysis import hooker
 from compax.errors import UserError
+from compax.measure import hooker
 
 CLASSES = 43
 PER_CLASS = 46  # 1,978 test samples, about GTSRB's smallest test classes

@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from scipy import stats
 
-from compax.analysis.saliency import (
+from compax.errors import UserError
+from compax.measure.saliency import (
     compare_saliency,
     heatmap_correlation,
     mean_absolute_deviation,
@@ -19,12 +20,11 @@ from compax.analysis.saliency import (
     roi_saliency_mass,
     saliency_maps,
 )
-from compax.compress import compress
-from compax.errors import UserError
+from compax.member_vmap import chunked_vmap
 from compax.models import get_model
-from compax.population import chunked_vmap
+from compax.one_model import compress
 from tests.test_prune import random_variables
-from tests.torch_models import torch_twin
+from torch_reference.models import torch_twin
 
 CLASSES = 43
 N = 6

@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from compax import methods  # noqa: F401  (registers the steps)
-from compax.compress import apply_compressed, compress, int8_apply, registry, size_bytes
+from compax import registrations  # noqa: F401  (registers the steps)
+from compax.compress import apply_compressed, int8_apply, registry, size_bytes
 from compax.compress.observers import (
     affine_qparams,
     choose_qparams,
@@ -21,6 +21,7 @@ from compax.compress.size import storage_bytes
 from compax.config import base_config
 from compax.errors import UserError
 from compax.models import get_model
+from compax.one_model import compress
 from tests.test_prune import random_variables
 
 TEST = 300  # images[:TEST] calibrate, images[TEST:] are evaluated
@@ -51,7 +52,7 @@ def test_dynamic_int8_agrees_with_torch_quantize_dynamic(lenet, images):
     over the call's 300 images, quint8 with reduce_range (scale max / 127 after ReLU); the
     convolutions in float in both."""
     pytest.importorskip("torch")
-    from tests.torch_ref import torch_dynamic
+    from torch_reference.quantization import torch_dynamic
 
     model, variables = lenet
     x = images[TEST:]
@@ -212,7 +213,7 @@ def test_batchwise_histogram_equals_torchs_histogram_observer(kind):
 def test_a_padded_last_batch_leaves_dynamic_ranges_to_the_real_images(lenet, images):
     """make_predict pads its last batch with copies of the last image, so per-call activation
     ranges, and so the dynamic-int8 logits of the real images, are those of the real images alone."""
-    from compax.population import make_predict
+    from compax.member_vmap import make_predict
     model, variables = lenet
     c = jax.tree.map(lambda a: jnp.asarray(a)[None], compress("dynamic_int8", model, variables,
                                                              images[:1]))

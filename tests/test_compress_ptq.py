@@ -263,7 +263,7 @@ def test_lenet_ptq_agrees_with_torch_fbgemm_ptq(lenet, images, weight_bits, cali
     """Calibrated in one batch of 128 images (compax's exact histograms), or on 300 images in
     batches of 128, 128, 44 as a DataLoader feeds them (compax's `histogram_batches`)."""
     pytest.importorskip("torch")
-    from tests.torch_ref import compare_with_torch_ptq
+    from torch_reference.quantization import compare_with_torch_ptq
 
     model, variables = lenet
     labels = np.asarray(model.apply(variables, images[TEST:])).argmax(1)
@@ -324,7 +324,7 @@ def test_squeezenet_quantization_points_are_torchs(name):
     """Untrained SqueezeNet x1/4, both heads: PyTorch's eager PTQ (fires concatenated by
     FloatFunctional) observes the same 35 points in the same order, with the same statistics."""
     pytest.importorskip("torch")
-    from tests.torch_ref import compare_with_torch_ptq
+    from torch_reference.quantization import compare_with_torch_ptq
 
     model = get_model(name, 10, 0.25)
     variables = random_variables(model, 0)
@@ -366,7 +366,7 @@ def test_trained_models_int8_agrees_with_fake_quant(trained_models, name):
     ("squeezenet", 4, None)])
 def test_trained_models_agree_with_torch_fbgemm_ptq(trained_models, name, weight_bits, calib_batch):
     pytest.importorskip("torch")
-    from tests.torch_ref import compare_with_torch_ptq
+    from torch_reference.quantization import compare_with_torch_ptq
 
     models, (x, _), (test_x, test_y) = trained_models
     model, variables = models[name]

@@ -493,7 +493,7 @@ def test_quickstart_training_learns_every_synthetic_signs_class(synthetic, tmp_p
     stop sign's white rim and the one-way sign's rightward arrow, the least recalled class measured
     71% (AMD EPYC, 2 cores); 50% leaves room for other CPUs' numerics, and a class drawn like
     another fails it."""
-    from compax.population import make_predict, model_apply
+    from compax.member_vmap import make_predict, model_apply
     from compax.train import fit
 
     spec = importlib.util.spec_from_file_location("quickstart", ROOT / "configs" / "quickstart.py")

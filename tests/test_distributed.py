@@ -55,7 +55,7 @@ def _many_devices(workdir: pathlib.Path) -> dict:
     import jax.numpy as jnp
 
     from compax.distributed import population_mesh, shard_batch
-    from compax.population import chunked_vmap, make_predict, model_apply, take_members
+    from compax.member_vmap import chunked_vmap, make_predict, model_apply, take_members
     from compax.train import fit, make_optimizer
     from compax.train.population import AUGMENT, DATA, DROPOUT, member_keys
     from compax.train.steps import epoch_order, make_train_step
@@ -292,7 +292,7 @@ def test_one_device_is_one_plain_vmap_bit_for_bit():
     import jax
     import jax.numpy as jnp
 
-    from compax.population import chunked_vmap
+    from compax.member_vmap import chunked_vmap
 
     rng = np.random.default_rng(0)
     weights = {"a": rng.normal(size=(3, 16, 32)).astype(np.float32),
@@ -314,7 +314,7 @@ def test_chunk_is_lowered_to_what_fits_device_memory(monkeypatch, caplog):
     import jax
     import jax.numpy as jnp
 
-    import compax.population as population
+    import compax.member_vmap as population
 
     def member(w, x):  # a (256, 256) temporary per member
         return jnp.tanh(x @ w).sum(0)

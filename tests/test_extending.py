@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 
 from compax.analyses import Analysis, register_analysis
+from compax.compress.compressed import Compressed
 from compax.compress.registry import STEPS, MemberStep, register_step, variant_recipes
-from compax.compress.variants import Compressed
 from compax.data import synthetic_signs
 from compax.errors import UserError
 

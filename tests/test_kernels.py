@@ -19,11 +19,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax import lax
 
-from compax.analysis.gradcam import grad_cam
-from compax.analysis.saliency import saliency_maps
-from compax.analysis.taps import cpu_convolutions_for
 from compax.compress import Compressed
 from compax.kernels import build, conv_cpu, conv_onednn, cpu_convolutions
+from compax.measure.gradcam import grad_cam
+from compax.measure.saliency import saliency_maps
+from compax.measure.taps import cpu_convolutions_for
 from compax.models import get_model, init_variables
 
 NHWC = ("NHWC", "HWIO", "NHWC")

@@ -10,7 +10,7 @@ import pytest
 from compax.errors import UserError
 from compax.models import MODELS, count_params, get_model, init_variables
 from compax.models.layers import TrainingBatchNorm, batch_norm, max_pool_2x2
-from tests.torch_models import TWINS, port_params, torch_model
+from torch_reference.models import TWINS, port_params, torch_model
 
 
 def param_count(name, classes, width=1.0):
@@ -227,7 +227,7 @@ def test_porting_weights_of_another_width_or_model_is_refused():
 @pytest.mark.torch
 @pytest.mark.parametrize("name", ["squeezenet", "squeezenet_torchvision"])
 def test_squeezenet_heads_equal_their_pytorch_twins(name):
-    """Both heads, with the same weights, against their PyTorch twins (tests/torch_models.py, the
+    """Both heads, with the same weights, against their PyTorch twins (torch_reference/models.py, the
     ones the benchmarks time and the PTQ tests quantize): the default's class maps are linear
     (logits can be negative), torchvision's are rectified before the pool."""
     torch = pytest.importorskip("torch")

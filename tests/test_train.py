@@ -8,8 +8,8 @@ import numpy as np
 import optax
 import pytest
 
+from compax.member_vmap import CPU_MEMBER_GROUP, train_chunking
 from compax.models import get_model
-from compax.population import CPU_MEMBER_GROUP, train_chunking
 from compax.train import TrainingDiverged, fit, init_population
 from compax.train.early_stopping import update_early_stopping
 from compax.train.population import AUGMENT, DATA, DROPOUT, member_keys

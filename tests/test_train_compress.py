@@ -1,4 +1,4 @@
-"""Training-time compression steps (compax/train/compression.py): gmp's schedule against a reference,
+"""Training-time compression steps (compax/compress/methods/training.py): gmp's schedule against a reference,
 exact final counts, recovery fine-tuning, quantization-aware training and the int8 path, the
 recipes through `run_recipe` on `tiny_dataset`, and their abstract structure."""
 
@@ -7,17 +7,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from compax import methods  # noqa: F401  (registers the steps)
+from compax import registrations  # noqa: F401  (registers the steps)
 from compax.compress import int8_apply, num_to_prune, quantized_apply
+from compax.compress.methods.training import gmp_sparsity, gmp_update_step, kernel_zero_counts, masked
 from compax.compress.paths import is_weight, path_str
 from compax.compress.prune import global_l1_masks
 from compax.compress.registry import RECIPES, STEPS, parse_recipe, run_recipe
 from compax.compress_population import recipe_context
 from compax.data import normalize
 from compax.errors import UserError
+from compax.member_vmap import loss_and_accuracy, make_predict, model_apply, take_members
 from compax.models import get_model
-from compax.population import loss_and_accuracy, make_predict, model_apply, take_members
-from compax.train.compression import gmp_sparsity, gmp_update_step, kernel_zero_counts, masked
 from compax.train.loop import fit
 from tests.helpers import tiny_config, tiny_dataset
 

@@ -1,6 +1,6 @@
 """The analyses of a run, registered by name: each compares a compressed population with the original.
 
-`compax.analysis` holds the research as pure functions (confusion changes, ECE, saliency, Welch
+`compax.measure` holds the research as pure functions (confusion changes, ECE, saliency, Welch
 tests, ...); each module here turns one of them into an analysis of a run, in the shape of
 big_vision's evaluators:
 
@@ -13,7 +13,7 @@ big_vision's evaluators:
 - `report(page, results, arrays)`: its tables and figures, drawn from results only.
 
 A new analysis is one module with an `@register_analysis` class, plus its import in
-`compax/methods.py`. `compax/analyse_population.py` runs the enabled ones for every variant.
+`compax/registrations.py`. `compax/analyse_population.py` runs the enabled ones for every variant.
 """
 
 import dataclasses
@@ -27,7 +27,7 @@ import numpy as np
 from compax.compress import apply_compressed
 from compax.data import Dataset, normalize
 from compax.errors import UserError
-from compax.population import make_predict
+from compax.member_vmap import make_predict
 
 ANALYSES: dict[str, type["Analysis"]] = {}
 

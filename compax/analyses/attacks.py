@@ -2,7 +2,7 @@
 
 On `attack_images` test images (fixed by the seed), every member of the original and of each
 variant is attacked (untargeted C&W L2, Carlini & Wagner 2017, through the straight-through
-estimator for quantized variants; `compax.analysis.attacks`) with early stopping at the time to
+estimator for quantized variants; `compax.measure.attacks`) with early stopping at the time to
 fool. Reported per variant as mean ± std over members: accuracy and true-class confidence before
 and after, success rate, median L2 of the successful perturbations, and seconds per image.
 """
@@ -20,8 +20,8 @@ from compax.analyses import (
     register_analysis,
     subset,
 )
-from compax.analysis import attacks
 from compax.errors import UserError
+from compax.measure import attacks
 
 KEYS = ("accuracy_before", "accuracy_after", "confidence_before", "confidence_after",
         "success_rate", "mean_l2", "median_l2")

@@ -15,9 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from compax.analyses import Analysis, Compared, Reference, fmt, member_mean, register_analysis, subset
-from compax.analysis import gradcam, saliency
 from compax.errors import UserError
-from compax.population import chunked_vmap
+from compax.measure import gradcam, saliency
+from compax.member_vmap import chunked_vmap
 
 SHOWCASE = 8
 

@@ -24,8 +24,8 @@ from compax.analyses import (
     mean_std,
     register_analysis,
 )
-from compax.analysis import calibration
 from compax.errors import UserError
+from compax.measure import calibration
 
 
 @register_analysis

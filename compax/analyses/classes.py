@@ -4,7 +4,7 @@ Per member, against the original member of the same seed: the share of test samp
 differently (flips), per-class accuracy changes and row-normalised confusion-matrix changes in
 percentage points, and the classification report (per-class precision, recall and F1, macro F1);
 then, over the member means, the largest changes and the Spearman test of class frequency in the
-training set against the class accuracy change (`compax.analysis.classes`). A variant trained from
+training set against the class accuracy change (`compax.measure.classes`). A variant trained from
 seeds of its own (e.g. gmp from initialisation) is compared with the original member of the same
 index, so its flips include what two seeds already disagree on: the original population's
 `seed_disagreement` (mean over m of the share of test samples where member m and member m+1,
@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from compax.analyses import Analysis, Compared, Reference, fmt, member_mean, register_analysis
-from compax.analysis import classes
+from compax.measure import classes
 
 
 @register_analysis

@@ -2,7 +2,7 @@
 
 For every member, the penultimate features of `tsne_per_class` test images of each of the
 `tsne_classes` classes with the most test images are embedded with t-SNE (scikit-learn, seeded);
-the silhouette score of the embedding by class measures separation (`compax.analysis.embeddings`).
+the silhouette score of the embedding by class measures separation (`compax.measure.embeddings`).
 Reported as mean ± std over members; member 0's embedding is drawn.
 """
 
@@ -10,9 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from compax.analyses import Analysis, Compared, Reference, fmt, mean_std, register_analysis
-from compax.analysis import embeddings
 from compax.errors import UserError
-from compax.population import take_members
+from compax.measure import embeddings
+from compax.member_vmap import take_members
 
 
 @register_analysis

@@ -15,7 +15,7 @@ claims (`hooker.pie_claims`: accuracy on CIEs against the rest, in sample and he
 against class frequency) and, in the report, impacted classes and CIEs against the compression
 level per family of variants (`hooker.level_trend`). All of this needs 2+ members. The
 single-model band rule of the Hooker thesis (classes whose accuracy crosses one standard
-deviation around the overall accuracy) runs for every member (`compax.analysis.hooker`).
+deviation around the overall accuracy) runs for every member (`compax.measure.hooker`).
 """
 
 import html
@@ -25,8 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from compax.analyses import Analysis, Compared, Reference, fmt, member_mean, register_analysis
-from compax.analysis import hooker
 from compax.errors import UserError
+from compax.measure import hooker
 
 CORRECTIONS = ("none", "bonferroni", "holm", "fdr_bh")
 # Recipe settings that place a variant on its family's curve (the level) or only seed it.
@@ -132,7 +132,7 @@ class Hooker(Analysis):
                                     "untestable (recall unchanged)", "CIEs", "CIE % of test"], rows,
                        "Welch tests and CIEs. A class whose recall is the same in both populations"
                        " is untestable: its normalised change is the whole model's, not evidence"
-                       " about the class (compax.analysis.hooker.untestable_classes)")
+                       " about the class (compax.measure.hooker.untestable_classes)")
         page.table(self.title, ["variant", "classes outside the band (original)",
                                 "outside (compressed)", "crossed", "images of crossed classes"],
                    [[variant, fmt(b.get("outside_original"), 1), fmt(b.get("outside_compressed"), 1),

@@ -14,10 +14,10 @@ registry before any stage runs (`check_recipe`).
 
 The shape follows optax's transforms (small pure pieces composed in order) and jaxpruner's
 `ALGORITHM_REGISTRY` (a method found by name, configured by keyword settings). A new method is one
-module defining a `Step` subclass with `@register_step`, plus its import in `compax/compress/steps.py`.
+module defining a `Step` subclass with `@register_step`, plus its import in `compax/registrations.py`.
 
 Most steps act on each member alone: subclass `MemberStep` and write `member`, a pure function of
-one member's `Compressed` that the population engine vmaps (`compax.population.chunked_vmap`).
+one member's `Compressed` that the population engine vmaps (`compax.member_vmap.chunked_vmap`).
 Steps that need the whole population or the data (a search, training) subclass `Step` and write
 `__call__`. Every step also runs abstractly (`Context.abstract`: shapes only, no data, no
 training), which is how a saved variant's structure is rebuilt for restoring.
@@ -34,10 +34,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from compax.compress.variants import Compressed
+from compax.compress.compressed import Compressed
 from compax.distributed import is_main_process
 from compax.errors import UserError
-from compax.population import chunked_vmap
+from compax.member_vmap import chunked_vmap
 
 STEPS: dict[str, type["Step"]] = {}
 
@@ -175,7 +175,7 @@ RECIPES = {
     "pruned_layer": "l1_layer(amount=searched)",
     "filters_pruned": "filters(amount=0.25)",
     "ablated": "ablate(epochs=5)",
-    # Training-time compression (compax/train/compression.py).
+    # Training-time compression (compax/compress/methods/training.py).
     "gmp_90": "gmp(final=0.9)",
     "pruned_ft": "l1_global(amount=searched)+finetune(epochs=5)",
     "qat_w8a8": "quantize(weight_bits=8,activation_bits=8)+qat(epochs=3)",

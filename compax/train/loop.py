@@ -26,8 +26,7 @@ from tqdm import tqdm
 from compax.data import Dataset
 from compax.distributed import default_mesh, is_main_process, replicate, shard_members, to_host
 from compax.errors import UserError
-from compax.models import get_model
-from compax.population import (
+from compax.member_vmap import (
     loss_and_accuracy,
     make_predict,
     model_apply,
@@ -36,6 +35,7 @@ from compax.population import (
     take_members,
     train_chunking,
 )
+from compax.models import get_model
 from compax.train.checkpoint import PopulationCheckpoints
 from compax.train.early_stopping import update_early_stopping
 from compax.train.population import (

@@ -40,7 +40,7 @@ from absl import logging
 
 from compax.data import Dataset
 from compax.errors import UserError
-from compax.population import loss_and_accuracy, make_predict, train_chunking
+from compax.member_vmap import loss_and_accuracy, make_predict, train_chunking
 from compax.train.checkpoint import PopulationCheckpoints, recorded_config
 from compax.train.early_stopping import update_early_stopping
 from compax.train.population import AUGMENT, DATA, DROPOUT, PopulationState, member_keys, variables_of

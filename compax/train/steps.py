@@ -17,7 +17,7 @@ from compax.data import augment_flip_crop, normalize
 from compax.distributed import default_mesh, shard_batch
 from compax.errors import UserError
 from compax.kernels import cpu_convolutions
-from compax.population import chunked_vmap
+from compax.member_vmap import chunked_vmap
 from compax.train.population import variables_of
 
 

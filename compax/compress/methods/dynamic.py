@@ -21,9 +21,9 @@ from typing import ClassVar
 
 import jax
 
+from compax.compress.compressed import Compressed
 from compax.compress.ptq import DYNAMIC_LAYERS, QuantConfig, ptq
 from compax.compress.registry import Context, MemberStep, Variant, register_step
-from compax.compress.variants import Compressed
 from compax.errors import UserError
 
 

@@ -17,7 +17,7 @@ import jax
 from compax.compress.registry import Context, Step, Variant, register_step
 from compax.compress.shrink import Shrunk, shrink
 from compax.errors import UserError
-from compax.population import chunked_vmap, take_members
+from compax.member_vmap import chunked_vmap, take_members
 
 
 @register_step

@@ -16,8 +16,8 @@ from typing import ClassVar
 import jax
 import jax.numpy as jnp
 
+from compax.compress.compressed import FLOAT_TYPES, Compressed
 from compax.compress.registry import MemberStep, register_step
-from compax.compress.variants import FLOAT_TYPES, Compressed
 from compax.errors import UserError
 
 

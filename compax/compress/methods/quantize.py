@@ -16,10 +16,10 @@ from typing import ClassVar
 
 import jax
 
+from compax.compress.compressed import Compressed
 from compax.compress.fold import fold_batchnorm
 from compax.compress.ptq import OBSERVERS, QuantConfig, ptq
 from compax.compress.registry import Context, MemberStep, Variant, register_step
-from compax.compress.variants import Compressed
 from compax.errors import UserError
 
 

@@ -24,7 +24,7 @@ from compax.compress.prune import apply_masks, global_l1_masks, layer_l1_masks
 from compax.compress.registry import Context, Step, Variant, register_step
 from compax.compress.sparsity import sparsity_report
 from compax.errors import UserError
-from compax.population import chunked_vmap, take_members
+from compax.member_vmap import chunked_vmap, take_members
 
 
 @dataclasses.dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 Zee, Lakshmana & Nwogu compare t-SNE maps (van der Maaten & Hinton 2008, "Visualizing Data using
 t-SNE", JMLR) of the embeddings of a model before and after compression on a few classes. The
-embedding is the classifier's input (`compax.analysis.taps`); how well classes separate in it is
+embedding is the classifier's input (`compax.measure.taps`); how well classes separate in it is
 measured by the silhouette score (Rousseeuw 1987, "Silhouettes: a graphical aid to the
 interpretation and validation of cluster analysis").
 
@@ -15,9 +15,9 @@ import numpy as np
 from sklearn.manifold import TSNE
 from sklearn.metrics import silhouette_score
 
-from compax.analysis.taps import apply_with_taps, map_batches
 from compax.compress import Compressed
 from compax.errors import UserError
+from compax.measure.taps import apply_with_taps, map_batches
 
 
 def penultimate_features(model, compressed: Compressed, x, batch_size: int = 256):

@@ -1,7 +1,7 @@
 """The population engine: members vmapped in chunks and sharded over devices, batched prediction.
 
 Training (`compax.train`), compression (`compax.compress`, `compax.compress_population`) and the
-analyses (`compax.analysis`, `compax.analyse_population`) all run their per-member functions through
+analyses (`compax.measure`, `compax.analyse_population`) all run their per-member functions through
 this module; none of them imports another's internals. A population is any pytree whose arrays
 have a leading member axis (variables, a `Compressed` variant, a training state).
 """

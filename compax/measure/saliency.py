@@ -18,9 +18,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from compax.analysis.taps import apply_with_cpu_convolutions, map_batches
 from compax.compress import Compressed
 from compax.errors import UserError
+from compax.measure.taps import apply_with_cpu_convolutions, map_batches
 
 
 def normalized_per_image(maps):

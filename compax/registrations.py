@@ -2,5 +2,13 @@
 new module plus one import line here; importing this module makes the registries complete."""
 
 from compax.analyses import attacks, attention, calibration, classes, embeddings, hooker  # noqa: F401
-from compax.compress.methods import cast, dynamic, filters, half_storage, quantize, unstructured  # noqa: F401
-from compax.train import ablation, compression  # noqa: F401
+from compax.compress.methods import (  # noqa: F401  # noqa: F401
+    ablation,
+    cast,
+    dynamic,
+    filters,
+    half_storage,
+    quantize,
+    training,
+    unstructured,
+)

@@ -8,10 +8,10 @@ the logit of the target class,
     L       = ReLU(sum_k alpha_k A^k)
 
 upsampled bilinearly to the input size and, here, normalised per image to [0, 1], so that maps
-compare like saliency maps (`compax.analysis.saliency.compare_saliency`). Zee et al. compare such
+compare like saliency maps (`compax.measure.saliency.compare_saliency`). Zee et al. compare such
 class activation maps of VGG-6 before and after pruning and quantization.
 
-A and its gradient come from `compax.analysis.taps`: A = ReLU(last_conv tap) and the gradient is
+A and its gradient come from `compax.measure.taps`: A = ReLU(last_conv tap) and the gradient is
 taken at the tap, i.e. before the ReLU for LeNet-5 and VGG-6 (whose tapped module is the conv /
 BatchNorm the ReLU follows) and of the block's rectified output for ResNet-18 and SqueezeNet. Where
 A^k_ij > 0 both gradients agree; where A^k_ij = 0 the pre-ReLU gradient is 0, so alpha_k averages
@@ -22,10 +22,10 @@ through the straight-through estimator of fake quantization.
 import jax
 import jax.numpy as jnp
 
-from compax.analysis.saliency import normalized_per_image
-from compax.analysis.taps import apply_with_taps, cpu_convolutions_for, map_batches, tap_points
 from compax.compress import Compressed
 from compax.errors import UserError
+from compax.measure.saliency import normalized_per_image
+from compax.measure.taps import apply_with_taps, cpu_convolutions_for, map_batches, tap_points
 
 
 def cam_from_activations(activations, gradients, size: tuple[int, int]):

@@ -65,10 +65,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from compax.analysis.taps import apply_with_cpu_convolutions
 from compax.compress import Compressed
 from compax.errors import UserError
-from compax.population import chunked_vmap, take_members
+from compax.measure.taps import apply_with_cpu_convolutions
+from compax.member_vmap import chunked_vmap, take_members
 
 UPPER_BOUND = 1e10  # initial upper bound of c, as in the reference code
 _TANH_SHRINK = 0.999999  # keeps arctanh of pixels at 0 and 1 finite, as in the reference code

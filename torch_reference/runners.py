@@ -1,18 +1,14 @@
-"""PyTorch's train and inference steps of compax's model twins (`tests/torch_models.py`), the
+"""PyTorch's train and inference steps of compax's model twins (`torch_reference/models.py`), the
 reference runners of experiments/bench_models.py, bench_train.py and bench_population.py
-(imported from the scripts' directory)."""
+(which put the repository root on `sys.path`)."""
 
-import pathlib
-import sys
-
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # the repository root
-from tests.torch_models import TWINS, torch_model  # noqa: E402
+from torch_reference.models import TWINS, torch_model
 
 
 def torch_runners(name: str, width: float, classes: int, images, labels, mean, std, batch: int,
                   threads: int | None = None):
     """(train run(n), inference run(n)) of the PyTorch twin of model `name`, warmed up; None
-    without torch or for a model without a twin in tests/torch_models.py.
+    without torch or for a model without a twin in torch_reference/models.py.
 
     `train(n)`: n Adam (lr 1e-3) steps of cross-entropy on batches of `batch` uint8 NHWC `images`
     (permuted to NCHW once, as a loader would), normalised in each step as compax's are,

@@ -7,7 +7,7 @@ activations, PerChannelMinMaxObserver qint8 per_channel_symmetric for weights), 
 linear+relu fused, QuantStub / DeQuantStub around the network, calibrated on the same images in one
 batch (so that its histograms are exact, as compax's are) or batch by batch (compax's
 `histogram_batches` observer). Also `quantize_dynamic` (dynamic int8 Linear layers). The networks
-are `tests/torch_models.py`'s twins of `compax.models.LeNet5` and `compax.models.SqueezeNet`, the
+are `torch_reference/models.py`'s twins of `compax.models.LeNet5` and `compax.models.SqueezeNet`, the
 compax weights ported in by name.
 """
 
@@ -20,7 +20,7 @@ import numpy as np
 
 from compax.compress.observers import affine_qparams, histogram_range
 from compax.compress.ptq import QuantConfig, ptq, quantized_apply
-from tests.torch_models import torch_twin
+from torch_reference.models import torch_twin
 
 
 @contextlib.contextmanager

@@ -3,7 +3,7 @@
 One twin per architecture serves every PyTorch comparison: the benchmarks time compax against it
 (`experiments/bench_models.py`, `bench_train.py`, `bench_population.py`), `experiments/
 dead_classes.py` trains it, and the tests hold compax's float models, saliency, Grad-CAM and PTQ
-against it with the same weights (`torch_twin`, `tests/torch_ref.py`). PyTorch is imported inside
+against it with the same weights (`torch_twin`, `torch_reference/quantization.py`). PyTorch is imported inside
 the functions, so that this module imports without it.
 
 LeNet-5 and SqueezeNet, the two models the study quantizes, are built ready for eager-mode

@@ -46,7 +46,7 @@ from compax.compress.registry import Context, Step, Variant, register_step
 from compax.compress.sparsity import sparsity_report
 from compax.errors import UserError
 from compax.kernels import conv_cpu
-from compax.population import take_members
+from compax.member_vmap import take_members
 from compax.train.population import init_population, variables_of
 from compax.train.retrain import SELECT, Trainable, TrainingRun, train_population
 
