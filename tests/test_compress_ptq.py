@@ -11,7 +11,6 @@ from compax.compress import (
     VARIANTS,
     QuantConfig,
     apply_compressed,
-    compress,
     fake_quant,
     global_l1_masks,
     int8_apply,
@@ -24,6 +23,7 @@ from compax.compress.fold import conv_bn_pairs, fold_batchnorm
 from compax.compress.ptq import folded_apply
 from compax.errors import UserError
 from compax.models import get_model, init_variables
+from compax.one_model import compress
 from tests.test_prune import random_variables
 
 CALIB = 128  # calibration images; images[TEST:] are the evaluation images
