@@ -28,7 +28,7 @@ from compax.analyses import Compared, Reference, check_analyses
 from compax.compress.registry import Variant
 from compax.errors import UserError
 from compax.member_vmap import population_chunk
-from compax.workdir import read_json, sha256_file, write_json_atomic
+from compax.safe_files import read_json, sha256_file, write_json_atomic
 
 
 def load_part(parts_dir: pathlib.Path | None, name: str, inputs) -> dict | None:

@@ -20,7 +20,7 @@ from compax.compress_population import recipe_context, restore_variant
 from compax.errors import UserError
 from compax.pipeline import Run
 from compax.stages import STAGES, StageRecords, read_config
-from compax.workdir import read_json
+from compax.safe_files import read_json
 
 
 class FinishedRun:
@@ -96,7 +96,7 @@ class FinishedRun:
                                 f" baseline, {', '.join(self.variants) or '(none)'}")
             else:
                 self._require("compress")
-                steps = variant_recipes(self.config.compress.variants)[name]
+                steps = variant_recipes(self.config.compress.variants, self.config)[name]
                 self._variants[name] = restore_variant(
                     self.config, self.model, self.original, self.dataset, self._stages.chunk,
                     steps, self.workdir / "variants" / name)
@@ -126,7 +126,7 @@ class FinishedRun:
         """The original population compressed by `recipe` (a registered name or `name=recipe`
         text), with the run's compression settings and data; amount=searched takes the level the
         run searched. Nothing is saved."""
-        _, steps = variant_recipe(recipe)
+        _, steps = variant_recipe(recipe, self.config)
         ctx = recipe_context(self.config, self.model, self.original, self.dataset,
                              self._stages.chunk)
         if "sparsity_search" in self.results:

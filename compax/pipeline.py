@@ -77,7 +77,7 @@ from compax.train.checkpoint import recorded_config
 from compax.train.loop import check_batch_size
 from compax.train.memory import check_population_fits
 from compax.validate import validate_config
-from compax.workdir import MANIFEST, lock_workdir, make_workdir, sha256_file
+from compax.safe_files import MANIFEST, lock_workdir, make_workdir, sha256_file
 
 # Training keys that may change between a run and its resumption: training continues from the
 # checkpoints (and the later stages run again).

@@ -32,7 +32,7 @@ import ml_collections
 
 from compax.distributed import is_main_process
 from compax.errors import UserError
-from compax.workdir import MANIFEST, read_json, sha256_file, write_json_atomic
+from compax.safe_files import MANIFEST, read_json, sha256_file, write_json_atomic
 
 CONFIG_FILE = "config.json"
 

@@ -27,7 +27,7 @@ from compax.compress import store
 from compax.errors import UserError
 from compax.train import checkpoint
 from compax.validate import MISSING, RULES, lookup, validate_config
-from compax.workdir import LOCK_FILE, lock_workdir
+from compax.safe_files import LOCK_FILE, lock_workdir
 from tests.test_data import _write_checksums, _write_npz, make_fake_data
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -582,7 +582,7 @@ def test_a_busy_workdir_is_refused_and_a_killed_holder_leaves_no_lock(setup, tmp
     workdir = copy_of(finished, tmp_path)
     before = workdir_hash(workdir)
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from compax.workdir import lock_workdir;"
+        [sys.executable, "-c", "import sys, time; from compax.safe_files import lock_workdir;"
          f" lock = lock_workdir({str(workdir)!r}); print('locked', flush=True); time.sleep(600)"],
         cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
@@ -692,7 +692,7 @@ def test_disk_full_midway_is_one_line_through_launch(setup, tmp_path):
     script = textwrap.dedent("""
         import errno, os, runpy, sys
         sys.path.insert(0, os.getcwd())
-        from compax import workdir
+        from compax import safe_files
 
         def full(path, *args):
             raise OSError(errno.ENOSPC, "No space left on device", str(path))

@@ -39,9 +39,26 @@ def test_vgg6_matches_its_layer_formula():
     assert param_count("vgg6", 10) == conv + dense
 
 
-def test_width_multiplier_shrinks_models():
-    for name in MODELS:
-        assert param_count(name, 10, 0.25) < param_count(name, 10) / 4
+def kernel_outputs(name, width):
+    """{path: output channels} of every conv and dense kernel of the model at `width`."""
+    model = get_model(name, 10, width)
+    params = jax.eval_shape(lambda: init_variables(model, jax.random.key(0)))["params"]
+    return {jax.tree_util.keystr(path): leaf.shape[-1]
+            for path, leaf in jax.tree_util.tree_leaves_with_path(params)
+            if path[-1].key == "kernel"}
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_width_multiplier_narrows_every_hidden_layer(name):
+    # What `width` promises for any model (one whose input layer dominates the parameter count
+    # included): every kernel but the classifier's has fewer outputs at a quarter of the width,
+    # the classifier keeps one output per class, and the model has fewer parameters.
+    full, narrow = kernel_outputs(name, 1.0), kernel_outputs(name, 0.25)
+    assert full.keys() == narrow.keys()
+    outputs = [k for k in full if full[k] == 10 and narrow[k] == 10]
+    assert outputs, "the classifier keeps one output per class"
+    assert all(narrow[k] < full[k] for k in full if k not in outputs)
+    assert param_count(name, 10, 0.25) < param_count(name, 10)
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))

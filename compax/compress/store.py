@@ -20,7 +20,7 @@ import orbax.checkpoint as ocp
 
 from compax.distributed import is_main_process
 from compax.errors import UserError
-from compax.workdir import (
+from compax.safe_files import (
     MANIFEST,
     check_free_space,
     read_json,

@@ -1,8 +1,13 @@
 """The study's models as pure flax modules, NHWC, registered by name.
 
-A new model is one file and one entry in `MODELS`: a flax module taking `num_classes`, `width` and
-`drop_last_block` (layer ablation), with two class attributes, `cpu_size` (its CPU-sized setting)
-and `head_layers` (the layers after its last conv block). Every model is called as
+A new model is one file and one entry in `MODELS`: a flax module taking `num_classes` and `width`
+(the multiplier of every hidden layer's channels or units; the classifier keeps `num_classes`
+outputs). Optional class attributes: `cpu_size` (its CPU-sized setting; default full width, 60
+epochs, patience 10). Only a model that supports the layer ablation of Zee et al. (the `ablate`
+compression step) also takes `drop_last_block` (the model without its last block of feature
+layers, the head taking the previous block's output) and names `head_layers` (the layers after
+that block, which `ablate` re-initialises); `ablate` refuses any other model before a run starts,
+so a model without blocks (an MLP) simply leaves both out. Every model is called as
 `model.apply(variables, images, train=...)`; models with BatchNorm keep their running statistics in
 the `batch_stats` collection, and SqueezeNet needs a `dropout` PRNG stream when `train=True`.
 """

@@ -26,7 +26,7 @@ from absl import logging
 from compax.distributed import is_main_process
 from compax.errors import UserError
 from compax.train.population import PopulationState
-from compax.workdir import (
+from compax.safe_files import (
     MANIFEST,
     check_free_space,
     read_json,

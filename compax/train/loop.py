@@ -50,7 +50,7 @@ from compax.train.population import (
 )
 from compax.train.scalars import ScalarWriter
 from compax.train.steps import epoch_order, make_train_steps, steps_per_call
-from compax.workdir import write_text_atomic
+from compax.safe_files import write_text_atomic
 
 
 class TrainingDiverged(UserError):

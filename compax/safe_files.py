@@ -1,4 +1,4 @@
-"""The files of a workdir: one run at a time, atomic writes, checksums, free space.
+"""Safe files: one run at a time per workdir, atomic writes, checksums, free space.
 
 - `lock_workdir`: a run holds an exclusive `flock` on `<workdir>/.lock` while it runs; a second
   run on the same workdir is refused with one line. The kernel drops the lock when the holder
