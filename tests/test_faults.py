@@ -25,9 +25,9 @@ import pytest
 from compax import analyse_population, compress_population, pipeline, stages
 from compax.compress import store
 from compax.errors import UserError
+from compax.safe_files import LOCK_FILE, lock_workdir
 from compax.train import checkpoint
 from compax.validate import MISSING, RULES, lookup, validate_config
-from compax.safe_files import LOCK_FILE, lock_workdir
 from tests.test_data import _write_checksums, _write_npz, make_fake_data
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -696,7 +696,7 @@ def test_disk_full_midway_is_one_line_through_launch(setup, tmp_path):
 
         def full(path, *args):
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
-        workdir.write_bytes_atomic = full
+        safe_files.write_bytes_atomic = full
         sys.argv[0] = "launch.py"
         runpy.run_path("launch.py", run_name="__main__")
     """)

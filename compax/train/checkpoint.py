@@ -25,7 +25,6 @@ from absl import logging
 
 from compax.distributed import is_main_process
 from compax.errors import UserError
-from compax.train.population import PopulationState
 from compax.safe_files import (
     MANIFEST,
     check_free_space,
@@ -34,6 +33,7 @@ from compax.safe_files import (
     verify_checksums,
     write_json_atomic,
 )
+from compax.train.population import PopulationState
 
 METRIC_LISTS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy")
 

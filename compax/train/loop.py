@@ -36,6 +36,7 @@ from compax.member_vmap import (
     train_chunking,
 )
 from compax.models import get_model
+from compax.safe_files import write_text_atomic
 from compax.train.checkpoint import PopulationCheckpoints
 from compax.train.early_stopping import update_early_stopping
 from compax.train.population import (
@@ -50,7 +51,6 @@ from compax.train.population import (
 )
 from compax.train.scalars import ScalarWriter
 from compax.train.steps import epoch_order, make_train_steps, steps_per_call
-from compax.safe_files import write_text_atomic
 
 
 class TrainingDiverged(UserError):
