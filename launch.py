@@ -84,7 +84,7 @@ def main(argv):
     from compax.validate import validate_config
 
     try:
-        validate_config(_CONFIG.value)  # bad values fail at once (pipeline.run checks them again)
+        recipes = validate_config(_CONFIG.value)  # bad values fail at once, before jax loads
     except UserError as e:
         _fail(str(e))
     from compax import pipeline  # after flag parsing and validation: importing jax is slow
@@ -95,7 +95,7 @@ def main(argv):
     try:
         initialize_distributed()  # only where a cluster launcher (Slurm, mpirun, TPU pod) set it up
         enable_compilation_cache()
-        pipeline.run(_CONFIG.value, workdir)
+        pipeline.run(_CONFIG.value, workdir, recipes)  # validated once, above
     except UserError as e:
         _fail(str(e))
     except Exception as e:

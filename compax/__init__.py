@@ -36,15 +36,18 @@ def load_run(workdir):
 
     Per-member test predictions, (members, test images); "baseline" is the original population.
     The share of test images each pruned member predicts differently from its original is
-    the classes analysis's "disagreement" (a mean over members) in results.json:
+    the classes analysis's "disagreement" (a mean over members) in results.json, where each
+    analysis's results of a variant are under the analysis's name:
 
     >>> original, pruned = run.predictions("baseline"), run.predictions("pruned")
     >>> flipped = (original != pruned).mean(axis=1)
     >>> flipped.shape
     (2,)
-    >>> bool(abs(flipped.mean() - run.results["variants"]["pruned"]["disagreement"]) < 1e-6)
+    >>> measured = run.results["variants"]["pruned"]["classes"]["disagreement"]
+    >>> bool(abs(flipped.mean() - measured) < 1e-6)
     True
-    >>> run.arrays("pruned")["class_accuracy_change_pp"].shape == (run.dataset.num_classes,)
+    >>> change = run.arrays("pruned")["classes"]["class_accuracy_change_pp"]
+    >>> change.shape == (run.dataset.num_classes,)
     True
 
     A recipe the run did not make, on its whole population (nothing is saved):
@@ -92,17 +95,18 @@ def analyse(analysis, original, compressed, dataset, config=None, **settings):
     `original` and `compressed` are `compax.compress.registry.Variant`s (`FinishedRun.variant`,
     `FinishedRun.compress`); member m of one is compared with member m of the other. `config`
     gives the analysis settings and batch size (default `compax.config.base_config()`);
-    `settings` replace some of `config.analysis` (e.g. ece_bins=10). The results are the
-    variant's fields of that analysis in results.json.
+    `settings` replace some of the analysis's block `config.analysis.<analysis>` (e.g. bins=10
+    for calibration). The results are the variant's `results["variants"][name][analysis]` in
+    results.json.
 
     >>> import compax
     >>> run = compax.load_run("runs/quickstart")
     >>> results, arrays = compax.analyse("calibration", run.variant("baseline"),
     ...                                  run.variant("pruned"), run.dataset, run.config)
-    >>> bool(abs(results["mce"] - run.results["variants"]["pruned"]["mce"]) < 1e-6)
+    >>> bool(abs(results["mce"] - run.results["variants"]["pruned"]["calibration"]["mce"]) < 1e-6)
     True
     >>> _, coarse = compax.analyse("calibration", run.variant("baseline"), run.variant("pruned"),
-    ...                            run.dataset, run.config, ece_bins=5)
+    ...                            run.dataset, run.config, bins=5)
     >>> len(arrays["reliability_accuracy"]), len(coarse["reliability_accuracy"])
     (15, 5)
     """

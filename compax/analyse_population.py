@@ -1,17 +1,20 @@
 """Runs the enabled analyses (`compax.analyses`, `--config.analysis.analyses`) for every variant.
 
 The test logits of the original population and of each variant are computed once and shared by
-every analysis. Returns results.json's analysis fields: the original population's under
-"baseline", each variant's under its name (each analysis documents its keys; means over members
-unless named otherwise), "analysis_seconds" (wall seconds per analysis, summed over the original
-and every variant, and "predict": the test logits), and `arrays` (numpy, keyed
-"<variant>.<name>") that the report draws.
+every analysis. Returns results.json's analysis fields: each analysis's results of the original
+population under "baseline", then of each variant under the variant's name, each under the
+analysis's name (`variants.<variant>.<analysis>.<key>`; each analysis documents its keys, means
+over members unless named otherwise), "skipped_analyses" ({analysis: why}: those of the default
+list that do not apply to the model), "analysis_seconds" (wall seconds per analysis, summed over
+the original and every variant, and "predict": the test logits), and `arrays` (numpy, keyed
+"<variant>.<analysis>.<key>") that the report draws.
 
 Given a `parts_dir`, each part (the original population's results, then each variant's) is kept
 there as soon as it is done: `<name>.npz` (its arrays) and `<name>.json` ({"inputs": what it was
-computed from, "results", "seconds", "arrays_sha256"}), written in that order, each atomically. A
-rerun takes every part whose inputs match and whose arrays pass their checksum, and computes the
-others: a killed analyse stage resumes after its last finished variant, and adding a variant
+computed from, "results_version", "results", "seconds", "arrays_sha256"}), written in that order,
+each atomically. A rerun takes every part whose inputs and results version (`stages.STAGE_VERSIONS`:
+the layout and statistics of the analyses' results) match and whose arrays pass their checksum,
+and computes the others: a killed analyse stage resumes after its last finished variant, and adding a variant
 analyses only it. "analysis_seconds" then sums each part's seconds as first measured, plus what
 this run spent on the test logits and the analyses' preparation.
 """
@@ -23,17 +26,21 @@ import jax
 import numpy as np
 from absl import logging
 
-from compax import registrations  # noqa: F401  (registers the analyses)
-from compax.analyses import Compared, Reference, check_analyses
+from compax.analyses import ANALYSES, DataInfo, applicable_analyses, settings_block
+from compax.analyses.reference import Compared, Reference
 from compax.compress.registry import Variant
 from compax.errors import UserError
 from compax.member_vmap import population_chunk
 from compax.safe_files import read_json, sha256_file, write_json_atomic
+from compax.stages import STAGE_VERSIONS
+
+RESULTS_VERSION = STAGE_VERSIONS["analyse"]
 
 
 def load_part(parts_dir: pathlib.Path | None, name: str, inputs) -> dict | None:
     """The part `name` kept in `parts_dir` ({"results", "arrays", "seconds"}) when it was computed
-    from `inputs` and its arrays are intact; None otherwise (it is then computed again)."""
+    from `inputs` by this results version and its arrays are intact; None otherwise (it is then
+    computed again)."""
     if parts_dir is None or not (parts_dir / f"{name}.json").is_file():
         return None
     try:
@@ -41,7 +48,8 @@ def load_part(parts_dir: pathlib.Path | None, name: str, inputs) -> dict | None:
     except UserError:
         record = None
     arrays = parts_dir / f"{name}.npz"
-    if not isinstance(record, dict) or record.get("inputs") != inputs or not arrays.is_file():
+    if (not isinstance(record, dict) or record.get("inputs") != inputs
+            or record.get("results_version") != RESULTS_VERSION or not arrays.is_file()):
         return None
     if sha256_file(arrays) != record.get("arrays_sha256"):
         logging.warning("the kept analysis of %s fails its checksum (%s): analysed again", name,
@@ -60,8 +68,8 @@ def save_part(parts_dir: pathlib.Path | None, name: str, inputs, part: dict) -> 
     np.savez_compressed(tmp, **part["arrays"])
     tmp.replace(path)
     write_json_atomic(parts_dir / f"{name}.json", {
-        "inputs": inputs, "results": part["results"], "seconds": part["seconds"],
-        "arrays_sha256": sha256_file(path)})
+        "inputs": inputs, "results_version": RESULTS_VERSION, "results": part["results"],
+        "seconds": part["seconds"], "arrays_sha256": sha256_file(path)})
 
 
 def analyse_population(config, dataset, model, original, models: dict, populations: dict,
@@ -74,7 +82,7 @@ def analyse_population(config, dataset, model, original, models: dict, populatio
     variant's "paired" (the default) or "independent" (`Compared.design`). `parts_dir` keeps each
     finished part with `inputs[name]` ("baseline" and each variant; JSON), see the module doc.
     """
-    analyses = check_analyses(config.analysis)
+    analyses, skipped = applicable_analyses(config.analysis, model, DataInfo.of(dataset))
     parts_dir = pathlib.Path(parts_dir) if parts_dir is not None else None
     inputs = inputs or {}
     kept = {name: load_part(parts_dir, name, inputs.get(name))
@@ -112,7 +120,7 @@ def analyse_population(config, dataset, model, original, models: dict, populatio
         for key, value in part["seconds"].items():
             seconds[key] = seconds.get(key, 0.0) + value
     logging.info("analysis seconds: %s", ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()))
-    return {"variants": variants,
+    return {"variants": variants, "skipped_analyses": skipped,
             "analysis_seconds": {k: round(v, 1) for k, v in seconds.items()}}, arrays
 
 
@@ -123,15 +131,20 @@ def compare_populations(name: str, config, dataset, original: Variant, compresse
     analyses, nor kept parts). Both are `Variant`s: the flax module evaluating the population and
     its `Compressed` with a leading member axis (member m of `compressed` is compared with member
     m of `original`; `compressed.info["design"]`, "paired" by default, says whether it was
-    compressed from it). The settings are those of `config.analysis`, with `settings` replacing
-    some (e.g. ece_bins=10); each is checked as `--config.analysis.<key>` is."""
+    compressed from it). The settings are those of `config.analysis.<name>`, with `settings`
+    replacing some (e.g. bins=10 for calibration); each is checked as
+    `--config.analysis.<name>.<key>` is. An analysis that does not apply to the original's model
+    is a one-line UserError."""
     config = config.copy_and_resolve_references()
-    unknown = sorted(set(settings) - set(config.analysis))
+    known = settings_block(config.analysis, name) if name in ANALYSES else {}
+    unknown = sorted(set(settings) - set(known))
     if unknown:
-        raise UserError(f"unknown analysis setting {unknown[0]!r}: the settings are"
-                        f" {', '.join(k for k in config.analysis if k != 'analyses')}")
-    config.analysis.update({**settings, "analyses": name})
-    (analysis,) = check_analyses(config.analysis)
+        raise UserError(f"unknown analysis setting {unknown[0]!r} of {name}: its settings are"
+                        f" {', '.join(known) or '(none)'}")
+    if settings:
+        config.analysis[name].update(settings)
+    config.analysis.analyses = name
+    (analysis,), _ = applicable_analyses(config.analysis, original.model, DataInfo.of(dataset))
     chunk = population_chunk(config.population_chunk,
                              jax.tree.leaves(original.compressed)[0].shape[0])
     ref = Reference(config, dataset, original.model, original.compressed, chunk)
@@ -143,12 +156,13 @@ def compare_populations(name: str, config, dataset, original: Variant, compresse
 
 
 def _analysed(analyses, run) -> dict:
-    """One part: `run(analysis) -> (results, arrays)` for every analysis, merged and timed."""
+    """One part: `run(analysis) -> (results, arrays)` for every analysis, each under its name
+    (results[name], arrays["<name>.<key>"]), and timed."""
     part = {"results": {}, "arrays": {}, "seconds": {}}
     for analysis in analyses:
         started = time.perf_counter()
         results, part_arrays = run(analysis)
-        part["results"].update(results)
-        part["arrays"].update(part_arrays)
+        part["results"][analysis.name] = results
+        part["arrays"].update({f"{analysis.name}.{k}": v for k, v in part_arrays.items()})
         part["seconds"][analysis.name] = time.perf_counter() - started
     return part

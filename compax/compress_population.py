@@ -3,10 +3,12 @@
 Each variant is a recipe of registered steps (`compax.compress.registry`) run on the whole
 population. The pruning level `searched` follows Schwaiger et al. (2022): "as much as possible while
 keeping comparable accuracy", made precise as the largest level of a grid (default 0.01 ... 0.99)
-whose validation accuracy under global L1 pruning, averaged over the population, stays within
-`tolerance_pp` percentage points of the uncompressed population's; the test set plays no part in
-the choice. One level serves the whole population so that its members stay comparable (Hooker et
-al. prune every member alike). Quantizing steps calibrate on a fixed subset of training images.
+whose validation accuracy under the step's own pruning criterion and scope (global L1 for the
+study's `l1_global`), averaged over the population, stays within `tolerance_pp` percentage points
+of the uncompressed population's; each criterion is searched once per run; the test set plays no
+part in the choice. One level serves the whole population so that its members stay comparable
+(Hooker et al. prune every member alike). Quantizing steps calibrate on a fixed subset of training
+images, which pruning criteria that need data also use, with their labels.
 
 Every variant is measured on the whole test set: accuracy per member, bits, bytes as stored and the
 compression ratio, parameters and multiply-adds of the model evaluating it; quantized variants with
@@ -39,8 +41,15 @@ from compax.compress import (
 )
 from compax.compress.cost import images_per_second
 from compax.compress.flops import model_macs
-from compax.compress.registry import Context, Variant, describe, run_recipe, variant_recipes
-from compax.compress.store import restore_compressed, save_compressed, saved_record
+from compax.compress.registry import (
+    STEPS,
+    Context,
+    Variant,
+    describe,
+    run_recipe,
+    with_config_defaults,
+)
+from compax.compress.store import restore_compressed, restore_saved, save_compressed, saved_record
 from compax.compress.sweep import select_max_sparsity, sparsity_sweep
 from compax.data import Dataset, normalize
 from compax.distributed import to_host
@@ -61,29 +70,36 @@ def batched_accuracy(apply, x: jax.Array, labels: jax.Array, batch_size: int) ->
     return correct.sum() / num
 
 
-def sweep_validation_accuracy(model, variables, dataset: Dataset, levels, exclude, batch_size: int,
-                              chunk: int) -> np.ndarray:
-    """Validation accuracy (P, levels) of every member pruned at every level (global L1)."""
+def sweep_validation_accuracy(model, variables, dataset: Dataset, levels, criterion,
+                              shared: dict, batch_size: int, chunk: int) -> np.ndarray:
+    """Validation accuracy (P, levels) of every member pruned by `criterion` (a pruning step,
+    `compax.compress.criterion`) at every level: its scores computed once per member (from the
+    step's `shared` inputs), then every level's selection evaluated."""
     x = normalize(dataset.val.images, dataset.mean, dataset.std)
     labels = jnp.asarray(dataset.val.labels)
 
-    def member_sweep(v, x, labels):  # the images as arguments: no constants folded by XLA
+    def member_sweep(v, member, x, labels, shared):  # data as arguments: no constants folded
         def accuracy(params):
             return batched_accuracy(lambda xb: model.apply({**v, "params": params}, xb, train=False),
                                     x, labels, batch_size)
-        return sparsity_sweep(v["params"], levels, accuracy, exclude=exclude, batch_size=1)
+        scores = criterion.member_scores(model, v, member, shared)
+        return sparsity_sweep(v["params"], levels, accuracy, scores=scores, scope=criterion.scope,
+                              exclude=criterion.exclude, batch_size=1)
 
-    return to_host(chunked_vmap(member_sweep, chunk, num_member_args=1)(variables, x, labels))
+    members = jnp.arange(jax.tree.leaves(variables)[0].shape[0], dtype=jnp.int32)
+    return to_host(chunked_vmap(member_sweep, chunk, num_member_args=2)(
+        variables, members, x, labels, shared))
 
 
 def search_sparsity(config: ml_collections.ConfigDict, model, variables, dataset: Dataset,
-                    chunk: int) -> dict:
-    """The largest global-L1 level within the tolerance on validation data (module doc), with the
-    curve it was read from: {levels, val_accuracy, baseline_val_accuracy, tolerance_pp, chosen}."""
+                    chunk: int, criterion, shared: dict) -> dict:
+    """The largest level of `criterion` (a pruning step; `shared`: its inputs) within the tolerance
+    on validation data (module doc), with the curve it was read from: {criterion (its
+    `search_key`), levels, val_accuracy, baseline_val_accuracy, tolerance_pp, chosen}."""
     settings = config.compress
     levels = np.round(np.arange(1, 100) * settings.sparsity_step, 6)
     levels = levels[levels < 1]
-    sweep = sweep_validation_accuracy(model, variables, dataset, levels, settings.prune_exclude,
+    sweep = sweep_validation_accuracy(model, variables, dataset, levels, criterion, shared,
                                       config.eval_batch_size, chunk)
     baseline_val = loss_and_accuracy(
         make_predict(model_apply(model), dataset.mean, dataset.std, config.eval_batch_size,
@@ -91,33 +107,54 @@ def search_sparsity(config: ml_collections.ConfigDict, model, variables, dataset
         dataset.val.labels)[1]
     chosen = select_max_sparsity(levels, sweep.mean(0), float(baseline_val.mean()),
                                  settings.sparsity_tolerance_pp)
-    return {"levels": levels.tolist(), "val_accuracy": sweep.mean(0).tolist(),
+    return {"criterion": criterion.search_key(), "levels": levels.tolist(),
+            "val_accuracy": sweep.mean(0).tolist(),
             "baseline_val_accuracy": float(baseline_val.mean()),
             "tolerance_pp": settings.sparsity_tolerance_pp, "chosen": chosen}
 
 
-def calibration_images(config: ml_collections.ConfigDict, dataset: Dataset) -> jax.Array:
-    """Normalised training images for the quantization observers, a fixed random subset."""
+def _calibration_index(config: ml_collections.ConfigDict, dataset: Dataset) -> np.ndarray:
+    """Training-set indices of the calibration images: a fixed random subset, in order."""
     rng = np.random.default_rng(config.split_seed)
     count = min(config.compress.calibration_images, len(dataset.train))
-    index = np.sort(rng.choice(len(dataset.train), count, replace=False))
+    return np.sort(rng.choice(len(dataset.train), count, replace=False))
+
+
+def calibration_images(config: ml_collections.ConfigDict, dataset: Dataset) -> jax.Array:
+    """Normalised training images for the quantization observers, a fixed random subset."""
+    index = _calibration_index(config, dataset)
     return normalize(dataset.train.images[index], dataset.mean, dataset.std)
+
+
+def restore_searches(ctx: Context, made: dict) -> None:
+    """Puts the sparsity searches of earlier results (or of a saved variant's record) `made` into
+    `ctx.cache`; results written before searches were per criterion hold one global-L1 search."""
+    searches = ctx.cache.setdefault("sparsity_searches", {})
+    for key, search in made.get("sparsity_searches", {}).items():
+        searches.setdefault(key, search)
+    if "sparsity_search" in made and "sparsity_searches" not in made:
+        default = with_config_defaults(STEPS["l1_global"](), ctx.config).search_key()
+        searches.setdefault(default, made["sparsity_search"])
 
 
 def recipe_context(config, model, variables, dataset: Dataset, chunk: int, *,
                    abstract: bool = False, log_dir=None, checkpoint_dir=None) -> Context:
-    """The `Context` the recipes of a run share (one sparsity search, one calibration set);
-    training steps write TensorBoard scalars under `log_dir` and checkpoints under
-    `checkpoint_dir` (None: none), see `Context`."""
+    """The `Context` the recipes of a run share (one sparsity search per criterion, one labelled
+    calibration set, the run's seed); training steps write TensorBoard scalars under `log_dir`
+    and checkpoints under `checkpoint_dir` (None: none), see `Context`."""
     if abstract:
         count = min(config.compress.calibration_images, len(dataset.train))
         calib = jax.ShapeDtypeStruct((count, *dataset.train.images.shape[1:]), jnp.float32)
+        labels = jax.ShapeDtypeStruct((count,), jnp.int32)
     else:
         calib = calibration_images(config, dataset)
-    return Context(config=config, dataset=dataset, original=variables, chunk=chunk,
-                   abstract=abstract, calib_images=calib, log_dir=log_dir,
-                   checkpoint_dir=checkpoint_dir,
-                   searcher=lambda: search_sparsity(config, model, variables, dataset, chunk))
+        labels = jnp.asarray(dataset.train.labels[_calibration_index(config, dataset)])
+    ctx = Context(config=config, dataset=dataset, original=variables, chunk=chunk,
+                  abstract=abstract, calib_images=calib, calib_labels=labels, seed=config.seed,
+                  log_dir=log_dir, checkpoint_dir=checkpoint_dir)
+    ctx.searcher = lambda criterion: search_sparsity(config, model, variables, dataset, chunk,
+                                                     criterion, criterion.inputs(ctx))
+    return ctx
 
 
 def abstract_variant(config: ml_collections.ConfigDict, model, variables, dataset: Dataset,
@@ -127,13 +164,6 @@ def abstract_variant(config: ml_collections.ConfigDict, model, variables, datase
     like = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), variables)
     return run_recipe(steps, model, like,
                       recipe_context(config, model, variables, dataset, chunk, abstract=True))
-
-
-def abstract_variants(config: ml_collections.ConfigDict, model, variables, dataset: Dataset,
-                      chunk: int) -> dict[str, Variant]:
-    """`abstract_variant` of every variant of `compress.variants`."""
-    return {name: abstract_variant(config, model, variables, dataset, chunk, steps)
-            for name, steps in variant_recipes(config.compress.variants).items()}
 
 
 def measure(config, dataset: Dataset, model, variables, variant: Variant, chunk: int) -> dict:
@@ -203,15 +233,21 @@ def variant_inputs(config: ml_collections.ConfigDict, variables) -> dict:
 
 def restore_variant(config, model, variables, dataset: Dataset, chunk: int, steps,
                     path: pathlib.Path) -> Variant:
-    """The variant of `steps` saved at `path`: its module and static data from tracing the recipe
-    abstractly, its arrays from the verified files."""
+    """The variant of `steps` saved at `path`, its files verified: as saved (module, structure,
+    info), or, for a save without its structure (older compax), with the module and static data
+    of the recipe traced abstractly."""
+    saved = restore_saved(path)
+    if saved is not None:
+        return Variant(*saved)
     shaped = abstract_variant(config, model, variables, dataset, chunk, steps)
     return Variant(shaped.model, restore_compressed(path, shaped.compressed), shaped.info)
 
 
 def compress_population(config: ml_collections.ConfigDict, model, variables, dataset: Dataset,
-                        chunk: int, log_dir=None, checkpoint_dir=None, save_dir=None) -> dict:
-    """Every variant in `config.compress.variants` of the population `variables`.
+                        chunk: int, recipes: dict, log_dir=None, checkpoint_dir=None,
+                        save_dir=None) -> dict:
+    """Every variant of `recipes` ({name: steps}, `config.compress.variants` as `validate_config`
+    parsed them) of the population `variables`.
 
     The training steps of a variant write their per-epoch scalars as TensorBoard event files in
     `<log_dir>/<variant>/<step>` (`compax/train/scalars.py`; None: none) and their per-epoch
@@ -219,16 +255,17 @@ def compress_population(config: ml_collections.ConfigDict, model, variables, dat
     from which a killed run resumes. Each finished variant is saved in `<save_dir>/<variant>`
     (None: not saved), from which a later run restores it (module doc).
 
-    Returns {"variants": {name: results (schema in pipeline.py)}, "sparsity_search": ... (when a
-    recipe searched the level), "inference": {name: cost}, "populations": {name: Compressed with a
-    leading member axis}}.
+    Returns {"variants": {name: results (schema in pipeline.py)}, "sparsity_searches":
+    {criterion: search} (when a recipe searched the level) with "sparsity_search", the first of
+    them, "inference": {name: cost}, "populations": {name: Compressed with a leading member
+    axis}}.
     """
     ctx = recipe_context(config, model, variables, dataset, chunk, log_dir=log_dir,
                          checkpoint_dir=checkpoint_dir)
     inputs = variant_inputs(config, variables) if save_dir is not None else None
     results = {}
     made_variants = {"baseline": Variant(model, Compressed(variables, None))}
-    for name, steps in variant_recipes(config.compress.variants).items():
+    for name, steps in recipes.items():
         record = {"inputs": inputs, "recipe": describe(steps)}
         path = pathlib.Path(save_dir) / name if save_dir is not None else None
         saved = saved_record(path) if path is not None else None
@@ -241,8 +278,7 @@ def compress_population(config: ml_collections.ConfigDict, model, variables, dat
         if restored is not None:
             made_variants[name] = restored
             results[name] = saved["results"]
-            if "sparsity_search" in saved:
-                ctx.cache.setdefault("sparsity_search", saved["sparsity_search"])
+            restore_searches(ctx, saved)
             logging.info("%s: restored from %s, made by an earlier run", name, path)
             continue
         variant = run_recipe(steps, model, variables, ctx, name)
@@ -250,12 +286,13 @@ def compress_population(config: ml_collections.ConfigDict, model, variables, dat
         results[name] = {"recipe": describe(steps),
                          **measure(config, dataset, model, variables, variant, chunk)}
         if path is not None:
-            save_compressed(path, variant.compressed, {
-                **record, "results": results[name],
-                **({"sparsity_search": ctx.cache["sparsity_search"]}
-                   if "sparsity_search" in ctx.cache else {})})
+            searches = ctx.cache.get("sparsity_searches")
+            save_compressed(path, variant.compressed, module=variant.model, info=variant.info,
+                            record={**record, "results": results[name],
+                                    **({"sparsity_searches": searches} if searches else {})})
     made = {"variants": results, "inference": inference_cost(config, dataset, made_variants),
             "populations": {n: v.compressed for n, v in made_variants.items() if n != "baseline"}}
-    if "sparsity_search" in ctx.cache:
-        made["sparsity_search"] = ctx.cache["sparsity_search"]
+    if ctx.cache.get("sparsity_searches"):
+        made["sparsity_searches"] = ctx.cache["sparsity_searches"]
+        made["sparsity_search"] = next(iter(made["sparsity_searches"].values()))
     return made

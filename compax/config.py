@@ -1,15 +1,16 @@
 """Defaults of every experiment config; `configs/*.py` start from `base_config()` and change keys.
 
 The keys are locked: a `--config.key=value` override of a key that does not exist is an error,
-and the types are checked (`ml_collections`).
+and the types are checked (`ml_collections`). Importing this module imports no numerical library
+but numpy (not jax, optax, orbax, scipy nor scikit-learn): the analyses' declarations, whose
+settings are keys here, import them only to compute, so that a config loads, and a mistyped key
+is reported, in a fraction of a second.
 """
 
 import ml_collections
 from ml_collections import config_dict
 
-from compax import registrations  # noqa: F401  (registers the analyses, whose settings are keys here)
-from compax.analyses import ANALYSES
-from compax.models import cpu_size
+from compax.analyses import ANALYSES, DEFAULT
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -56,14 +57,16 @@ def base_config() -> ml_collections.ConfigDict:
     # of 128 images, merging their histograms as it does) or "minmax".
     c.compress.observer = "histogram"
     c.compress.reduce_range = True  # fbgemm's 7-bit activation range, as PyTorch's default qconfig
-    # Analyses (compax.analyses) of every variant against the uncompressed population: a
-    # comma-separated subset of the registered ones, and the settings each declares (image counts
-    # of 0 mean the whole test set).
+    # Analyses (compax.analyses) of every variant against the uncompressed population: "default"
+    # (every registered one that applies to the model; the others are skipped, with the reason in
+    # the report) or a comma-separated subset of the registered ones (each must apply), and the
+    # settings each declares in its own block, `analysis.<name>.<key>` (image counts of 0 mean the
+    # whole test set).
     c.analysis = ml_collections.ConfigDict()
-    c.analysis.analyses = "classes,calibration,saliency,gradcam,hooker,embeddings,attacks"
+    c.analysis.analyses = DEFAULT
     for analysis in ANALYSES.values():
-        for key, default in analysis.settings.items():
-            c.analysis[key] = default
+        if analysis.settings:
+            c.analysis[analysis.name] = ml_collections.ConfigDict(dict(analysis.settings))
     # Stages run (comma-separated, in this order): train, compress, analyse, report. A finished
     # stage whose config and inputs have not changed is skipped.
     c.stages = "train,compress,analyse,report"
@@ -109,6 +112,8 @@ def study_config(dataset: str, model: str, size: str = "auto") -> ml_collections
         c.max_epochs = 500
         c.patience = 40
     else:
+        from compax.models import cpu_size  # flax and jax: not needed to load a config
+
         c.model_width, c.max_epochs, c.patience = cpu_size(model)
     return c
 
@@ -131,7 +136,8 @@ def hooker_config(dataset: str, arg: str = "") -> ml_collections.ConfigDict:
     the differences between independent populations. Beside them the
     post-training variants of the baseline members (one-shot global L1 at the searched level and at
     the same fixed levels, w8a8, w4a8, pruned+w8a8, float16, dynamic int8), analysed as paired
-    samples (paired t, Wilcoxon, and Welch). Every analysis; saliency on 2,000 test images.
+    samples (paired t, Wilcoxon, and Welch). Every analysis; saliency and Grad-CAM on 2,000 test
+    images.
     """
     settings = {"members": 30, "gmp_epochs": None}
     for item in filter(None, arg.split(",")):
@@ -154,5 +160,6 @@ def hooker_config(dataset: str, arg: str = "") -> ml_collections.ConfigDict:
     one_shot = tuple(f"sparsity_{round(100 * s)}" for s in HOOKER_LEVELS)
     c.compress.variants = gradual + ("pruned",) + one_shot + (
         "w8a8", "w4a8", "pruned_w8a8", "float16", "dynamic_int8")
-    c.analysis.saliency_images = 2000
+    c.analysis.saliency.images = 2000
+    c.analysis.gradcam.images = 2000
     return c

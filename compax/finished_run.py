@@ -13,14 +13,14 @@ import pathlib
 import ml_collections
 import numpy as np
 
-from compax.analyses import population_logits
+from compax.analyses.reference import population_logits
 from compax.compress import Compressed
-from compax.compress.registry import Variant, run_recipe, variant_recipe, variant_recipes
-from compax.compress_population import recipe_context, restore_variant
+from compax.compress.registry import Variant, run_recipe, variant_recipe
+from compax.compress_population import recipe_context, restore_searches, restore_variant
 from compax.errors import UserError
 from compax.pipeline import Run
-from compax.stages import STAGES, StageRecords, read_config
 from compax.safe_files import read_json
+from compax.stages import STAGES, StageRecords, read_config
 
 
 class FinishedRun:
@@ -31,7 +31,8 @@ class FinishedRun:
     run's data (`compax.data.Dataset`); `model`: the flax module; `original`: the trained
     population's variables (every leaf with a leading member axis); `variant(name)`: a compressed
     population; `logits(name)` and `predictions(name)`: its test outputs; `arrays(name)`: the
-    arrays behind its figures; `compress(recipe)`: the population compressed by another recipe.
+    arrays behind its figures (per analysis, as in results.json); `compress(recipe)`: the
+    population compressed by another recipe.
     "baseline" names the original population wherever a variant's name is taken.
     """
 
@@ -96,7 +97,7 @@ class FinishedRun:
                                 f" baseline, {', '.join(self.variants) or '(none)'}")
             else:
                 self._require("compress")
-                steps = variant_recipes(self.config.compress.variants, self.config)[name]
+                steps = self._stages.recipes[name]
                 self._variants[name] = restore_variant(
                     self.config, self.model, self.original, self.dataset, self._stages.chunk,
                     steps, self.workdir / "variants" / name)
@@ -114,13 +115,18 @@ class FinishedRun:
         """Test-set predicted labels (members, test images) of the population `name`."""
         return self.logits(name).argmax(-1)
 
-    def arrays(self, name: str) -> dict[str, np.ndarray]:
-        """The analysis arrays of `name` that the report draws, keyed without the "<name>."
-        prefix (e.g. "class_accuracy_change_pp": the member mean of each class's change)."""
+    def arrays(self, name: str) -> dict[str, dict[str, np.ndarray]]:
+        """The analysis arrays of `name` that the report draws, per analysis as its results are
+        ({analysis: {key: array}}, e.g. ["classes"]["class_accuracy_change_pp"]: the member mean
+        of each class's change)."""
         self._require("analyse")
-        with np.load(self.workdir / "analysis" / "arrays.npz") as arrays:
-            return {key.removeprefix(f"{name}."): arrays[key] for key in arrays.files
-                    if key.startswith(f"{name}.")}
+        arrays: dict[str, dict[str, np.ndarray]] = {}
+        with np.load(self.workdir / "analysis" / "arrays.npz") as stored:
+            for key in stored.files:
+                variant, analysis, rest = key.rsplit(".", 2)  # variant names may hold dots
+                if variant == name:
+                    arrays.setdefault(analysis, {})[rest] = stored[key]
+        return arrays
 
     def compress(self, recipe: str) -> Variant:
         """The original population compressed by `recipe` (a registered name or `name=recipe`
@@ -129,8 +135,7 @@ class FinishedRun:
         _, steps = variant_recipe(recipe, self.config)
         ctx = recipe_context(self.config, self.model, self.original, self.dataset,
                              self._stages.chunk)
-        if "sparsity_search" in self.results:
-            ctx.cache["sparsity_search"] = self.results["sparsity_search"]
+        restore_searches(ctx, self.results)
         return run_recipe(steps, self.model, self.original, ctx)
 
     def _require(self, stage: str) -> None:

@@ -11,7 +11,6 @@ import numpy as np
 from compax import registrations  # noqa: F401  (registers the steps)
 from compax.compress import registry
 from compax.compress.compressed import Compressed
-from compax.config import base_config
 from compax.errors import UserError
 
 
@@ -24,9 +23,10 @@ def compress(variant: str, model, variables, calib_images=None, masks=None, *,
     `prune.py`) replace the masks that the pruning steps would compute; a recipe that prunes at
     amount=searched needs them (the level is searched on a population run), and recipes that do
     not prune take none. `reduce_range` and `observer` configure activation quantization (see
-    `ptq.QuantConfig`).
+    `ptq.QuantConfig`): they are the values of the quantize steps that the recipe leaves unset.
     """
-    name, recipe = registry.variant_recipe(variant)
+    settings = {"compress": {"reduce_range": reduce_range, "observer": observer}}
+    name, recipe = registry.variant_recipe(variant, settings)
     pruning = [s for s in recipe if getattr(s, "prunes", False)]
     if masks is not None and not pruning:
         raise UserError(f"variant {name} takes no masks: pass masks to the pruning variants only")
@@ -34,8 +34,6 @@ def compress(variant: str, model, variables, calib_images=None, masks=None, *,
         raise UserError(f"variant {name} prunes at amount=searched, a level searched on a"
                         " population: pass its masks (compax.compress.global_l1_masks), or give"
                         " the step a fixed amount, e.g. l1_global(amount=0.5)")
-    config = base_config()
-    config.compress.reduce_range, config.compress.observer = reduce_range, observer
     # Shapes only (e.g. from jax.eval_shape) give the variant's shapes and static data.
     abstract = any(isinstance(a, jax.ShapeDtypeStruct) for a in jax.tree.leaves(variables))
     if abstract:
@@ -45,7 +43,7 @@ def compress(variant: str, model, variables, calib_images=None, masks=None, *,
     else:
         population = jax.tree.map(lambda a: jnp.asarray(a)[None], variables)
         calib = None if calib_images is None else jnp.asarray(calib_images, jnp.float32)
-    ctx = registry.Context(config=config, masks=masks, calib_images=calib, abstract=abstract)
+    ctx = registry.Context(config=None, masks=masks, calib_images=calib, abstract=abstract)
     made = registry.run_recipe(recipe, model, population, ctx)
     if abstract:
         return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), made.compressed)

@@ -33,9 +33,10 @@ results.json:
                   member_images per second of it, "train_step_seconds": the train steps' share;
                   the train stage's wall time (stages.train) adds compilation, checkpoints and the
                   test evaluation},
-     "sparsity_search": {"levels", "val_accuracy" (population mean per level),
-                         "baseline_val_accuracy", "tolerance_pp", "chosen"} (when a recipe
-                        prunes at amount=searched),
+     "sparsity_searches": {criterion (a pruning step's settings without amount): {"criterion",
+                           "levels", "val_accuracy" (population mean per level),
+                           "baseline_val_accuracy", "tolerance_pp", "chosen"}} (when a recipe
+                          prunes at amount=searched), "sparsity_search": the first of them,
      "inference": {variant: {"images_per_second", "speedup_vs_float32", "int8_images_per_second"}}
                   (timings of member 0 on this machine, compax/compress/cost.py),
      "variants": {"baseline" | <each name of compress.variants>: {
@@ -46,8 +47,10 @@ results.json:
          "weight_bits", "activation_bits", "bytes" (as stored), "compression_ratio",
          "bytes_on_disk_population" (the saved population), "params", "macs" (per image),
          "int8": {"argmax_agreement", "max_logit_difference", "accuracy"} (8-bit activations),
-         ... what the steps report (e.g. "structure" of filter pruning) and the fields of each
-         enabled analysis (compax/analyses/*.py)}},
+         ... what the steps report (e.g. "structure" of filter pruning), and each enabled
+         analysis's results under its name, e.g. "classes": {"disagreement", ...}
+         (compax/analyses/*.py)}},
+     "skipped_analyses": {analysis: why} (default analyses that do not apply to the model),
      "stages": {stage: {"finished", "wall_seconds", "code_version", "machine"}}}
 """
 
@@ -59,25 +62,27 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from compax import registrations  # noqa: F401  (fills the registries the recipes name)
 from compax import stages as stage_records
 from compax.analyse_population import analyse_population
+from compax.analyses import DataInfo, applicable_analyses
 from compax.compress import Compressed, storage_bytes
 from compax.compress.flops import model_macs
-from compax.compress.store import restore_compressed
-from compax.compress_population import abstract_variants, compress_population
+from compax.compress.registry import variant_recipes
+from compax.compress_population import compress_population, restore_variant
 from compax.data import Dataset, load_dataset
 from compax.distributed import is_main_process
 from compax.errors import UserError
 from compax.member_vmap import loss_and_accuracy, make_predict, model_apply, population_chunk, take_members
 from compax.models import count_params, get_model
 from compax.report import write_report
+from compax.safe_files import MANIFEST, lock_workdir, make_workdir, sha256_file
 from compax.stages import STAGES, StageRecords, parse_stages, write_json_atomic
 from compax.train import fit
 from compax.train.checkpoint import recorded_config
 from compax.train.loop import check_batch_size
 from compax.train.memory import check_population_fits
 from compax.validate import validate_config
-from compax.safe_files import MANIFEST, lock_workdir, make_workdir, sha256_file
 
 # Training keys that may change between a run and its resumption: training continues from the
 # checkpoints (and the later stages run again).
@@ -112,12 +117,14 @@ def prepare_workdir(config: ml_collections.ConfigDict, workdir: pathlib.Path) ->
 
 def load_checked_dataset(config: ml_collections.ConfigDict) -> Dataset:
     """The dataset of `config`, after the checks of the values that depend on it: the batch
-    against the training images, the population against the free memory."""
+    against the training images, the population against the free memory, the analyses against
+    the model and the data (one the user named that cannot apply is a UserError)."""
     dataset = load_dataset(config.dataset, data_dir=config.data_dir, split_seed=config.split_seed,
                            val_fraction=config.val_fraction, download=config.download)
     check_batch_size(config.batch_size, len(dataset.train))
-    check_population_fits(get_model(config.model, dataset.num_classes, config.model_width),
-                          config.population)
+    model = get_model(config.model, dataset.num_classes, config.model_width)
+    check_population_fits(model, config.population)
+    applicable_analyses(config.analysis, model, DataInfo.of(dataset))
     return dataset
 
 
@@ -126,8 +133,11 @@ class Run:
     is loaded (`load_checked_dataset`) where not given."""
 
     def __init__(self, config: ml_collections.ConfigDict, workdir: pathlib.Path,
-                 dataset: Dataset | None = None):
+                 dataset: Dataset | None = None, recipes: dict | None = None):
         self.config, self.workdir = config, workdir
+        # {variant: steps}: the recipes of `compress.variants`, parsed once (`validate_config`).
+        self.recipes = (variant_recipes(config.compress.variants, config) if recipes is None
+                        else recipes)
         self.dataset = load_checked_dataset(config) if dataset is None else dataset
         logging.info("%s: %d train / %d val / %d test images, %d classes", self.dataset.name,
                      len(self.dataset.train), len(self.dataset.val), len(self.dataset.test),
@@ -145,13 +155,6 @@ class Run:
     @property
     def chunk(self) -> int:
         return population_chunk(self.config.population_chunk, self.config.population)
-
-    def variants(self) -> dict:
-        """Every variant's `registry.Variant` with shapes only (its module, the structure of its
-        population), as the recipes make it; nothing is computed."""
-        trained = self.trained
-        return abstract_variants(self.config, trained.model, trained.variables, self.dataset,
-                                 self.chunk)
 
     # The stages. Each returns (results for results.json, output paths relative to the workdir).
 
@@ -192,7 +195,7 @@ class Run:
     def compress(self) -> tuple[dict, list[str]]:
         trained = self.trained
         made = compress_population(self.config, trained.model, trained.variables, self.dataset,
-                                   self.chunk, log_dir=self.workdir / "tensorboard",
+                                   self.chunk, self.recipes, log_dir=self.workdir / "tensorboard",
                                    checkpoint_dir=self.workdir / "step_checkpoints",
                                    save_dir=self.workdir / "variants")
         variants = made["variants"]
@@ -209,17 +212,20 @@ class Run:
                          variant["accuracy"], variant["accuracy_diff_pp"], variant["bytes"],
                          variant["compression_ratio"])
         results = {"variants": variants, "inference": made["inference"]}
-        if "sparsity_search" in made:
-            results["sparsity_search"] = made["sparsity_search"]
+        for key in ("sparsity_search", "sparsity_searches"):
+            if key in made:
+                results[key] = made[key]
         return results, [f"variants/{name}" for name in made["populations"]]
 
     def load_populations(self) -> dict:
-        """{variant: (module, compressed population, design)} as written by the compress stage;
+        """{variant: (module, compressed population, design)} as the compress stage saved them;
         design: "paired" or "independent" (`analyses.Compared.design`)."""
-        return {name: (variant.model,
-                       restore_compressed(self.workdir / "variants" / name, variant.compressed),
-                       variant.info.get("design", "paired"))
-                for name, variant in self.variants().items()}
+        trained, loaded = self.trained, {}
+        for name, steps in self.recipes.items():
+            variant = restore_variant(self.config, trained.model, trained.variables, self.dataset,
+                                      self.chunk, steps, self.workdir / "variants" / name)
+            loaded[name] = (variant.model, variant.compressed, variant.info.get("design", "paired"))
+        return loaded
 
     def analyse(self) -> tuple[dict, list[str]]:
         trained = self.trained
@@ -292,21 +298,27 @@ def training_throughput(history: list[dict], train_images: int, batch_size: int)
     return result
 
 
-def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
-    """Runs the stages of `config` in `workdir` (skipping those up to date); returns results.json."""
+def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
+        recipes: dict | None = None) -> dict:
+    """Runs the stages of `config` in `workdir` (skipping those up to date); returns results.json.
+
+    `recipes`: what `validate_config(config)` returned, when the caller validated the config
+    already (launch.py, before it imports jax); None: validated here. Either way once per run.
+    """
     workdir = pathlib.Path(workdir)
-    validate_config(config)  # every value and name, before anything touches the workdir
+    if recipes is None:
+        recipes = validate_config(config)  # every value and name, before anything touches the workdir
     wanted = parse_stages(config.stages)
     dataset = load_checked_dataset(config)  # and the values that need it, before the workdir too
     with lock_workdir(workdir, is_main_process()):  # one run per workdir at a time
-        return _run_stages(config, workdir, wanted, dataset)
+        return _run_stages(config, workdir, wanted, dataset, recipes)
 
 
 def _run_stages(config: ml_collections.ConfigDict, workdir: pathlib.Path, wanted,
-                dataset: Dataset) -> dict:
+                dataset: Dataset, recipes: dict) -> dict:
     """The stages `wanted` of `config` on `dataset` in `workdir`, which this process has locked."""
     prepare_workdir(config, workdir)
-    pipeline = Run(config, workdir, dataset)
+    pipeline = Run(config, workdir, dataset, recipes)
     records = pipeline.records
     for stage in STAGES:
         if stage not in wanted:

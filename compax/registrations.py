@@ -1,14 +1,20 @@
-"""Every module that registers a compression step or an analysis. A new method or analysis is a
-new module plus one import line here; importing this module makes the registries complete."""
+"""Every module that registers a compression step or an analysis. A new method is a new module
+plus one import line here, a new analysis a new module plus its name in the import line at the end
+of `compax/analyses/__init__.py` (which imports no jax, for the config); importing this module
+makes the registries complete."""
 
-from compax.analyses import attacks, attention, calibration, classes, embeddings, hooker  # noqa: F401
+import compax.analyses  # noqa: F401  (registers the analyses)
 from compax.compress.methods import (  # noqa: F401  # noqa: F401
     ablation,
     cast,
+    distill,
     dynamic,
     filters,
+    gradient_prune,
     half_storage,
     quantize,
+    random_prune,
+    snip,
     training,
     unstructured,
 )

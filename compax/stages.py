@@ -8,7 +8,8 @@ atomically (a temporary name, then a rename) and then its record `stages/<stage>
      "outputs", "output_sha256" (of each output file, and of the checksum manifest of each output
      folder that has one)}
 
-The fingerprint is the SHA-256 of the config keys and input fingerprints, so a stage is up to date
+The fingerprint is the SHA-256 of the config keys and input fingerprints (and of the stage's
+results version, `STAGE_VERSIONS`, where it has one), so a stage is up to date
 exactly when its record exists, its fingerprint equals the one the current config gives and its
 outputs are still those it wrote (a run with other keys, killed while it rewrote them, leaves
 them changed); a change of a stage's keys (e.g. `compress.sparsity_tolerance_pp`) makes it and
@@ -42,6 +43,11 @@ STAGES = ("train", "compress", "analyse", "report")
 STAGE_KEYS = {"compress": ("compress", "eval_batch_size"), "analyse": ("analysis",), "report": ()}
 # Keys that change how a run is carried out, not what it computes.
 RUNTIME_KEYS = ("progress", "data_dir", "download", "population_chunk", "stages")
+# The version of a stage's results, for the stages whose layout or statistics changed since
+# workdirs were first made: raising it makes a finished workdir run that stage (and those after it)
+# again instead of keeping results of the old kind. analyse 2: each analysis's results under its
+# own key (`variants.<variant>.<analysis>`), its settings in its own block.
+STAGE_VERSIONS = {"analyse": 2}
 # The fields of every record, and the type of each.
 RECORD_FIELDS = {"stage": str, "fingerprint": str, "config": dict, "inputs": dict,
                  "code_version": str, "finished": str, "wall_seconds": (int, float),
@@ -77,9 +83,13 @@ def code_version() -> str:
     return digest.hexdigest()[:12]
 
 
-def fingerprint(config_part: dict, inputs: dict) -> str:
-    """SHA-256 of a stage's config keys and its inputs' fingerprints."""
-    text = json.dumps({"config": config_part, "inputs": inputs}, sort_keys=True)
+def fingerprint(config_part: dict, inputs: dict, version: int | None = None) -> str:
+    """SHA-256 of a stage's config keys, its inputs' fingerprints and its results version (None:
+    the stage has none)."""
+    fields = {"config": config_part, "inputs": inputs}
+    if version is not None:
+        fields["version"] = version
+    text = json.dumps(fields, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -135,7 +145,7 @@ class StageRecords:
             if record is None:
                 return None
             inputs[before] = record["fingerprint"]
-        return fingerprint(stage_config(self.config, stage), inputs)
+        return fingerprint(stage_config(self.config, stage), inputs, STAGE_VERSIONS.get(stage))
 
     def is_current(self, stage: str) -> bool:
         """Whether `stage` has a record for the current config and inputs, and its outputs exist."""
@@ -160,6 +170,9 @@ class StageRecords:
                          if now.get(k) != record["config"].get(k))
         if changed:
             return f"config changed ({', '.join(changed)})"
+        if record.get("version") != STAGE_VERSIONS.get(stage):
+            return (f"its results are of version {record.get('version', 1)}, this compax makes"
+                    f" version {STAGE_VERSIONS.get(stage, 1)}")
         if not all((self.directory.parent / p).exists() for p in record["outputs"]):
             return "outputs missing"
         if not self._outputs_unchanged(record):
@@ -173,7 +186,8 @@ class StageRecords:
         config_part = stage_config(self.config, stage)
         record = {
             "stage": stage,
-            "fingerprint": fingerprint(config_part, inputs),
+            "fingerprint": fingerprint(config_part, inputs, STAGE_VERSIONS.get(stage)),
+            **({"version": STAGE_VERSIONS[stage]} if stage in STAGE_VERSIONS else {}),
             "config": config_part,
             "inputs": inputs,
             "code_version": code_version(),

@@ -3,14 +3,15 @@
 `validate_config(config)` raises a `UserError` whose one line names the first bad
 `--config.key`, the value it holds and what it takes; `pipeline.run` calls it first, so a typo
 never trains, never creates a workdir and never changes a finished one. `RULES` holds one rule per
-key of `compax/config.py` but the settings the analyses declare, which each analysis checks itself
-(`compax/analyses`); a test checks that every key is covered, and keys that a config does not have
-are skipped. The checks that need more than one key (seeds within int32, the t-SNE sample count,
-an exclusion regex that leaves something to prune) follow the table, then every name: datasets,
-models, stages, the observer, and what the registries hold (variants and their steps and settings,
-`compax.compress.registry`; analyses and their settings, `compax.analyses`).
-Values that depend on the data (a batch larger than the training set) are checked where the data
-are loaded (`pipeline.load_checked_dataset`), before the workdir is created.
+key of `compax/config.py` but the settings blocks of the analyses (`analysis.<name>.<key>`), which
+each analysis checks itself (`compax/analyses`); a test checks that every key is covered, and keys
+that a config does not have are skipped. The checks that need more than one key (seeds within
+int32, an exclusion regex that leaves something to prune) follow the table, then every name:
+datasets, models, stages, the observer, and what the registries hold (variants and their steps and
+settings, `compax.compress.registry`; analyses and their settings, `compax.analyses`).
+Values that depend on the data (a batch larger than the training set, an analysis named that
+cannot apply to the model) are checked where the data are loaded
+(`pipeline.load_checked_dataset`), before the workdir is created.
 """
 
 import math
@@ -110,11 +111,9 @@ RULES: dict[str, Rule] = {
     "compress.calibration_images": integer(1),
     "compress.observer": text,
     "compress.reduce_range": boolean,
-    "analysis.analyses": text,  # its settings: each analysis's `check` (compax/analyses)
+    "analysis.analyses": text,  # "default" or names; their settings: each analysis's `check`
     "stages": text,
 }
-# The t-SNE perplexity (compax/measure/embeddings.py): its sample count must exceed it.
-TSNE_PERPLEXITY = 30
 
 
 class _Missing:
@@ -147,14 +146,16 @@ def unknown(key: str, name, known) -> UserError:
                      f" {', '.join(known)}")
 
 
-def validate_config(config: ml_collections.ConfigDict) -> None:
-    """Raises a UserError naming the first bad value of `config`; returns None when all are good."""
+def validate_config(config: ml_collections.ConfigDict) -> dict:
+    """Raises a UserError naming the first bad value of `config`; when all are good, returns the
+    recipes of `compress.variants` ({variant: steps}, parsed with the config's defaults), so that
+    a run parses them once."""
     for key, rule in RULES.items():
         value = lookup(config, key)
         if value is not MISSING and (takes := rule(value)) is not None:
             raise bad(key, value, takes)
     _check_combinations(config)
-    _check_names(config)
+    return _check_names(config)
 
 
 def _check_combinations(config: ml_collections.ConfigDict) -> None:
@@ -163,14 +164,6 @@ def _check_combinations(config: ml_collections.ConfigDict) -> None:
     if MISSING not in (seed, population) and seed + population - 1 > INT32_MAX:
         raise bad("seed", seed, f"an integer <= {INT32_MAX - population + 1} with"
                   f" --config.population={population} (member seeds are int32)")
-    analyses = lookup(config, "analysis.analyses")
-    classes, per_class = lookup(config, "analysis.tsne_classes"), lookup(config,
-                                                                         "analysis.tsne_per_class")
-    if (isinstance(analyses, str) and "embeddings" in analyses.replace(" ", "").split(",")
-            and MISSING not in (classes, per_class) and classes * per_class <= TSNE_PERPLEXITY):
-        raise bad("analysis.tsne_per_class", per_class,
-                  f"an integer > {TSNE_PERPLEXITY // classes} with --config.analysis.tsne_classes"
-                  f"={classes}: t-SNE needs more than {TSNE_PERPLEXITY} samples (its perplexity)")
     exclude, model = lookup(config, "compress.prune_exclude"), lookup(config, "model")
     if isinstance(exclude, str) and isinstance(model, str):
         _check_exclude_leaves_weights(exclude, model, lookup(config, "model_width"))
@@ -193,9 +186,24 @@ def _check_exclude_leaves_weights(exclude: str, model_name: str, width) -> None:
                   " unmatched (this one excludes them all: nothing could be pruned)")
 
 
-def _check_names(config: ml_collections.ConfigDict) -> None:
+def _check_calibration_batches(recipes: dict, calibration_images) -> None:
+    """A pruning criterion that scores on a calibration batch (`needs` data or gradients) cannot
+    take more images than the run calibrates on (fewer still when the training set is smaller:
+    that is checked when the step runs)."""
+    if calibration_images is MISSING:
+        return
+    for name, steps in recipes.items():
+        for step in steps:
+            if getattr(step, "needs", frozenset()) & {"data", "grads"} and step.batch > calibration_images:
+                raise UserError(f"variant {name}: {step.name}(batch={step.batch}) takes more than the"
+                                f" {calibration_images} calibration images: lower its batch or raise"
+                                " --config.compress.calibration_images")
+
+
+def _check_names(config: ml_collections.ConfigDict) -> dict:
     """Names checked against what compax has: datasets, models, stages, observers, and the
-    registries' variants (their steps and settings) and analyses (their settings)."""
+    registries' variants (their steps and settings) and analyses (their settings blocks); returns
+    the parsed recipes ({} for a config without `compress.variants`)."""
     from compax import registrations  # noqa: F401  (fills the registries)
     from compax.analyses import check_analyses
     from compax.compress.ptq import OBSERVERS
@@ -214,9 +222,10 @@ def _check_names(config: ml_collections.ConfigDict) -> None:
     observer = lookup(config, "compress.observer")
     if observer is not MISSING and observer not in OBSERVERS:
         raise unknown("compress.observer", observer, OBSERVERS)
-    variants = lookup(config, "compress.variants")
+    variants, recipes = lookup(config, "compress.variants"), {}
     if variants is not MISSING:
-        recipes = variant_recipes(variants)
+        recipes = variant_recipes(variants, config)
+        _check_calibration_batches(recipes, lookup(config, "compress.calibration_images"))
         if model is not MISSING:
             from compax.models import get_model
 
@@ -227,3 +236,4 @@ def _check_names(config: ml_collections.ConfigDict) -> None:
                     step.check(instance)
     if lookup(config, "analysis.analyses") is not MISSING:
         check_analyses(config.analysis)
+    return recipes

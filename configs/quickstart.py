@@ -16,6 +16,7 @@ def get_config():
     c.patience = 5
     # The study's four variants and lighter analyses, so that the whole run takes minutes.
     c.compress.variants = ("pruned", "w8a8", "w4a8", "pruned_w8a8")
-    c.analysis.saliency_images = 1000
-    c.analysis.attack_images = 32
+    c.analysis.saliency.images = 1000
+    c.analysis.gradcam.images = 1000
+    c.analysis.attacks.images = 32
     return c

@@ -12,7 +12,7 @@ Workdirs of the same pair sit side by side, each labelled with its member count 
 `--hooker=WORKDIR`: a run of Hooker et al.'s design (configs/gtsrb_lenet_hooker.py: gradual `gmp`
 populations per level and one-shot `sparsity_*` variants of the baseline). `docs/hooker_levels.png`:
 impacted classes (Welch, the run's correction) and CIEs against sparsity, one-shot and gradual on
-the same axes (`compax.analyses.hooker.level_families`, drawn by `compax.report.figures.
+the same axes (`compax.analyses.hooker.level_families`, drawn by `compax.analyses.hooker.
 draw_level_trends`), the searched one-shot level as a star, and the `gmp0` population (the gmp
 recipe unpruned, other seeds) as the dashed floor of two independent uncompressed populations.
 
@@ -31,10 +31,9 @@ import matplotlib.ticker as ticker  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from compax.analyses.hooker import level_families  # noqa: E402
+from compax.analyses.hooker import draw_level_trends, level_families  # noqa: E402
 from compax.paper import TABLE1_VARIANTS, seed_distribution, table1_row  # noqa: E402
 from compax.report import table1_seeds  # noqa: E402
-from compax.report.figures import draw_level_trends  # noqa: E402
 
 _TABLE1 = flags.DEFINE_list("table1", [], "Workdirs of finished runs with the Table 1 variants.")
 _HOOKER = flags.DEFINE_string("hooker", None, "Workdir of a finished run of Hooker's design.")
@@ -114,12 +113,13 @@ def hooker_data(results: dict) -> dict:
     variants = results["variants"]
     families = {FAMILY_NAMES.get(label, label): points
                 for label, points in level_families(variants).items()}
-    cies = [v["cie"] for v in variants.values() if v.get("cie")]
-    floor = (variants.get(FLOOR) or {}).get("cie")
+    cie = {name: c for name, v in variants.items() if (c := (v.get("hooker") or {}).get("cie"))}
+    floor = cie.get(FLOOR)
     pruned = variants.get("pruned") or {}
     amount = (pruned.get("sparsity") or {}).get("amount")
-    searched = ((float(amount), pruned["cie"]["count"], pruned["cie"]["pies"])
-                if pruned.get("cie") and isinstance(amount, int | float) else None)
+    searched = ((float(amount), cie["pruned"]["count"], cie["pruned"]["pies"])
+                if "pruned" in cie and isinstance(amount, int | float) else None)
+    cies = list(cie.values())
     return {"families": families, "floor": (floor["count"], floor["pies"]) if floor else None,
             "searched": searched, "correction": cies[0].get("correction") if cies else None,
             "alpha": cies[0].get("alpha") if cies else None,

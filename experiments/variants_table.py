@@ -15,11 +15,11 @@ import sys
 
 def row(name: str, v: dict) -> str:
     sparsity = (v.get("sparsity") or {}).get("fraction_of_weights")
-    cie = v.get("cie") or {}
+    cie = (v.get("hooker") or {}).get("cie") or {}
     paired = cie.get("paired_tests") or {}
     tests = "/".join(str(t["count"]) for t in [cie, *paired.values()] if "count" in t) or "–"
     training = sum(step.get("seconds", 0) for step in (v.get("training") or {}).values())
-    disagreement = v.get("disagreement")
+    disagreement = (v.get("classes") or {}).get("disagreement")
     return " | ".join([
         name, f"{100 * v['accuracy']:.2f} ± {100 * v.get('accuracy_std', 0):.2f}",
         f"{v['accuracy_diff_pp']:+.2f}" if "accuracy_diff_pp" in v else "",

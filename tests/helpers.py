@@ -50,7 +50,8 @@ def small_study(**overrides) -> ml_collections.ConfigDict:
     config.compress.calibration_images = 64
     config.compress.variants = ("pruned", "w8a8", "pruned_w8a8")
     config.analysis.analyses = "classes,calibration,saliency,gradcam,hooker"
-    config.analysis.saliency_images = 48
-    config.analysis.tsne_classes = 4
-    config.analysis.tsne_per_class = 10
+    config.analysis.saliency.images = 48
+    config.analysis.gradcam.images = 48
+    config.analysis.embeddings.classes = 4
+    config.analysis.embeddings.per_class = 10
     return config

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from compax.analyses import Compared
 from compax.analyses.calibration import Calibration
+from compax.analyses.reference import Compared
 from compax.errors import UserError
 from compax.measure.calibration import (
     QUANTILE_LEVELS,
@@ -120,9 +120,8 @@ def test_ece_and_mce_match_a_numpy_loop(logits):
 def test_the_calibration_analysis_reports_each_members_mce(logits):
     labels, original, compressed = logits
     members = (np.stack([original, 0.5 * original]), np.stack([compressed, 3.0 * compressed]))
-    ref = types.SimpleNamespace(labels=labels, logits=members[0],
-                                settings=ml_collections.ConfigDict({"ece_bins": M}))
-    analysis = Calibration()
+    ref = types.SimpleNamespace(labels=labels, logits=members[0])
+    analysis = Calibration(ml_collections.ConfigDict({"bins": M}))
     analysis.prepare(ref)
     baseline, _ = analysis.baseline(ref)
     results, _ = analysis.compare(ref, Compared("compressed", None, None, members[1]))

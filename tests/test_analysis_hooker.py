@@ -528,7 +528,8 @@ def test_level_families_put_one_shot_and_gradual_levels_on_their_own_curves():
     from compax.analyses.hooker import level_families
 
     def variant(recipe, amount, count, pies):
-        return {"recipe": recipe, "sparsity": {"amount": amount}, "cie": {"count": count, "pies": pies}}
+        return {"recipe": recipe, "sparsity": {"amount": amount},
+                "hooker": {"cie": {"count": count, "pies": pies}}}
     gmp = "gmp(final={},begin=1,end=8,epochs=12,seed_offset={})"
     variants = {
         **{f"sparsity_{a}": variant(f"l1_global(amount=0.{a},exclude=None)", a / 10, a, 10 * a)
@@ -537,7 +538,8 @@ def test_level_families_put_one_shot_and_gradual_levels_on_their_own_curves():
         "pruned": variant("l1_global(amount=searched,exclude=None)", 0.46, 2, 20),
         "pruned_w8a8": variant("l1_global(amount=0.5,exclude=None)+quantize(weight_bits=8)", 0.5, 4, 40),
         "lone": variant("gmp(final=0.9,begin=1,end=40,epochs=60,seed_offset=0)", 0.9, 0, 0),
-        "w8a8": {"recipe": "quantize(weight_bits=8)", "sparsity": None, "cie": {"count": 0, "pies": 1}},
+        "w8a8": {"recipe": "quantize(weight_bits=8)", "sparsity": None,
+                 "hooker": {"cie": {"count": 0, "pies": 1}}},
     }
     assert level_families(variants) == {
         "l1_global": [(0.3, 3, 30), (0.5, 5, 50), (0.9, 9, 90)],

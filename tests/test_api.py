@@ -88,7 +88,7 @@ def test_analyse_refuses_an_unknown_analysis_or_setting(study_run, monkeypatch):
     baseline = run.variant("baseline")
     with pytest.raises(UserError, match="unknown analysis 'lime'"):
         compax.analyse("lime", baseline, baseline, run.dataset)
-    with pytest.raises(UserError, match="unknown analysis setting 'ece_bin'"):
-        compax.analyse("calibration", baseline, baseline, run.dataset, ece_bin=5)
-    with pytest.raises(UserError, match="ece_bins must be an integer >= 1"):
-        compax.analyse("calibration", baseline, baseline, run.dataset, ece_bins=0)
+    with pytest.raises(UserError, match="unknown analysis setting 'ece_bins' of calibration"):
+        compax.analyse("calibration", baseline, baseline, run.dataset, ece_bins=5)
+    with pytest.raises(UserError, match="calibration.bins must be an integer >= 1"):
+        compax.analyse("calibration", baseline, baseline, run.dataset, bins=0)

@@ -166,12 +166,12 @@ def test_float16_storage_rounds_weights_and_computes_in_float32(lenet, images):
 
 
 def test_histogram_batches_is_selectable_per_step_and_in_the_config():
-    step = registry.parse_recipe("quantize(observer=histogram_batches)", "test")[0]
     config = base_config()
-    assert step.config(registry.Context(config=config)).observer == "histogram_batches"
+    step = registry.parse_recipe("quantize(observer=histogram_batches)", "test", config)[0]
+    assert step.quant_config().observer == "histogram_batches"
     config.compress.observer = "histogram_batches"
-    assert registry.parse_recipe("quantize()", "t")[0].config(
-        registry.Context(config=config)).observer == "histogram_batches"
+    assert registry.parse_recipe("quantize()", "t", config)[0].quant_config().observer == \
+        "histogram_batches"
 
 
 @pytest.mark.torch

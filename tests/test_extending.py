@@ -1,13 +1,21 @@
-"""Extending compax by adding code, not by editing it: a new model, compression step and analysis,
-defined in this file alone, run through launch.py and reach results.json and the report.
+"""Extending compax by adding code, not by editing it: the four extensions of README "Extending
+compax", each defined in this file alone and run through launch.py into results.json and the report.
+
+- a model: `MLP`, two dense layers, no convolution (so Grad-CAM and the embeddings cannot apply);
+- a compression method: `per_tensor_weights`, symmetric per-tensor b-bit weights (its size is
+  charged one scale and zero point per kernel, from the `granularity` it records);
+- two pruning criteria: `toy_random` (a PRNG key per member) and `toy_taylor` (gradients on a
+  calibration batch), which write only their scores;
+- an analysis: `class_confidence`, the change of each class's mean confidence, with its own
+  settings block and its own results key.
 
 The config file that launch.py reads is Python: it imports this module, whose decorators register
-the step and the analysis, registers the model in `MODELS`, then builds the config (`base_config`
-adds the analysis's settings; `study_config` takes the model's CPU size).
+the steps and the analysis, and registers the model in `MODELS`, then builds the config.
 """
 
 import dataclasses
 import json
+import math
 import pathlib
 import subprocess
 import sys
@@ -21,131 +29,245 @@ import pytest
 
 from compax.analyses import Analysis, register_analysis
 from compax.compress.compressed import Compressed
+from compax.compress.criterion import PruningStep
 from compax.compress.registry import STEPS, MemberStep, register_step, variant_recipes
-from compax.data import synthetic_signs
 from compax.errors import UserError
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-class ToyNet(nn.Module):
-    """A toy CNN: conv3x3(8)-ReLU-maxpool2, conv3x3(16)-ReLU-maxpool2 (the last block), dense."""
+class MLP(nn.Module):
+    """Two dense layers on the flattened image: Dense(64 * width)-ReLU-Dense(classes)."""
 
     cpu_size: ClassVar[tuple[float, int, int]] = (1.0, 2, 1)  # width, max_epochs, patience
-    head_layers: ClassVar[tuple[str, ...]] = ("head",)
     num_classes: int
     width: float = 1.0
-    drop_last_block: bool = False
 
     @nn.compact
     def __call__(self, x, train=False):
         del train
-        blocks = (8,) if self.drop_last_block else (8, 16)
-        for i, channels in enumerate(blocks):
-            x = nn.relu(nn.Conv(max(1, round(channels * self.width)), (3, 3), name=f"conv{i + 1}")(x))
-            x = nn.max_pool(x, (2, 2), (2, 2))
-        return nn.Dense(self.num_classes, name="head")(x.reshape(x.shape[0], -1))
+        x = nn.relu(nn.Dense(max(1, round(64 * self.width)), name="fc1")(x.reshape(x.shape[0], -1)))
+        return nn.Dense(self.num_classes, name="fc2")(x)
+
+
+def per_tensor(w, bits: int):
+    """Symmetric per-tensor quantization of one kernel, as floats on its grid:
+    s = max|w| / ((2^b - 1) / 2), w_q = s * clip(round(w / s), -2^(b-1), 2^(b-1) - 1)."""
+    scale = jnp.max(jnp.abs(w)) / ((2**bits - 1) / 2)
+    return scale * jnp.clip(jnp.round(w / scale), -(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
 
 
 @register_step
 @dataclasses.dataclass(frozen=True)
-class ToySignQuantizer(MemberStep):
-    """A toy 1-bit quantizer: every conv / dense kernel becomes scale * sign(w), one scale per
-    output channel, scale = mean |w| of that channel (Rastegari et al. 2016, XNOR-Net's BWN)."""
+class PerTensorWeights(MemberStep):
+    """Weights of every conv and dense kernel quantized per tensor to `bits` (`per_tensor`),
+    activations kept in float32."""
 
-    name: ClassVar[str] = "toy_sign"
-    keep_first: bool = True
+    name: ClassVar[str] = "per_tensor_weights"
+    bits: int = 6
 
     def member(self, model, compressed, *, ctx):
-        def binarize(path, w):
-            name = "/".join(str(getattr(k, "key", k)) for k in path)
-            if w.ndim < 2 or (self.keep_first and name.startswith("conv1/")):
-                return w
-            scale = jnp.mean(jnp.abs(w), axis=tuple(range(w.ndim - 1)))
-            return scale * jnp.sign(w)
-        params = jax.tree_util.tree_map_with_path(binarize, compressed.variables["params"])
-        return Compressed({**compressed.variables, "params": params}, None, weight_bits=1)
+        params = jax.tree_util.tree_map_with_path(
+            lambda path, w: per_tensor(w, self.bits) if path[-1].key == "kernel" else w,
+            compressed.variables["params"])
+        return Compressed({**compressed.variables, "params": params}, None,
+                          weight_bits=self.bits, granularity="per_tensor")
+
+
+@register_step
+@dataclasses.dataclass(frozen=True)
+class ToyRandom(PruningStep):
+    """Random unstructured pruning: uniform scores from the member's own key."""
+
+    name: ClassVar[str] = "toy_random"
+    needs: ClassVar[frozenset] = frozenset({"key"})
+    scope: ClassVar[str] = "global"
+
+    def scores(self, params, *, key, **_):
+        leaves, treedef = jax.tree.flatten(params)
+        return treedef.unflatten([jax.random.uniform(jax.random.fold_in(key, i), leaf.shape)
+                                  for i, leaf in enumerate(leaves)])
+
+
+@register_step
+@dataclasses.dataclass(frozen=True)
+class ToyTaylor(PruningStep):
+    """First-order Taylor pruning, |w * dL/dw| on a calibration batch (Molchanov et al. 2017),
+    each layer alone."""
+
+    name: ClassVar[str] = "toy_taylor"
+    needs: ClassVar[frozenset] = frozenset({"grads"})
+    scope: ClassVar[str] = "layer"
+    batch: int = 32
+
+    def scores(self, params, *, grads, **_):
+        return jax.tree.map(lambda w, g: jnp.abs(w * g), params, grads)
+
+
+def class_confidence(logits, labels, num_classes: int, temperature: float):
+    """(members, classes) mean softmax(logits / T) probability of the true class per class."""
+    z = logits / temperature
+    p = np.exp(z - z.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    true = np.take_along_axis(p, np.broadcast_to(labels[None, :, None], p.shape[:2] + (1,)), -1)[..., 0]
+    return np.stack([true[:, labels == c].mean(1) for c in range(num_classes)], 1)
 
 
 @register_analysis
-class ToyLogitNorm(Analysis):
-    """A toy analysis: the mean L2 norm of the logits of the compressed population, and its ratio to
-    the original's."""
+class ClassConfidence(Analysis):
+    """The change of each class's mean confidence in the true class (softmax at temperature T),
+    member m against original member m."""
 
-    name = "toy_logit_norm"
-    title = "Toy logit norm"
-    settings = {"toy_logit_power": 2.0}
+    name = "class_confidence"
+    title = "Per-class confidence"
+    settings = {"temperature": 1.0}
+
+    @classmethod
+    def check(cls, settings):
+        if not settings.temperature > 0:
+            raise UserError(f"--config.analysis.class_confidence.temperature must be > 0, got"
+                            f" {settings.temperature}")
 
     def compare(self, ref, variant):
-        power = ref.settings.toy_logit_power
-        norm = float(np.mean(np.sum(np.abs(variant.logits) ** power, -1) ** (1 / power)))
-        original = float(np.mean(np.sum(np.abs(ref.logits) ** power, -1) ** (1 / power)))
-        return {"toy_logit_norm": norm, "toy_logit_norm_ratio": norm / original}, {
-            "toy_norms": np.linalg.norm(variant.logits[0], axis=-1)}
+        before, after = (class_confidence(logits, ref.labels, ref.num_classes,
+                                          self.settings.temperature)
+                         for logits in (ref.logits, variant.logits))
+        change = (after - before).mean(0)
+        return ({"mean_change": float(change.mean()), "largest_drop": float(change.min()),
+                 "largest_drop_class": int(change.argmin())}, {"change": change})
 
     def columns(self, results):
-        return {"toy norm ratio": f"{results['toy_logit_norm_ratio']:.3f}"}
+        return {"confidence drop": f"{results['largest_drop']:+.3f}"}
 
     def report(self, page, results, arrays):
-        page.table(self.title, ["variant", "toy logit norm"],
-                   [[n, f"{v['toy_logit_norm']:.4f}"] for n, v in page.compressed(results)],
-                   "Toy logit norms")
+        page.table(self.title, ["variant", "mean change", "largest drop", "class"],
+                   [[n, f"{v['mean_change']:+.4f}", f"{v['largest_drop']:+.4f}",
+                     str(v["largest_drop_class"])] for n, v in page.compressed(results)],
+                   "Per-class confidence in the true class")
 
 
 CONFIG = '''
-from tests import test_extending  # registers the toy step and analysis
+from tests import test_extending  # registers the steps and the analysis
 
 from compax.config import study_config
 from compax.models import MODELS
 
-MODELS.setdefault("toynet", test_extending.ToyNet)
+MODELS.setdefault("mlp", test_extending.MLP)
 
 
 def get_config():
-    c = study_config("synthetic_signs", "toynet", "cpu")  # ToyNet's cpu_size: 2 epochs
+    c = study_config("synthetic_signs", "mlp", "cpu")  # the MLP's cpu_size: 2 epochs
     c.population = 2
     c.progress = False
     c.compress.sparsity_step = 0.1
     c.compress.calibration_images = 64
-    c.compress.variants = ("w8a8", "toy=toy_sign(keep_first=True)",
-                           "toy_p50=l1_global(amount=0.5)+toy_sign()", "ablated")
-    c.analysis.analyses = "classes,toy_logit_norm"
-    c.analysis.toy_logit_power = 1.0
+    c.compress.variants = ("pt6=per_tensor_weights(bits=6)", "rand50=toy_random(amount=0.5)",
+                           "taylor50=toy_taylor(amount=0.5)", "taylor=toy_taylor(amount=searched)",
+                           "taylor50_pt6=toy_taylor(amount=0.5)+per_tensor_weights()")
+    c.analysis.class_confidence.temperature = 2.0
+    c.analysis.saliency.images = 32
+    c.analysis.attacks.images = 16
+    c.analysis.embeddings.per_class = 5
     return c
 '''
 
 
-def test_a_model_a_step_and_an_analysis_defined_here_run_through_launch(tmp_path):
-    config = tmp_path / "toy_config.py"
+def launch(*args, timeout=900, env=None):
+    return subprocess.run([sys.executable, str(ROOT / "launch.py"), *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def refused(done, message: str, workdir: pathlib.Path) -> None:
+    """One `error:` line naming `message`, exit 2, no traceback, nothing trained."""
+    assert done.returncode == 2, done.stderr[-2000:]
+    lines = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and message in lines[0], done.stderr[-2000:]
+    assert "Traceback" not in done.stderr and not (workdir / "checkpoints").exists()
+
+
+@pytest.fixture(scope="module")
+def extension_run(tmp_path_factory):
+    """(config file, workdir, env) of the four extensions run by launch.py with the defaults."""
+    tmp = tmp_path_factory.mktemp("extensions")
+    config = tmp / "mlp_config.py"
     config.write_text(CONFIG)
-    workdir = tmp_path / "run"
     env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "HOME": str(pathlib.Path.home())}
-    done = subprocess.run([sys.executable, str(ROOT / "launch.py"), f"--config={config}",
-                           f"--workdir={workdir}"], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=900)
+    done = launch(f"--config={config}", f"--workdir={tmp / 'run'}", env=env)
     assert done.returncode == 0, done.stderr[-3000:]
+    return config, tmp / "run", env
+
+
+def test_the_four_extensions_run_through_launch(extension_run):
+    _, workdir, _ = extension_run
     results = json.loads((workdir / "results.json").read_text())
-    toy, toy_p50 = results["variants"]["toy"], results["variants"]["toy_p50"]
-    assert toy["recipe"] == "toy_sign(keep_first=True)" and toy["weight_bits"] == 1
-    assert toy_p50["recipe"].startswith("l1_global(amount=0.5") and toy_p50["sparsity"]["amount"] == 0.5
-    for name in ("w8a8", "toy", "toy_p50"):
-        v = results["variants"][name]
-        assert v["toy_logit_norm"] > 0 and np.isfinite(v["toy_logit_norm_ratio"])
-        assert "disagreement" in v  # the registered analyses ran too
+    v = results["variants"]
+    base, pt6 = v["baseline"], v["pt6"]
+    # The per-tensor quantizer: its size from its granularity (one 8-byte scale and zero point
+    # per kernel), its 6-bit kernels (at most 2^6 distinct values) on their grid.
     config = json.loads((workdir / "config.json").read_text())
-    assert config["analysis"]["toy_logit_power"] == 1.0
-    assert config["model"] == "toynet" and config["max_epochs"] == 2 and config["patience"] == 1
-    # ToyNet without its last block: conv2 is gone, the head reads 16x16x8 maps instead of 8x8x16
-    base, ablated = results["variants"]["baseline"], results["variants"]["ablated"]
-    classes = len(synthetic_signs.CLASSES)
-    assert ablated["recipe"] == "ablate(epochs=5)" and ablated["macs"] < base["macs"]
-    assert ablated["params"] == base["params"] - (3 * 3 * 8 * 16 + 16) + (16 * 16 * 8 - 8 * 8 * 16) * classes
+    assert config["model"] == "mlp" and config["max_epochs"] == 2
+    classes = results["dataset"]["classes"]
+    kernels = [(32 * 32 * 3, 64), (64, classes)]
+    expected = sum(math.ceil(i * o * 6 / 8) + 8 + 4 * o for i, o in kernels)
+    assert pt6["weight_bits"] == 6 and pt6["bytes"] == expected
+    assert pt6["compression_ratio"] == pytest.approx(base["bytes"] / expected)
+    # The criteria: exact counts, the searched level of their own criterion.
+    assert v["rand50"]["sparsity"]["fraction_of_weights"] == pytest.approx(0.5, abs=1e-4)
+    for layer, share in v["taylor50"]["sparsity"]["layers"].items():  # scope "layer"
+        assert share == pytest.approx(0.5, abs=0.01), layer
+    searched = v["taylor"]["sparsity"]["amount"]
+    assert [s for k, s in results["sparsity_searches"].items() if k.startswith("toy_taylor")][0][
+        "chosen"] == searched
+    assert v["taylor50_pt6"]["weight_bits"] == 6 and v["taylor50_pt6"]["sparsity"]["amount"] == 0.5
+    # The analysis: its own block and its own key.
+    assert config["analysis"]["class_confidence"]["temperature"] == 2.0
+    for name in ("pt6", "rand50", "taylor50"):
+        cc = v[name]["class_confidence"]
+        assert -1 <= cc["largest_drop"] <= cc["mean_change"] <= 1
+        assert "disagreement" in v[name]["classes"]  # the registered analyses ran beside it
+    # The MLP: the analyses that need a convolution skipped, and said so.
+    assert set(results["skipped_analyses"]) == {"gradcam", "embeddings"}
+    assert all("MLP has no convolutional module" in why
+               for why in results["skipped_analyses"].values())
+    assert {"classes", "calibration", "saliency", "hooker", "attacks"} <= set(v["pt6"])
+    assert not {"gradcam", "embeddings"} & set(v["pt6"])
     summary = (workdir / "report" / "summary.md").read_text()
-    assert "Toy logit norms" in summary and "toy norm ratio" in summary
+    assert "Per-class confidence in the true class" in summary and "gradcam" in summary
+
+
+def test_random_and_gradient_criteria_differ_between_members_and_repeat_with_the_seed(
+        extension_run):
+    import compax
+    from compax.models import MODELS
+    from tests import test_extending  # noqa: F401  (the registrations, as the config file does)
+
+    MODELS.setdefault("mlp", MLP)
+    run = compax.load_run(extension_run[1])
+    for name in ("rand50", "taylor50"):
+        kept = np.asarray(run.variant(name).compressed.variables["params"]["fc1"]["kernel"]) != 0
+        assert kept[0].mean() == pytest.approx(0.5, abs=0.01)
+        assert (kept[0] != kept[1]).mean() > 0.05, name  # each member its own key / weights
+    again = run.compress("again=toy_random(amount=0.5)").compressed.variables["params"]
+    first = run.variant("rand50").compressed.variables["params"]
+    np.testing.assert_array_equal(again["fc1"]["kernel"], first["fc1"]["kernel"])
+
+
+def test_an_explicit_analysis_that_cannot_apply_is_refused_before_training(extension_run,
+                                                                          tmp_path):
+    config_file, _, env = extension_run
+    workdir = tmp_path / "never"
+    done = launch(f"--config={config_file}", f"--workdir={workdir}",
+                  "--config.analysis.analyses=classes,gradcam", env=env, timeout=300)
+    refused(done, "analysis gradcam does not apply to MLP", workdir)
+    assert "no convolutional module" in done.stderr and "--config.analysis.analyses" in done.stderr
+    assert not workdir.exists()
+    done = launch(f"--config={config_file}", f"--workdir={workdir}",
+                  "--config.analysis.class_confidence.temperature=0.0", env=env, timeout=300)
+    refused(done, "temperature", workdir)
 
 
 def test_recipes_are_checked_before_any_work():
-    assert "toy_sign" in STEPS
+    assert {"per_tensor_weights", "toy_random", "toy_taylor"} <= set(STEPS)
     with pytest.raises(UserError, match="unknown compression step 'nope'"):
         variant_recipes(["x=nope()"])
     with pytest.raises(UserError, match="has no setting 'bits'"):
@@ -158,11 +280,6 @@ def test_recipes_are_checked_before_any_work():
         variant_recipes(["w8a8", "w8a8"])
     recipe = variant_recipes(["a=l1_layer(amount=0.3)+quantize(weight_bits=4,activation_bits=8)"])["a"]
     assert [s.name for s in recipe] == ["l1_layer", "quantize"] and recipe[1].weight_bits == 4
-
-
-def launch(*args, timeout=900):
-    return subprocess.run([sys.executable, str(ROOT / "launch.py"), *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=timeout)
 
 
 def test_the_registered_recipes_run_from_a_config(tmp_path):
@@ -191,7 +308,7 @@ def test_the_registered_recipes_run_from_a_config(tmp_path):
     assert v["f50_w8"]["int8"]["argmax_agreement"] > 0.95
     # LeNet-5 without conv2: fc1 reads 14x14x6 maps, so more parameters and fewer multiply-adds
     assert v["ablated"]["params"] != base["params"] and v["ablated"]["macs"] < base["macs"]
-    assert v["ablated"]["recipe"] == "ablate(epochs=5)"
+    assert v["ablated"]["recipe"].startswith("ablate(epochs=5")
     assert set(results["inference"]) == set(v)
     assert all(r["images_per_second"] > 0 for r in results["inference"].values())
     assert "Inference cost" in (workdir / "report" / "summary.md").read_text()
@@ -205,12 +322,11 @@ def test_the_registered_recipes_run_from_a_config(tmp_path):
     (["--config.compress.variants=('x=filters(amount=1.2)',)"], "amount must be a fraction"),
     (["--config.compress.observer=percentile"], "unknown observer 'percentile'"),
     (["--config.compress.variants=('x=quantize(observer=percentile)',)"], "unknown observer"),
-    (["--config.analysis.ece_bins=0"], "ece_bins"),
+    (["--config.analysis.calibration.bins=0"], "calibration.bins"),
+    (["--config.compress.variants=('g=grad_magnitude(amount=0.5,batch=256)',)",
+      "--config.compress.calibration_images=128"], "grad_magnitude(batch=256) takes more than the 128"),
 ])
 def test_bad_names_are_refused_before_training(args, message, tmp_path):
     done = launch("--config=configs/quickstart.py", f"--workdir={tmp_path / 'run'}", *args,
                   timeout=300)
-    assert done.returncode == 2, done.stderr[-2000:]
-    lines = [line for line in done.stderr.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1 and message in lines[0], done.stderr[-2000:]
-    assert "Traceback" not in done.stderr and not (tmp_path / "run" / "checkpoints").exists()
+    refused(done, message, tmp_path / "run")

@@ -187,14 +187,14 @@ BAD = [
     (["--config.compress.prune_exclude=conv(1"], "--config.compress.prune_exclude"),
     (["--config.compress.prune_exclude=.*"], "excludes them all"),
     (["--config.compress.variants=('pruned','pruned')"], "--config.compress.variants"),
-    (["--config.analysis.analyses=classes,hooker", "--config.analysis.alpha=0"],
-     "--config.analysis.alpha"),
-    (["--config.analysis.analyses=calibration", "--config.analysis.ece_bins=0"],
-     "--config.analysis.ece_bins"),
-    (["--config.analysis.analyses=attacks", "--config.analysis.attack_iterations=0"],
-     "--config.analysis.attack_iterations"),
-    (["--config.analysis.analyses=classes,embeddings", "--config.analysis.tsne_per_class=3"],
-     "--config.analysis.tsne_per_class=3"),
+    (["--config.analysis.analyses=classes,hooker", "--config.analysis.hooker.alpha=0"],
+     "--config.analysis.hooker.alpha"),
+    (["--config.analysis.analyses=calibration", "--config.analysis.calibration.bins=0"],
+     "--config.analysis.calibration.bins"),
+    (["--config.analysis.analyses=attacks", "--config.analysis.attacks.iterations=0"],
+     "--config.analysis.attacks.iterations"),
+    (["--config.analysis.analyses=classes,embeddings", "--config.analysis.embeddings.per_class=3"],
+     "--config.analysis.embeddings.per_class=3"),
     (["--config.compress.nonexist=1"], "unknown config key compress.nonexist in"
                                        " --config.compress.nonexist=1"),
     (["--config.population=2", "--config.nonexistent.key=1"], "in --config.nonexistent.key=1"),
@@ -203,7 +203,7 @@ BAD = [
     (["--config.dataset=mnist"], "unknown dataset 'mnist' in --config.dataset"),
     (["--config.stages=train,plot"], "unknown stage 'plot'"),
     (["--config.analysis.analyses=classes,lime"], "unknown analysis 'lime'"),
-    (["--config.analysis.analyses=classes,hooker", "--config.analysis.correction=sidak"],
+    (["--config.analysis.analyses=classes,hooker", "--config.analysis.hooker.correction=sidak"],
      "unknown correction 'sidak'"),
     (["--config.compress.observer=percentile"], "unknown observer 'percentile'"),
     (["--config.compress.variants=('pruned','w3a3')"], "w3a3"),
@@ -293,7 +293,7 @@ def test_every_config_key_has_a_rule():
             else:
                 yield prefix + k
 
-    checked_by_analyses = {f"analysis.{k}" for a in ANALYSES.values() for k in a.settings}
+    checked_by_analyses = {f"analysis.{a.name}.{k}" for a in ANALYSES.values() for k in a.settings}
     assert set(keys(base_config())) <= set(RULES) | checked_by_analyses
     validate_config(base_config())  # the defaults are good
     for config in ("quickstart", "gtsrb_lenet", "cifar10_resnet"):
@@ -330,7 +330,7 @@ DAMAGE = {
         lambda w: _truncate(w / "checkpoints" / "2" / checkpoint.MANIFEST),
         {"compress.sparsity_tolerance_pp": 2.0}, "compax_manifest.json cannot be read"),
     "flipped variant byte": (lambda w: _flip(_largest(w / "variants" / "w8a8")),
-                             {"analysis.ece_bins": 10}, "fails its checksum"),
+                             {"analysis.calibration.bins": 10}, "fails its checksum"),
 }
 
 

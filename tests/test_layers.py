@@ -9,8 +9,9 @@
     base      data, models, errors, safe files (atomic writes, checksums, the workdir lock)
 
 A module may import its own layer and the layers below it, at the top of the file or inside a
-function alike (a lazy import is still an import); a package's `__init__` that a child imports
-does not count as the child importing its parent. The graph is read from the source with `ast`.
+function alike (a lazy import is still an import). Python runs a package's `__init__` before any
+of its modules: that implicit step is not an import, but a module naming its own package (`from
+compax.analyses import Analysis` inside `compax/analyses/`) is. The graph is read with `ast`.
 """
 
 import ast
@@ -71,7 +72,7 @@ def imports() -> dict[str, set[str]]:
             else:
                 continue
             found |= {t for t in map(resolve, (t for t in targets if t.startswith("compax")))
-                      if t and t != name and not name.startswith(t + ".")}
+                      if t and t != name}
         graph[name] = found
     return graph
 

@@ -50,4 +50,5 @@ def test_quickstart_notebook_plots_and_prints_the_flip_rate_of_the_predictions(s
     # ... and what the run itself measured on these predictions
     measured = results["variants"][variant]
     np.testing.assert_allclose(summary["accuracy"], measured["member_accuracy"], atol=1e-6)
-    np.testing.assert_allclose(np.mean(summary["flip_rate"]), measured["disagreement"], atol=1e-6)
+    np.testing.assert_allclose(np.mean(summary["flip_rate"]), measured["classes"]["disagreement"],
+                               atol=1e-6)

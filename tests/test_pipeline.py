@@ -5,6 +5,7 @@ import json
 import os
 import pathlib
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -40,18 +41,23 @@ def test_run_trains_compresses_analyses_and_reports(study_run):
     if chosen is not None:  # the choice keeps validation accuracy within the tolerance
         assert search["val_accuracy"][chosen] >= search["baseline_val_accuracy"] - 0.01 - 1e-9
     assert results["members"][0]["seed"] == 0 and results["members"][1]["seed"] == 1
-    for name in VARIANTS:  # the analyses' headline numbers
+    for name in VARIANTS:  # the analyses' headline numbers, each analysis's under its name
         v = variants[name]
-        assert 0 <= v["disagreement"] <= 1 and 0 <= v["ece"] <= 1 and -1 <= v["hcc_mean"] <= 1 + 1e-6
-        assert {"max_class_acc_change_pp", "max_confusion_change_pp", "confidence_diff",
-                "delta_ece", "saliency_mad_mean", "roi_saliency_mass_change", "gradcam_mad_mean",
-                "cie", "band"} <= set(v)
-        assert isinstance(v["cie"]["significant_classes"], list) and v["cie"]["pies"] >= 0
+        classes, calibration, saliency = v["classes"], v["calibration"], v["saliency"]
+        assert 0 <= classes["disagreement"] <= 1 and 0 <= calibration["ece"] <= 1
+        assert -1 <= saliency["hcc_mean"] <= 1 + 1e-6
+        assert {"max_class_acc_change_pp", "max_confusion_change_pp"} <= set(classes)
+        assert {"confidence_diff", "delta_ece"} <= set(calibration)
+        assert {"mad_mean", "roi_mass_change"} <= set(saliency) and "mad_mean" in v["gradcam"]
+        hooker = v["hooker"]
+        assert {"cie", "band"} <= set(hooker)
+        assert isinstance(hooker["cie"]["significant_classes"], list) and hooker["cie"]["pies"] >= 0
         # Post-training variants are paired with their originals: paired tests beside Welch.
-        assert v["cie"]["design"] == "paired" and v["cie"]["normalization"] == "subtract"
-        assert set(v["cie"]["counts"]) == {"welch", "paired_t", "wilcoxon"}
-        assert v["pie_claims"]["in_sample"]["cies"] == v["cie"]["pies"]
-        assert v["pie_claims"]["held_out"] is None  # 2 members: no held-out halves
+        assert hooker["cie"]["design"] == "paired" and hooker["cie"]["normalization"] == "subtract"
+        assert set(hooker["cie"]["counts"]) == {"welch", "paired_t", "wilcoxon"}
+        assert hooker["pie_claims"]["in_sample"]["cies"] == hooker["cie"]["pies"]
+        assert hooker["pie_claims"]["held_out"] is None  # 2 members: no held-out halves
+    assert results["skipped_analyses"] == {}  # all named, all apply to LeNet-5
     assert set(results["stages"]) == {"train", "compress", "analyse", "report"}
     page = (tmp_path / "report" / "index.html").read_text()
     for image in re.findall(r"src='([^']+)'", page):
@@ -123,7 +129,7 @@ def launch(*args, env=None, timeout=300):
     (["--config=configs/quickstart.py", "--config.stages=train,plot"], None, "unknown stage 'plot'"),
     (["--config=configs/quickstart.py", "--config.analysis.analyses=classes,lime"], None,
      "unknown analysis 'lime'"),
-    (["--config=configs/quickstart.py", "--config.analysis.correction=sidak"], None,
+    (["--config=configs/quickstart.py", "--config.analysis.hooker.correction=sidak"], None,
      "unknown correction 'sidak'"),
 ])
 def test_bad_input_is_one_line_and_exit_status_2(args, env, message, tmp_path):
@@ -222,3 +228,98 @@ def test_configs_choose_the_paper_size_on_accelerators_and_the_cpu_size_on_the_c
     paper = study_config("gtsrb", "resnet18")
     assert (paper.model_width, paper.patience, paper.max_epochs) == (1.0, 40, 500)
     assert study_config("gtsrb", "resnet18", "cpu").model_width == 0.125  # forced, even on a GPU
+
+
+def test_an_analyse_stage_of_an_older_results_version_is_stale_with_its_kept_parts(study_run,
+                                                                                   tmp_path):
+    """A finished workdir whose analyse stage wrote results of an older layout or statistics
+    (`stages.STAGE_VERSIONS`) runs analyse and report again, with no part kept."""
+    from compax import analyse_population, stages
+    from compax.safe_files import read_json, write_json_atomic
+
+    workdir = tmp_path / "run"
+    shutil.copytree(study_run[0], workdir)
+    config = small_study()
+    records = stages.StageRecords(workdir, config)
+    assert records.is_current("analyse") and records.is_current("report")
+    record = records.read("analyse")
+    del record["version"]  # as a compax before versions wrote it
+    record["fingerprint"] = stages.fingerprint(record["config"], record["inputs"])
+    write_json_atomic(records.path("analyse"), record)
+    assert not records.is_current("analyse") and not records.is_current("report")
+    assert records.why_stale("analyse") == (
+        f"its results are of version 1, this compax makes version {stages.STAGE_VERSIONS['analyse']}")
+    parts = workdir / "analysis" / "parts"
+    kept = read_json(parts / "w8a8.json", "analysis part", "")
+    assert analyse_population.load_part(parts, "w8a8", kept["inputs"]) is not None
+    kept["results_version"] = 1
+    write_json_atomic(parts / "w8a8.json", kept)
+    assert analyse_population.load_part(parts, "w8a8", kept["inputs"]) is None
+
+
+def test_the_analyse_stage_restores_variants_as_compress_saved_them(study_run, tmp_path,
+                                                                    monkeypatch):
+    """Each saved variant holds its module, structure and info (`structure.pkl`, under the
+    checksums): the analyse stage restores it without tracing its recipe again, to the arrays
+    that were saved; a damaged structure file is named, never unpickled."""
+    import jax
+    import numpy as np
+
+    from compax import compress_population
+    from compax.compress.store import STRUCTURE, restore_saved
+
+    workdir = tmp_path / "run"
+    shutil.copytree(study_run[0], workdir)
+    monkeypatch.setattr(pipeline, "load_dataset", lambda *a, **k: tiny_dataset())
+    run = pipeline.Run(small_study(), workdir)
+
+    def traced(*args, **kwargs):
+        raise AssertionError("a recipe was traced again")
+
+    monkeypatch.setattr(compress_population, "abstract_variant", traced)
+    loaded = run.load_populations()
+    assert list(loaded) == list(VARIANTS)
+    for name, (module, population, design) in loaded.items():
+        saved_module, saved, info = restore_saved(workdir / "variants" / name)
+        assert module == saved_module == run.trained.model and design == "paired"
+        assert "sparsity" in info if name.startswith("pruned") else True
+        for a, b in zip(jax.tree.leaves(population), jax.tree.leaves(saved), strict=True):
+            np.testing.assert_array_equal(a, b)
+    damaged = workdir / "variants" / "w8a8" / STRUCTURE
+    damaged.write_bytes(damaged.read_bytes()[:-7] + b"garbage")
+    with pytest.raises(UserError, match=f"{STRUCTURE}.*differs|checksum"):
+        run.load_populations()
+
+
+def test_a_run_parses_each_recipe_once(study_run, tmp_path, monkeypatch):
+    """Validation parses `compress.variants` and the stages use what it parsed: one parse of
+    each recipe per run (launch.py hands its validation's recipes to `pipeline.run`)."""
+    from compax.compress import registry
+
+    parsed = []
+    original = registry.parse_recipe
+    monkeypatch.setattr(registry, "parse_recipe",
+                        lambda text, where, config=None: parsed.append(where) or original(
+                            text, where, config))
+    monkeypatch.setattr(pipeline, "load_dataset", lambda *a, **k: tiny_dataset())
+    workdir = tmp_path / "run"
+    shutil.copytree(study_run[0], workdir)
+    pipeline.run(small_study(), workdir)  # every stage current: validation only
+    assert len(parsed) == len(VARIANTS)
+
+
+def test_no_analysis_can_take_the_name_of_a_field_other_stages_write(study_run):
+    """An analysis's results sit under its name beside the fields of the train and compress
+    stages: every such field is reserved, and registering an analysis by one is refused."""
+    from compax.analyses import ANALYSES, RESERVED_NAMES, Analysis, register_analysis
+
+    for name, fields in study_run[1]["variants"].items():
+        written = set(fields) - set(ANALYSES)
+        assert written <= RESERVED_NAMES, (name, written - RESERVED_NAMES)
+
+    class Accuracy(Analysis):
+        name = "accuracy"
+
+    with pytest.raises(ValueError, match="field of every variant's record"):
+        register_analysis(Accuracy)
+    assert "accuracy" not in ANALYSES

@@ -40,7 +40,7 @@ def _variant(recipe, accuracy, amount=None, cie=None):
             "member_accuracy": accuracy.tolist(), "weight_bits": 32, "activation_bits": 32,
             "sparsity": None if amount is None else {"amount": amount, "fraction_of_weights": amount,
                                                       "fraction_of_params": 0.98 * amount},
-            **({"cie": cie} if cie else {})}
+            **({"hooker": {"cie": cie}} if cie else {})}
 
 
 def _workdir(path: pathlib.Path, model, dataset, members, seed, hooker=False) -> dict:
@@ -165,7 +165,7 @@ def test_the_figures_read_a_real_runs_results_and_config(study_run, tmp_path):
     config = json.loads((workdir / "config.json").read_text())
     assert f"≤{config['max_epochs']} epochs, patience {config['patience']}" in run["setting"]
     data = figures.hooker_data(results)
-    cie = variants["pruned"]["cie"]
+    cie = variants["pruned"]["hooker"]["cie"]
     assert data["searched"] == (variants["pruned"]["sparsity"]["amount"], cie["count"], cie["pies"])
     assert (data["correction"], data["members"], data["families"]) == ("holm", 2, {})
     figures.plot_table1([pair], tmp_path / "table1.png")

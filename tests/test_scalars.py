@@ -85,7 +85,7 @@ def test_training_steps_log_under_variant_and_step(tmp_path):
     model = get_model(config.model, data.num_classes, config.model_width)
     state = init_population(model, optax.adam(1e-3), jnp.arange(2))
     ctx = Context(config=config, dataset=data, chunk=2, log_dir=tmp_path)
-    steps = parse_recipe("finetune(epochs=2)+finetune(epochs=1)+ablate(epochs=1)", "test")
+    steps = parse_recipe("finetune(epochs=2)+finetune(epochs=1)+ablate(epochs=1)", "test", config)
     variant = run_recipe(steps, model, variables_of(state.params, state.batch_stats), ctx, "ft")
     tags = {f"{kind}/{name}" for kind in ("member_0", "member_1", "mean")
             for name in ("train_loss", "val_loss", "val_accuracy")}

@@ -98,7 +98,7 @@ def _kernels(params, member):
 
 def test_gmp_trains_every_member_to_its_exact_final_count(trained):
     config, dataset, model, variables = trained
-    step = parse_recipe("gmp(final=0.9,begin=0.5,end=2,every=0.5,epochs=3)", "test")[0]
+    step = parse_recipe("gmp(final=0.9,begin=0.5,end=2,every=0.5,epochs=3)", "test", config)[0]
     ctx = _ctx(trained)
     # Two final sparsities in one program: the sparsity is data in the optimizer state.
     made, masks, info = step.train(model, variables, ctx, jnp.array([0.6, 0.9]))
@@ -112,7 +112,7 @@ def test_gmp_trains_every_member_to_its_exact_final_count(trained):
     assert min(info["best_epoch"]) >= 2  # only epochs at the final sparsity are candidates
     # Through the recipe: from the baseline's initialisation, reported in info.
     out = run_recipe(parse_recipe("gmp(final=0.9,begin=0,end=6,every=2,unit=steps,epochs=2,"
-                                  "scope=layer)", "t"), model, variables, ctx)
+                                  "scope=layer)", "t", config), model, variables, ctx)
     for member in range(2):
         for name, w in _kernels(out.compressed.variables["params"], member).items():
             assert np.count_nonzero(w == 0) == num_to_prune(0.9, w.size), name
@@ -123,8 +123,8 @@ def test_gmp_trains_every_member_to_its_exact_final_count(trained):
 def test_pruned_ft_keeps_the_zeros_and_lowers_validation_loss(trained):
     config, dataset, model, variables = trained
     ctx = _ctx(trained)
-    pruned = run_recipe(parse_recipe("l1_global(amount=searched)", "t"), model, variables, ctx)
-    tuned = run_recipe(parse_recipe(RECIPES["pruned_ft"], "t"), model, variables, ctx)
+    pruned = run_recipe(parse_recipe("l1_global(amount=searched)", "t", config), model, variables, ctx)
+    tuned = run_recipe(parse_recipe(RECIPES["pruned_ft"], "t", config), model, variables, ctx)
     for member in range(2):
         before = _kernels(pruned.compressed.variables["params"], member)
         after = _kernels(tuned.compressed.variables["params"], member)
@@ -143,8 +143,8 @@ def test_pruned_ft_keeps_the_zeros_and_lowers_validation_loss(trained):
 def test_qat_weights_on_the_grid_and_int8_agrees(trained, recipe):
     config, dataset, model, variables = trained
     ctx = _ctx(trained)
-    ptq_variant = run_recipe(parse_recipe(RECIPES[recipe].split("+")[0], "t"), model, variables, ctx)
-    made = run_recipe(parse_recipe(RECIPES[recipe], "t"), model, variables, ctx)
+    ptq_variant = run_recipe(parse_recipe(RECIPES[recipe].split("+")[0], "t", config), model, variables, ctx)
+    made = run_recipe(parse_recipe(RECIPES[recipe], "t", config), model, variables, ctx)
     compressed = made.compressed
     qstate = compressed.qstate
     bits = compressed.weight_bits
@@ -184,7 +184,7 @@ def test_qat_weights_on_the_grid_and_int8_agrees(trained, recipe):
 def test_float_variables_of_quantize_round_to_the_ptq_weights(trained):
     from compax.compress.ptq import quantize_weights
     config, dataset, model, variables = trained
-    made = run_recipe(parse_recipe(RECIPES["qat_w8a8"].split("+")[0], "t"), model, variables,
+    made = run_recipe(parse_recipe(RECIPES["qat_w8a8"].split("+")[0], "t", config), model, variables,
                       _ctx(trained))
     config_q = made.compressed.qstate.config
     again = jax.vmap(lambda p: quantize_weights(p, config_q)[0])(made.float_variables["params"])
@@ -197,7 +197,8 @@ def test_training_steps_run_abstractly(trained):
     config, dataset, model, variables = trained
     like = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), variables)
     for name in ("gmp_90", "pruned_ft", "qat_w8a8", "qat_w4a8"):
-        made = run_recipe(parse_recipe(RECIPES[name], name), model, like, _ctx(trained, abstract=True))
+        made = run_recipe(parse_recipe(RECIPES[name], name, config), model, like,
+                          _ctx(trained, abstract=True))
         shapes = jax.tree.map(lambda a: (a.shape, a.dtype), made.compressed)
         assert jax.tree.leaves(shapes), name
         assert "training" not in made.info
@@ -230,7 +231,7 @@ def test_a_killed_training_step_resumes_to_the_same_weights_and_a_finished_one_i
     it is restored from its last checkpoint without one training step."""
     from compax.train import checkpoint, retrain
     config, dataset, model, variables = trained
-    steps = parse_recipe(recipe, "t")
+    steps = parse_recipe(recipe, "t", config)
     name = steps[-1].name
     whole = run_recipe(steps, model, variables, _ctx(trained, checkpoint_dir=tmp_path / "a"), "v")
     original = checkpoint.PopulationCheckpoints.save
@@ -264,13 +265,14 @@ def test_step_checkpoints_of_other_settings_are_discarded_and_damaged_ones_refus
     from compax.errors import UserError
     config, dataset, model, variables = trained
     ctx = _ctx(trained, checkpoint_dir=tmp_path)
-    run_recipe(parse_recipe("l1_global(amount=0.5)+finetune(epochs=2)", "t"), model, variables, ctx, "v")
+    run_recipe(parse_recipe("l1_global(amount=0.5)+finetune(epochs=2)", "t", config), model, variables,
+               ctx, "v")
     # Other settings under the same variant and step name: trained from the start, not resumed.
-    longer = run_recipe(parse_recipe("l1_global(amount=0.5)+finetune(epochs=3)", "t"), model,
+    longer = run_recipe(parse_recipe("l1_global(amount=0.5)+finetune(epochs=3)", "t", config), model,
                         variables, ctx, "v")
     assert len(longer.info["training"]["finetune"]["val_loss"]) == 3
     # Other inputs (another pruning level) likewise.
-    other = run_recipe(parse_recipe("l1_global(amount=0.7)+finetune(epochs=3)", "t"), model,
+    other = run_recipe(parse_recipe("l1_global(amount=0.7)+finetune(epochs=3)", "t", config), model,
                        variables, ctx, "v")
     assert other.info["training"]["finetune"]["val_loss"] != longer.info["training"]["finetune"]["val_loss"]
     # A flipped byte in the newest checkpoint: one UserError naming the folder and the way back.
@@ -281,15 +283,15 @@ def test_step_checkpoints_of_other_settings_are_discarded_and_damaged_ones_refus
     data[len(data) // 2] ^= 0xFF
     largest.write_bytes(bytes(data))
     with pytest.raises(UserError, match=f"delete the folder {folder}"):
-        run_recipe(parse_recipe("l1_global(amount=0.7)+finetune(epochs=3)", "t"), model, variables,
+        run_recipe(parse_recipe("l1_global(amount=0.7)+finetune(epochs=3)", "t", config), model, variables,
                    ctx, "v")
 
 
 def test_finetune_selecting_by_accuracy_keeps_each_members_most_accurate_epoch(trained):
     config, dataset, model, variables = trained
     ctx = _ctx(trained)
-    pruned = run_recipe(parse_recipe("l1_global(amount=0.6)", "t"), model, variables, ctx)
-    tuned = run_recipe(parse_recipe("l1_global(amount=0.6)+finetune(epochs=3,select=accuracy)", "t"),
+    pruned = run_recipe(parse_recipe("l1_global(amount=0.6)", "t", config), model, variables, ctx)
+    tuned = run_recipe(parse_recipe("l1_global(amount=0.6)+finetune(epochs=3,select=accuracy)", "t", config),
                        model, variables, ctx)
     info = tuned.info["training"]["finetune"]
     predict = make_predict(model_apply(model), dataset.mean, dataset.std, 64, 2)
@@ -305,4 +307,4 @@ def test_finetune_selecting_by_accuracy_keeps_each_members_most_accurate_epoch(t
         assert float(kept[member]) == pytest.approx(accuracies[best], abs=1e-6)
     assert info["select"] == "accuracy"
     with pytest.raises(UserError, match="select must be one of loss, accuracy"):
-        parse_recipe("finetune(select=f1)", "t")
+        parse_recipe("finetune(select=f1)", "t", config)

@@ -18,15 +18,13 @@ single-model band rule of the Hooker thesis (classes whose accuracy crosses one 
 deviation around the overall accuracy) runs for every member (`compax.measure.hooker`).
 """
 
-import html
 import re
 
-import jax.numpy as jnp
 import numpy as np
 
-from compax.analyses import Analysis, Compared, Reference, fmt, member_mean, register_analysis
+from compax import plots
+from compax.analyses.base import Analysis, fmt, register_analysis
 from compax.errors import UserError
-from compax.measure import hooker
 
 CORRECTIONS = ("none", "bonferroni", "holm", "fdr_bh")
 # Recipe settings that place a variant on its family's curve (the level) or only seed it.
@@ -35,13 +33,14 @@ _LEVEL_SETTINGS = re.compile(r"(amount|final|seed_offset)=[^,)]*")
 
 def level_families(variants: dict) -> dict[str, list[tuple[float, int, int]]]:
     """{family: [(sparsity, impacted classes (Welch), CIEs), ...] sorted by sparsity} of the
-    variants (results.json fields) made by one pruning step at a fixed level, e.g. one-shot
-    `l1_global(amount=...)` and gradual `gmp(final=...)`: a family is the recipe without its
+    variants (results.json's `variants`, with this analysis's results under "hooker") made by
+    one pruning step at a fixed level, e.g. one-shot `l1_global(amount=...)` and gradual
+    `gmp(final=...)`: a family is the recipe without its
     level and seed offset (each gmp level of Hooker's design has seeds of its own), labelled by
     its step's name; families with fewer than two levels are left out (no trend)."""
     families: dict[str, list] = {}
     for v in variants.values():
-        recipe, cie = v.get("recipe", ""), v.get("cie")
+        recipe, cie = v.get("recipe", ""), (v.get("hooker") or {}).get("cie")
         amount = (v.get("sparsity") or {}).get("amount")
         if not cie or "+" in recipe or "searched" in recipe or not isinstance(amount, int | float):
             continue
@@ -63,20 +62,30 @@ class Hooker(Analysis):
 
     @classmethod
     def check(cls, settings):
-        if settings.normalization not in hooker.NORMALIZATIONS:
+        from compax.measure.hooker import NORMALIZATIONS
+
+        if settings.normalization not in NORMALIZATIONS:
             raise UserError(f"unknown normalization {settings.normalization!r} in"
-                            f" --config.analysis.normalization: use one of"
-                            f" {', '.join(hooker.NORMALIZATIONS)}")
+                            f" --config.analysis.hooker.normalization: use one of"
+                            f" {', '.join(NORMALIZATIONS)}")
         if settings.correction not in CORRECTIONS:
             raise UserError(f"unknown correction {settings.correction!r} in"
-                            f" --config.analysis.correction: use one of {', '.join(CORRECTIONS)}")
+                            f" --config.analysis.hooker.correction: use one of"
+                            f" {', '.join(CORRECTIONS)}")
         if not 0 < settings.alpha < 1:
-            raise UserError(f"--config.analysis.alpha must be in (0, 1), got {settings.alpha}")
+            raise UserError(f"--config.analysis.hooker.alpha must be in (0, 1), got"
+                            f" {settings.alpha}")
         if not 0 <= settings.min_effect_pp <= 100:
-            raise UserError(f"--config.analysis.min_effect_pp must be in [0, 100] (percentage"
-                            f" points of normalised class accuracy), got {settings.min_effect_pp}")
+            raise UserError(f"--config.analysis.hooker.min_effect_pp must be in [0, 100]"
+                            f" (percentage points of normalised class accuracy), got"
+                            f" {settings.min_effect_pp}")
 
-    def compare(self, ref: Reference, variant: Compared):
+    def compare(self, ref, variant):
+        import jax.numpy as jnp
+
+        from compax.analyses.reference import member_mean
+        from compax.measure import hooker
+
         labels = jnp.asarray(ref.labels)
         band = hooker.band_impacted_classes(labels, jnp.asarray(ref.preds),
                                             jnp.asarray(variant.preds), ref.num_classes)
@@ -87,7 +96,7 @@ class Hooker(Analysis):
             "impacted_images": member_mean(band["impacted_images"])}}
         arrays = {"band_crossing_share": np.asarray(band["crossed"]).mean(0)}
         if ref.members >= 2:
-            settings = ref.settings
+            settings = self.settings
             correction = None if settings.correction == "none" else settings.correction
             summary = hooker.population_summary(ref.labels, ref.preds, variant.preds,
                                                 ref.num_classes, alpha=settings.alpha,
@@ -113,11 +122,10 @@ class Hooker(Analysis):
                 "CIEs": str(cie["pies"]) if cie else "–"}
 
     def report(self, page, results, arrays):
-        from compax.report import figures
-
         names = page.class_names
+        compressed = page.compressed(results)
         rows = []
-        for variant, v in page.compressed(results):
+        for variant, v in compressed:
             cie = v.get("cie")
             if not cie:
                 continue
@@ -137,27 +145,28 @@ class Hooker(Analysis):
                                 "outside (compressed)", "crossed", "images of crossed classes"],
                    [[variant, fmt(b.get("outside_original"), 1), fmt(b.get("outside_compressed"), 1),
                      fmt(b.get("crossed"), 1), fmt(b.get("impacted_images"), 1)]
-                    for variant, v in page.compressed(results) if (b := v.get("band"))],
+                    for variant, v in compressed if (b := v.get("band"))],
                    "Band rule (Hooker thesis), member means")
-        page.figure(self.title, figures.cie_bars(page.directory, results, arrays, names),
-                    "CIEs per class")
-        for variant, _ in page.compressed(results):
+        page.figure(self.title, cie_bars(page.directory, arrays, names), "CIEs per class")
+        for variant, _ in compressed:
             index = arrays.get(f"{variant}.cie_indices")
             if index is None or not len(index):
                 continue
             titles = [names[page.labels[i]][:12] for i in index[:30]]
-            page.figure(self.title, figures.example_images(page.directory, page.images, index,
-                                                           f"cie_{variant}.png", titles),
-                        f"CIEs of {html.escape(variant)}")
+            page.figure(self.title, plots.example_images(page.directory, page.images, index,
+                                                         f"cie_{variant}.png", titles),
+                        f"CIEs of {variant}")
 
-        self._report_tests(page, results)
-        self._report_pie_claims(page, results)
-        self._report_levels(page, results)
+        self._report_tests(page, compressed)
+        self._report_pie_claims(page, compressed)
+        self._report_levels(page)
 
-    def _report_tests(self, page, results):
-        columns = [(test, normalization) for test in hooker.TESTS for normalization in hooker.NORMALIZATIONS]
+    def _report_tests(self, page, compressed):
+        from compax.measure.hooker import NORMALIZATIONS, TESTS
+
+        columns = [(test, normalization) for test in TESTS for normalization in NORMALIZATIONS]
         rows = []
-        for variant, v in page.compressed(results):
+        for variant, v in compressed:
             counts = (v.get("cie") or {}).get("counts")
             if not counts:
                 continue
@@ -168,24 +177,24 @@ class Hooker(Analysis):
                    "Impacted classes per test and normalisation: uncorrected / Holm (paired tests"
                    " only where each member was compressed from its original)")
         rows = []
-        for variant, v in page.compressed(results):
+        for variant, v in compressed:
             cie = v.get("cie")
             if not cie or "material_count" not in cie:
                 continue
             tests = {"welch": cie, **cie.get("paired_tests", {})}
             rows.append([variant, *(
                 f"{r['count']} / {r['material_count']} / {fmt(r['median_abs_change'], 2, scale=100)}"
-                if (r := tests.get(t)) else "–" for t in hooker.TESTS)])
+                if (r := tests.get(t)) else "–" for t in TESTS)])
         if rows:
-            floor = fmt(next(v["cie"]["min_effect"] for _, v in page.compressed(results)
+            floor = fmt(next(v["cie"]["min_effect"] for _, v in compressed
                              if (v.get("cie") or {}).get("min_effect") is not None), 1, scale=100)
-            page.table(self.title, ["variant", *hooker.TESTS], rows,
+            page.table(self.title, ["variant", *TESTS], rows,
                        f"Effect sizes: impacted classes (the configured correction) / of them with"
                        f" |Δ normalised accuracy| ≥ {floor} pp / their median |Δ| in pp")
 
-    def _report_pie_claims(self, page, results):
+    def _report_pie_claims(self, page, compressed):
         rows, bars = [], {}
-        for variant, v in page.compressed(results):
+        for variant, v in compressed:
             claims = v.get("pie_claims")
             if not claims:
                 continue
@@ -208,21 +217,80 @@ class Hooker(Analysis):
                                 "Spearman: train frequency vs Δ class acc."], rows,
                    "Hooker's PIE claims: accuracy on CIEs against the rest (held out: CIEs from the"
                    " even members, accuracies of the odd ones)")
-        from compax.report import figures
-        page.figure(self.title, figures.pie_accuracy(page.directory, bars),
+        page.figure(self.title, pie_accuracy(page.directory, bars),
                     "Accuracy on CIEs and on the rest")
 
-    def _report_levels(self, page, results):
-        from compax.report import figures
-        curves = level_families(dict(page.compressed(results)))
-        page.figure(self.title, figures.level_trends(page.directory, curves),
+    def _report_levels(self, page):
+        from compax.measure.hooker import level_trend
+
+        curves = level_families(dict(page.compressed(page.run["variants"])))
+        page.figure(self.title, level_trends(page.directory, curves),
                     "Impacted classes and CIEs against sparsity")
         rows = []
         for label, points in curves.items():
             levels = [p[0] for p in points]
             for what, k in (("impacted classes", 1), ("CIEs", 2)):
-                trend = hooker.level_trend(levels, [p[k] for p in points])
+                trend = level_trend(levels, [p[k] for p in points])
                 rows.append([label, what, ", ".join(f"{p[0]:g}: {p[k]}" for p in points),
                              f"{trend['rho']:+.2f} (p {trend['p']:.3f})" if trend else "–"])
         page.table(self.title, ["family", "count", "per level", "Spearman ρ with level"], rows,
                    "Do impacted classes and CIEs grow with sparsity? (Hooker et al.)")
+
+
+def cie_bars(directory, arrays, class_names) -> str | None:
+    """Compression identified exemplars per class, per variant (Hooker et al.)."""
+    series = {f"{v} ({int(arrays[f'{v}.cie_per_class'].sum())})": arrays[f"{v}.cie_per_class"]
+              for v in plots.variants_with(arrays, "cie_per_class")}
+    if not series:
+        return None
+    return plots.grouped_bars(directory, "cie_per_class.png", series, class_names,
+                              "CIEs (test samples)", "Compression identified exemplars per true class")
+
+
+def level_trends(directory, families: dict) -> str | None:
+    """Impacted classes and CIEs against the compression level, one line per family of variants
+    (Hooker et al.'s figures: e.g. one-shot and gradual pruning on one plot). `families`:
+    {label: [(level, impacted classes, CIEs), ...]} sorted by level."""
+    families = {label: points for label, points in families.items() if len(points) >= 2}
+    if not families:
+        return None
+    fig, axes = plots.subplots(1, 2, figsize=(9, 3.2), layout="constrained")
+    draw_level_trends(axes, families)
+    return plots.save(fig, directory, "level_trends.png")
+
+
+def draw_level_trends(axes, families: dict, floor: tuple | None = None,
+                      impacted_title: str = "Impacted classes (Welch)") -> None:
+    """Draws `level_trends`' two panels on `axes` (impacted classes, CIEs): one line per family
+    ({label: [(level, impacted classes, CIEs), ...]}); `floor` (label, impacted classes, CIEs), if
+    given, as a dashed horizontal line on each panel (e.g. a second uncompressed population)."""
+    for label, points in families.items():
+        levels, impacted, cies = (np.asarray(column, float) for column in zip(*points, strict=True))
+        axes[0].plot(levels, impacted, "o-", label=label)
+        axes[1].plot(levels, cies, "o-", label=label)
+    if floor is not None:
+        label, impacted, cies = floor
+        axes[0].axhline(impacted, color="grey", ls="--", lw=1, label=label)
+        axes[1].axhline(cies, color="grey", ls="--", lw=1, label=label)
+    axes[0].set(xlabel="sparsity", ylabel="impacted classes", title=impacted_title)
+    axes[1].set(xlabel="sparsity", ylabel="CIEs (test samples)", title="CIEs / PIEs")
+    axes[1].legend(fontsize=7)
+
+
+def pie_accuracy(directory, rows: dict) -> str | None:
+    """The original population's accuracy on each variant's CIEs and on the other test samples,
+    and the variant's drop on each (`rows`: {variant: (acc CIEs, acc rest, drop CIEs, drop rest)})."""
+    rows = {v: r for v, r in rows.items() if None not in r}
+    if not rows:
+        return None
+    names, values = list(rows), np.asarray(list(rows.values()), float)
+    x = np.arange(len(names))
+    fig, axes = plots.subplots(1, 2, figsize=(max(6, 0.9 * len(names)), 3.2))
+    for ax, (a, b), title in ((axes[0], (0, 1), "original accuracy"),
+                              (axes[1], (2, 3), "accuracy drop after compression")):
+        ax.bar(x - 0.2, 100 * values[:, a], 0.4, label="on CIEs")
+        ax.bar(x + 0.2, 100 * values[:, b], 0.4, label="on the rest")
+        ax.set_xticks(x, names, rotation=45, ha="right", fontsize=7)
+        ax.set(ylabel="%", title=title)
+    axes[0].legend(fontsize=7)
+    return plots.save(fig, directory, "pie_accuracy.png")

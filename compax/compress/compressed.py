@@ -2,8 +2,8 @@
 
 A `Compressed` holds the variables (weights as compressed: pruned entries zero, quantized weights
 on their integer grid, BatchNorm folded) and, for activation-quantized models, a `QuantState`;
-its bit widths and compute dtype are static data. Populations are vmapped over it:
-`jax.vmap(apply_compressed, in_axes=(None, 0, None))(model, compressed, x)`.
+its bit widths, compute dtype and weight-scale granularity are static data. Populations are
+vmapped over it: `jax.vmap(apply_compressed, in_axes=(None, 0, None))(model, compressed, x)`.
 
 The variants themselves are recipes of registered steps (`registry.py`, `RECIPES`; one
 model's: `compax.one_model.compress`):
@@ -46,6 +46,10 @@ class Compressed:
     dtype: str = flax.struct.field(pytree_node=False, default="float32")  # of weights and compute
     # Float type the weights are stored in when it is not `dtype` (they are computed in `dtype`).
     storage_dtype: str | None = flax.struct.field(pytree_node=False, default=None)
+    # How many scales and zero points an integer kernel stores: "per_channel", one per output
+    # channel (fbgemm's default, and every variant saved before granularity was recorded), or
+    # "per_tensor", one per kernel. Set by the quantize steps; counted by `size_bytes`.
+    granularity: str = flax.struct.field(pytree_node=False, default="per_channel")
 
 
 def apply_compressed(model, compressed: Compressed, x):
@@ -64,7 +68,8 @@ def size_bytes(compressed: Compressed) -> int:
         float_bits=jnp.finfo(FLOAT_TYPES[compressed.storage_dtype or compressed.dtype]).bits,
         folds=qstate.folds if qstate else (),
         activation_points=qstate.activation_scale.shape[0] if qstate else 0,
-        quantized_kernels=set(qstate.weight_scale) if qstate else None)
+        quantized_kernels=set(qstate.weight_scale) if qstate else None,
+        granularity=compressed.granularity)
 
 
 def compression_ratio(compressed: Compressed, variables) -> float:

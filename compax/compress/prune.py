@@ -16,6 +16,11 @@ count k may be a traced integer, so pruning at many sparsity levels is one `vmap
 
 Masks are pytrees of the params' structure: a boolean array (True = kept, as PyTorch's mask of ones)
 for each pruned weight and None for every other leaf (biases, BatchNorm, excluded layers).
+
+The helpers here are what every pruning criterion shares: `num_to_prune` (the exact count),
+`lowest_k` (the k lowest scores, ties by index) and `kernel_masks` (which kernels are pruned, and
+the mask pytree). `selection.py` builds the global, per-layer and per-filter selection of any
+criterion's scores on them, and `criterion.py` says how a criterion is written.
 """
 
 import jax

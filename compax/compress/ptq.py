@@ -5,7 +5,9 @@
 quantize
 
 - weights per output channel, symmetric: PerChannelMinMaxObserver, qint8 [-128, 127], scale
-  max|w| / 127.5 (4-bit: [-8, 7], max|w| / 7.5);
+  max|w| / 127.5 (4-bit: [-8, 7], max|w| / 7.5); with `weight_granularity="per_tensor"` one scale
+  per kernel instead, s = max|w| / ((2^b - 1) / 2) over the whole kernel (PyTorch's MinMaxObserver
+  with qscheme=torch.per_tensor_symmetric), rounded and clipped the same way;
 - activations per tensor, affine, at the input and after every fused group and add (placement in
   `interpret.py`): HistogramObserver (2048 bins, L2 search) or MinMaxObserver. With
   reduce_range=True (fbgemm's default, for its int16-accumulating AVX2 kernels) the scale and zero
@@ -57,6 +59,8 @@ from compax.compress.quant import fake_quant
 from compax.errors import UserError
 
 OBSERVERS = ("histogram", "minmax", "histogram_batches")
+# How many weight scales a kernel has: one per output channel, or one for the whole kernel.
+GRANULARITIES = ("per_channel", "per_tensor")
 # Layers whose inputs dynamic quantization quantizes (`QuantConfig.dynamic_layers`).
 DYNAMIC_LAYERS = {"all": interpret.LAYERS, "dense": frozenset({"dot_general"})}
 
@@ -77,6 +81,7 @@ class QuantConfig:
     quantizes the inputs of the `dynamic_layers` at run time from their own range (see the module
     doc) instead of calibrating activation points. `batch_size` only bounds memory (statistics are
     exact); `calibration_batch` is the batch the `histogram_batches` observer is fed.
+    `weight_granularity`: one weight scale per output channel (fbgemm's default) or per kernel.
     """
 
     weight_bits: int = 8
@@ -87,6 +92,7 @@ class QuantConfig:
     dynamic: bool = False
     dynamic_layers: str = "all"
     calibration_batch: int = 128
+    weight_granularity: str = "per_channel"
 
     def __post_init__(self):
         check_bits("weight_bits", self.weight_bits)
@@ -101,6 +107,9 @@ class QuantConfig:
                             f" {', '.join(DYNAMIC_LAYERS)}")
         if self.calibration_batch < 1:
             raise UserError(f"calibration_batch must be >= 1, got {self.calibration_batch}")
+        if self.weight_granularity not in GRANULARITIES:
+            raise UserError(f"unknown granularity {self.weight_granularity!r}: choose one of"
+                            f" {', '.join(GRANULARITIES)}")
 
     @property
     def weight_range(self) -> tuple[int, int]:
@@ -124,23 +133,29 @@ class QuantState:
 
     activation_scale: jax.Array  # (points,) float32
     activation_zero_point: jax.Array  # (points,) int32
-    weight_scale: dict  # params path of each kernel -> (out channels,) float32; zero points are 0
+    # params path of each kernel -> float32 scale, (out channels,) per channel or () per tensor;
+    # zero points are 0.
+    weight_scale: dict
     config: QuantConfig = flax.struct.field(pytree_node=False)
     folds: tuple[BatchNormFold, ...] = flax.struct.field(pytree_node=False)
 
 
 def quantize_weights(params, config: QuantConfig, only=None):
-    """(params with every conv/dense kernel fake-quantized per output channel, {path: scale});
+    """(params with every conv/dense kernel fake-quantized symmetrically, {path: scale}):
+    w_q = clip(round(w / s), -2^(b-1), 2^(b-1) - 1) with s = max|w| / ((2^b - 1) / 2) per output
+    channel, or over the whole kernel for `config.weight_granularity="per_tensor"` (a scalar s).
     `only`: the paths (e.g. "fc1/kernel") of the kernels to quantize, None for all."""
     qmin, qmax = config.weight_range
+    per_tensor = config.weight_granularity == "per_tensor"
     scales = {}
 
     def quantize(path, w):
         if not is_weight(path, w) or (only is not None and path_str(path) not in only):
             return w
-        scale, zero_point = symmetric_qparams(*per_channel_minmax(w, -1), qmin, qmax)
+        ranges = minmax(w) if per_tensor else per_channel_minmax(w, -1)
+        scale, zero_point = symmetric_qparams(*ranges, qmin, qmax)
         scales[path_str(path)] = scale
-        return fake_quant(w, scale, zero_point, qmin, qmax, axis=w.ndim - 1)
+        return fake_quant(w, scale, zero_point, qmin, qmax, axis=None if per_tensor else w.ndim - 1)
 
     return jax.tree_util.tree_map_with_path(quantize, params), scales
 

@@ -21,6 +21,15 @@ one member's `Compressed` that the population engine vmaps (`compax.member_vmap.
 Steps that need the whole population or the data (a search, training) subclass `Step` and write
 `__call__`. Every step also runs abstractly (`Context.abstract`: shapes only, no data, no
 training), which is how a saved variant's structure is rebuilt for restoring.
+
+Steps are pure: a step's settings are its fields, never the run's config. A setting whose default
+comes from the config (e.g. quantize's `observer` from `compress.observer`) is named in the step's
+`config_defaults` ({field: dotted config key}); parsing a recipe with the run's config
+(`parse_recipe(text, where, config)`, `variant_recipes(names, config)`) fills every such field that
+the recipe leaves None with the config's value, once, so `describe()` records the values used.
+Parsed without a config, such a field stays None and the step uses the fallback its docstring
+states (or raises a UserError). `Context.config` is still passed to steps for the data and batch
+settings of training, but no step reads its own settings from it.
 """
 
 import ast
@@ -33,6 +42,7 @@ from typing import Any, ClassVar
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from compax.compress.compressed import Compressed
 from compax.distributed import is_main_process
@@ -64,7 +74,9 @@ class Variant:
 
 @dataclasses.dataclass
 class Context:
-    """What steps may use beyond the population: the run's config, data and caches.
+    """What steps may use beyond the population: the run's data and caches, and its config (None
+    for `compax.one_model.compress`) for the data and batch settings of training. Steps read no
+    setting of their own from `config`: parsing fills those in (`Step.config_defaults`).
 
     `abstract`: only shapes are wanted (restoring a saved variant); steps skip data and training.
     `masks`: given pruning masks (one member, `compress`'s single-model API) that replace those a
@@ -77,15 +89,18 @@ class Context:
     no checkpoints (a killed step starts again).
     """
 
-    config: ml_collections.ConfigDict
+    config: ml_collections.ConfigDict | None
     dataset: Any = None
     original: Any = None  # the trained population's variables (leading member axis)
     chunk: int = 1
     abstract: bool = False
     masks: Any = None
     calib_images: Any = None
+    calib_labels: Any = None  # the calibration images' labels (pruning criteria's gradients)
+    seed: int = 0  # the run's seed: pruning criteria's per-member keys fold in the member index
     cache: dict = dataclasses.field(default_factory=dict)
-    searcher: Callable | None = None  # () -> sparsity search results, see `searched_sparsity`
+    # (criterion) -> its sparsity search results, see `searched_sparsity`
+    searcher: Callable | None = None
     log_dir: pathlib.Path | None = None
     step_log_dir: pathlib.Path | None = None  # the running step's (set by run_recipe)
     checkpoint_dir: pathlib.Path | None = None
@@ -97,17 +112,36 @@ class Context:
             raise UserError("this recipe quantizes: pass calibration images (training images)")
         return self.calib_images
 
-    def searched_sparsity(self) -> float:
-        """The pruning level of Schwaiger et al.: the largest level whose validation accuracy stays
-        within `compress.sparsity_tolerance_pp` of the original's (searched once per run)."""
+    def calibration_batch(self, size: int, who: str):
+        """`size` calibration images and their labels, for the step named `who`: those at indices
+        i * n // size of the n (evenly spread through them, as they are in training-set order)."""
+        if self.calib_images is None or self.calib_labels is None:
+            raise UserError(f"{who} needs labelled calibration images: run it in a population run"
+                            " (compax.compress_population), whose context has them")
+        count = len(self.calib_labels)
+        if size > count:
+            raise UserError(f"{who}: batch={size} exceeds the {count} calibration images: lower"
+                            " batch or raise compress.calibration_images")
+        index = np.arange(size) * count // size
+        return self.calib_images[index], jnp.asarray(self.calib_labels)[index]
+
+    def searched_sparsity(self, criterion=None) -> float:
+        """The pruning level of Schwaiger et al. for `criterion` (a pruning step; None: `l1_global()`
+        with the run's config): the largest level whose validation accuracy under that criterion
+        stays within `compress.sparsity_tolerance_pp` of the original's. Searched once per run and
+        criterion (`cache["sparsity_searches"]`, keyed by the criterion's `search_key()`)."""
         if self.abstract:
             return 0.5
-        if "sparsity_search" not in self.cache:
+        if criterion is None:
+            criterion = with_config_defaults(STEPS["l1_global"](), self.config)
+        searches = self.cache.setdefault("sparsity_searches", {})
+        key = criterion.search_key()
+        if key not in searches:
             if self.searcher is None:
                 raise UserError("amount=searched needs a trained population and validation data:"
                                 " give the step a fixed amount, e.g. amount=0.5")
-            self.cache["sparsity_search"] = self.searcher()
-        return self.cache["sparsity_search"]["chosen"]
+            searches[key] = self.searcher(criterion)
+        return searches[key]["chosen"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,6 +149,9 @@ class Step:
     """One compression method; its dataclass fields are its settings."""
 
     name: ClassVar[str] = ""
+    # {field: dotted config key, e.g. "compress.observer"}: where a recipe leaves the field None,
+    # parsing with the run's config fills in the config's value (`with_config_defaults`).
+    config_defaults: ClassVar[dict[str, str]] = {}
 
     def __call__(self, variant: Variant, ctx: Context) -> Variant:
         raise NotImplementedError
@@ -180,6 +217,10 @@ RECIPES = {
     "pruned_ft": "l1_global(amount=searched)+finetune(epochs=5)",
     "qat_w8a8": "quantize(weight_bits=8,activation_bits=8)+qat(epochs=3)",
     "qat_w4a8": "quantize(weight_bits=4,activation_bits=8)+qat(epochs=3)",
+    # Knowledge distillation from each member's original (compax/compress/methods/distill.py),
+    # with the epochs of pruned_ft and qat_w4a8.
+    "pruned_kd": "l1_global(amount=searched)+distill(epochs=5)",
+    "qat_w4a8_kd": "quantize(weight_bits=4,activation_bits=8)+distill(epochs=3)",
     # Hooker et al.'s fixed sparsity levels, global L1 without fine-tuning.
     **{f"sparsity_{round(100 * s)}": f"l1_global(amount={s})" for s in (0.1, 0.3, 0.5, 0.7, 0.9)},
 }
@@ -213,8 +254,35 @@ def _split_steps(text: str) -> list[str]:
     return [p for p in parts + [current] if p.strip()]
 
 
-def parse_step(text: str, where: str) -> Step:
-    """One step of recipe text, e.g. `quantize(weight_bits=4)`; `where` names the config entry."""
+def config_value(config, key: str):
+    """The value of the dotted `key` (e.g. "compress.observer") in `config` (a ConfigDict or
+    nested mapping); `KeyError` if it has none."""
+    value = config
+    for part in key.split("."):
+        if part not in value:
+            raise KeyError(key)
+        value = value[part]
+    return value
+
+
+def with_config_defaults(step: Step, config) -> Step:
+    """`step` with each of its `config_defaults` fields that is None set to the config's value
+    (fields whose key the config lacks stay None). `config` None: `step` unchanged."""
+    if config is None:
+        return step
+    filled = {}
+    for field, key in step.config_defaults.items():
+        if getattr(step, field) is None:
+            try:
+                filled[field] = config_value(config, key)
+            except KeyError:
+                continue
+    return dataclasses.replace(step, **filled) if filled else step
+
+
+def parse_step(text: str, where: str, config=None) -> Step:
+    """One step of recipe text, e.g. `quantize(weight_bits=4)`; `where` names the config entry.
+    `config` (the run's): fills the settings the text leaves None (`Step.config_defaults`)."""
     match = _STEP_TEXT.match(text)
     if not match:
         raise UserError(f"cannot read step {text.strip()!r} of {where}: write name(key=value,...)")
@@ -233,21 +301,23 @@ def parse_step(text: str, where: str) -> Step:
                             f" {', '.join(fields) or '(none)'}")
         settings[key] = _parse_value(value)
     try:
-        return cls(**settings)
+        return with_config_defaults(cls(**settings), config)
     except UserError as e:
         raise UserError(f"{where}: {e}") from None
     except (TypeError, ValueError) as e:
         raise UserError(f"bad setting of step {name} in {where}: {e}") from None
 
 
-def parse_recipe(text: str, where: str) -> tuple[Step, ...]:
-    """The steps of recipe text (empty text: the uncompressed model)."""
-    return tuple(parse_step(part, where) for part in _split_steps(text))
+def parse_recipe(text: str, where: str, config=None) -> tuple[Step, ...]:
+    """The steps of recipe text (empty text: the uncompressed model), their unset settings filled
+    from `config` (the run's; see `parse_step`)."""
+    return tuple(parse_step(part, where, config) for part in _split_steps(text))
 
 
-def variant_recipes(names) -> dict[str, tuple[Step, ...]]:
+def variant_recipes(names, config=None) -> dict[str, tuple[Step, ...]]:
     """{variant: steps} of the `compress.variants` entries: registered names (`RECIPES`) or
-    `name=recipe` text. Every name and setting is checked here, before any work."""
+    `name=recipe` text, their unset settings filled from `config` (the run's; see `parse_step`).
+    Every name and setting is checked here, before any work."""
     recipes = {}
     for entry in names:
         name, eq, text = str(entry).partition("=")
@@ -261,14 +331,14 @@ def variant_recipes(names) -> dict[str, tuple[Step, ...]]:
                             f" {', '.join(RECIPES)}, or define it as name=step(...)+step(...)")
         if name in recipes:
             raise UserError(f"variant {name!r} appears twice in --config.compress.variants")
-        recipes[name] = parse_recipe(text if eq else RECIPES[name], where)
+        recipes[name] = parse_recipe(text if eq else RECIPES[name], where, config)
     return recipes
 
 
-def variant_recipe(entry: str) -> tuple[str, tuple[Step, ...]]:
+def variant_recipe(entry: str, config=None) -> tuple[str, tuple[Step, ...]]:
     """(name, steps) of one `compress.variants` entry: a registered name or `name=recipe` text
-    (checked as `variant_recipes` checks them)."""
-    ((name, steps),) = variant_recipes([entry]).items()
+    (checked and filled from `config` as `variant_recipes` does)."""
+    ((name, steps),) = variant_recipes([entry], config).items()
     return name, steps
 
 

@@ -8,7 +8,9 @@ channels, the smallest of three encodings (a pruned kernel is stored sparse only
     CSR       ceil(nnz * bits / 8) + 4 nnz + 4 (C + 1)             (int32 column indices and row
                                                                     pointers, rows = channels)
 
-plus, for integer kernels (bits <= 8), a float32 scale and an int32 zero point per output channel.
+plus, for integer kernels (bits <= 8), a float32 scale and an int32 zero point (8 bytes) per
+output channel, 8 C, for per-channel quantization, or one pair, 8, for per-tensor quantization
+(`Compressed.granularity`).
 Every other parameter is stored as a float (`float_bits`), biases included. A BatchNorm folded into
 its layer keeps only its folded bias (float32), and the layer's own bias and the BatchNorm's scale
 and running statistics disappear; activation quantization adds a float32 scale and an int32 zero
@@ -36,12 +38,14 @@ def kernel_bytes(kernel, bits: int) -> int:
 
 
 def storage_bytes(variables, *, weight_bits: int = 32, float_bits: int = 32, folds=(),
-                  activation_points: int = 0, quantized_kernels=None) -> int:
+                  activation_points: int = 0, quantized_kernels=None,
+                  granularity: str = "per_channel") -> int:
     """Bytes to store `variables` with kernels at `weight_bits` and other floats at `float_bits`.
 
     `folds` are the `fold.BatchNormFold`s of a BatchNorm-folded model (as in `QuantState.folds`);
     `quantized_kernels`: the paths of the kernels stored at `weight_bits` when not all are (the
-    others are floats).
+    others are floats); `granularity`: "per_channel" or "per_tensor", how many scales and zero
+    points each integer kernel stores (module doc).
     """
     folded_bn = {f.bn for f in folds}
     dropped = ({f"{f.layer}/bias" for f in folds} | {f"{f.bn}/scale" for f in folds})
@@ -52,7 +56,8 @@ def storage_bytes(variables, *, weight_bits: int = 32, float_bits: int = 32, fol
             total += kernel_bytes(leaf, float_bits)
         elif is_weight(path, leaf):
             total += kernel_bytes(leaf, weight_bits)
-            total += leaf.shape[-1] * QPARAM_BYTES if weight_bits <= 8 else 0
+            if weight_bits <= 8:
+                total += QPARAM_BYTES * (1 if granularity == "per_tensor" else leaf.shape[-1])
         elif name.rsplit("/", 1)[0] in folded_bn:
             total += 0 if name in dropped else leaf.size * 4
         elif name not in dropped:

@@ -1,9 +1,14 @@
 """Compressed populations on disk, as orbax checkpoints verified by checksums.
 
 A `Compressed` pytree holds arrays (weights, scales, zero points) and static data (the variant, the
-quantization config, the BatchNorm folds). Orbax stores the arrays; the static data are rebuilt
-from the config, by tracing the compression abstractly (`jax.eval_shape`), which also gives the
-shapes that restoring checks the files against. Beside orbax's files, `compax_manifest.json` holds
+quantization config, the BatchNorm folds). Orbax stores the arrays; `structure.pkl` beside them
+holds the rest of what restoring needs, pickled: the flax module that evaluates the variant, the
+pytree with each array as a `jax.ShapeDtypeStruct` (static data included, the shapes that
+restoring checks the files against) and what the recipe reported (`Variant.info`). A save
+without it (compax before the structure was saved) is restored from the structure that tracing
+the recipe abstractly gives (`jax.eval_shape`). Pickle runs code when read: restore only
+workdirs you trust; the file is covered by the checksums, so a damaged one is never unpickled.
+Beside orbax's files, `compax_manifest.json` holds
 the SHA-256 of each of them; restoring checks them first, so a damaged file is an error that names
 it, never a silently different model. The manifest may also hold a `record` (JSON) that the
 writer attaches, e.g. which inputs made the variant and what was measured on it
@@ -12,6 +17,7 @@ writer attaches, e.g. which inputs made the variant and what was measured on it
 
 import math
 import pathlib
+import pickle
 import shutil
 
 import jax
@@ -26,13 +32,19 @@ from compax.safe_files import (
     read_json,
     tree_checksums,
     verify_checksums,
+    write_bytes_atomic,
     write_json_atomic,
 )
 
+STRUCTURE = "structure.pkl"
 
-def save_compressed(path: pathlib.Path, compressed, record: dict | None = None) -> None:
+
+def save_compressed(path: pathlib.Path, compressed, record: dict | None = None, module=None,
+                    info: dict | None = None) -> None:
     """Writes the arrays of `compressed` to the orbax checkpoint `path` (replaced if present),
-    then the checksums of its files with `record` (JSON, see `saved_record`).
+    with `module` (the flax module evaluating it), the structure of `compressed` and `info` in
+    `structure.pkl` when a module is given, then the checksums of its files with `record` (JSON,
+    see `saved_record`).
 
     Orbax writes into a temporary folder and renames it when complete, and the checksums come
     last, so a killed save leaves no variant that restores; the stage record is written after
@@ -49,6 +61,9 @@ def save_compressed(path: pathlib.Path, compressed, record: dict | None = None) 
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(path, arrays, force=True)
     if is_main_process():
+        if module is not None:
+            like = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), compressed)
+            write_bytes_atomic(path / STRUCTURE, pickle.dumps((module, like, info or {})))
         manifest = {"sha256": tree_checksums(path, skip=(MANIFEST,))}
         if record is not None:
             manifest["record"] = record
@@ -70,12 +85,28 @@ def saved_record(path: pathlib.Path) -> dict | None:
     return record if isinstance(record, dict) else None
 
 
-def restore_compressed(path: pathlib.Path, like):
-    """The compressed population saved at `path`, structured like `like` (e.g. from jax.eval_shape),
-    after checking its files against their checksums."""
+def restore_saved(path: pathlib.Path):
+    """(module, compressed population, info) saved at `path` with its structure, after checking
+    its files against their checksums; None when the save holds no `structure.pkl` (then restore
+    it with `restore_compressed` and the structure of the recipe traced abstractly)."""
     path = pathlib.Path(path).absolute()
-    fix = "delete it and run --config.stages=compress again"
-    what = f"compressed variant {path}"
+    if not (path / STRUCTURE).is_file():
+        return None
+    _verify(path)
+    try:
+        module, like, info = pickle.loads((path / STRUCTURE).read_bytes())
+    except Exception as e:  # a class renamed or removed since the save
+        raise UserError(f"the structure of compressed variant {path} cannot be read"
+                        f" ({type(e).__name__}: {e}): {_FIX}") from None
+    return module, _restore_arrays(path, like), info
+
+
+_FIX = "delete it and run --config.stages=compress again"
+
+
+def _verify(path: pathlib.Path) -> None:
+    """Checks the files of the saved variant at `path` against its checksums (UserError)."""
+    fix, what = _FIX, f"compressed variant {path}"
     if not (path / MANIFEST).is_file():
         raise UserError(f"{what} has no checksums ({MANIFEST}; its save was interrupted or an"
                         f" older compax wrote it): {fix}")
@@ -83,6 +114,19 @@ def restore_compressed(path: pathlib.Path, like):
     if not isinstance(manifest, dict) or not isinstance(manifest.get("sha256"), dict):
         raise UserError(f"checksums of the compressed variant {path / MANIFEST} are damaged: {fix}")
     verify_checksums(path, manifest["sha256"], what, fix)
+
+
+def restore_compressed(path: pathlib.Path, like):
+    """The compressed population saved at `path`, structured like `like` (e.g. from jax.eval_shape),
+    after checking its files against their checksums."""
+    path = pathlib.Path(path).absolute()
+    _verify(path)
+    return _restore_arrays(path, like)
+
+
+def _restore_arrays(path: pathlib.Path, like):
+    """The arrays of the (verified) save at `path` in the pytree structure of `like`."""
+    what = f"compressed variant {path}"
     leaves, treedef = jax.tree.flatten(like)
     abstract = {str(i): jax.ShapeDtypeStruct(x.shape, x.dtype) for i, x in enumerate(leaves)
                 if math.prod(x.shape)}
@@ -90,6 +134,6 @@ def restore_compressed(path: pathlib.Path, like):
         with ocp.StandardCheckpointer() as checkpointer:
             restored = checkpointer.restore(path, abstract)
     except Exception as e:  # orbax raises many types for unreadable or mismatched files.
-        raise UserError(f"{what} cannot be restored ({type(e).__name__}): {fix}") from None
+        raise UserError(f"{what} cannot be restored ({type(e).__name__}): {_FIX}") from None
     return jax.tree.unflatten(treedef, [restored[str(i)] if str(i) in restored
                                         else jnp.zeros(x.shape, x.dtype) for i, x in enumerate(leaves)])

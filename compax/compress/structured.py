@@ -6,33 +6,26 @@ layer, which is `torch.nn.utils.prune.ln_structured(module, "weight", amount, n=
 to every layer (torch keeps the C - k largest norms; here the k smallest are pruned, equal norms
 lowest channel first, which is the same set without ties). `global_filter_masks` ranks the filters
 of all layers together by their mean |w| (the L1 norm over the number of weights in the filter, so
-that layers with different fan-in compare) and prunes round(amount * total filters).
+that layers with different fan-in compare) and prunes round(amount * total filters). Both are the
+shared selection (`selection.py`, scopes `filter` and `global_filter`) of the scores |w|.
 
 Only kernels are masked; biases stay, as in PyTorch, so a pruned channel outputs its bias. Masks
 have the convention of `prune.py` (True = kept, None for unmasked leaves); exclude the classifier
 (e.g. exclude='^fc3/') unless classes may be pruned away.
 """
 
+import jax
 import jax.numpy as jnp
 
-from compax.compress.prune import kernel_masks, lowest_k, num_to_prune
-
-
-def _filter_l1(kernel):
-    """L1 norm of each output channel (last axis) of a kernel."""
-    return jnp.sum(jnp.abs(kernel.astype(jnp.float32)), axis=tuple(range(kernel.ndim - 1)))
+from compax.compress.selection import select_masks
 
 
 def layer_filter_masks(params, amount, *, exclude: str | None = None):
     """Masks pruning round(amount * C) lowest-L1 output channels of every conv and dense layer."""
-    def select(kernels):
-        return [lowest_k([_filter_l1(w)], num_to_prune(amount, w.shape[-1]))[0] for w in kernels]
-    return kernel_masks(params, select, exclude)
+    return select_masks(jax.tree.map(jnp.abs, params), amount, scope="filter", exclude=exclude)
 
 
 def global_filter_masks(params, amount, *, exclude: str | None = None):
     """Masks pruning round(amount * all channels) output channels of lowest mean |w|, over all layers."""
-    def select(kernels):
-        scores = [_filter_l1(w) / (w.size // w.shape[-1]) for w in kernels]
-        return lowest_k(scores, num_to_prune(amount, sum(w.shape[-1] for w in kernels)))
-    return kernel_masks(params, select, exclude)
+    return select_masks(jax.tree.map(jnp.abs, params), amount, scope="global_filter",
+                        exclude=exclude)

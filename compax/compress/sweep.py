@@ -1,45 +1,46 @@
 """Pruning at many sparsity levels at once, and picking the largest level that keeps accuracy.
 
 Schwaiger et al. (2022) prune "as much as possible" while the accuracy stays comparable to the
-uncompressed model's; Hooker et al. use the fixed levels 0.3, 0.5, 0.7, 0.9. The pruning counts of
-the levels are computed on the host exactly as PyTorch does (round(level * n), float64), and the
-masks for all levels come from one `vmap` of `global_l1_masks` over those counts.
+uncompressed model's; Hooker et al. use the fixed levels 0.3, 0.5, 0.7, 0.9. A sweep scores the
+weights once (|w| by default, or a criterion's scores, `compax.compress.criterion`), computes the
+pruning counts of the levels on the host exactly as PyTorch does (round(level * n), float64, per
+the selection's scope, `selection.level_counts`) and makes the masks of all levels with one `vmap`
+(or `lax.map`) of the shared selection over those counts.
 """
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from compax.compress.paths import weight_leaves
-from compax.compress.prune import apply_masks, global_l1_masks, num_to_prune
+from compax.compress.prune import apply_masks
+from compax.compress.selection import level_counts, select_counts
 from compax.errors import UserError
 
 FIXED_LEVELS = (0.3, 0.5, 0.7, 0.9)
 
 
-def level_counts(params, levels, *, exclude: str | None = None) -> jax.Array:
-    """int32 number of weights pruned at each level: round(level * prunable weights), as torch."""
-    total = sum(int(w.size) for _, w in weight_leaves(params, exclude))
-    return jnp.asarray([num_to_prune(float(level), total) for level in levels], jnp.int32)
+def level_masks(params, levels=FIXED_LEVELS, *, scores=None, scope: str = "global",
+                exclude: str | None = None):
+    """Masks at every level, stacked on a leading level axis: the lowest `scores` (default |w|,
+    i.e. global L1 masks) selected per `scope`."""
+    scores = jax.tree.map(jnp.abs, params) if scores is None else scores
+    counts = level_counts(scores, levels, scope=scope, exclude=exclude)
+    return jax.vmap(lambda k: select_counts(scores, k, scope=scope, exclude=exclude))(counts)
 
 
-def level_masks(params, levels=FIXED_LEVELS, *, exclude: str | None = None):
-    """Global L1 masks at every level, stacked on a leading level axis."""
-    counts = level_counts(params, levels, exclude=exclude)
-    return jax.vmap(lambda k: global_l1_masks(params, k, exclude=exclude))(counts)
-
-
-def sparsity_sweep(params, levels, eval_fn, *, exclude: str | None = None,
-                   batch_size: int | None = None) -> jax.Array:
+def sparsity_sweep(params, levels, eval_fn, *, scores=None, scope: str = "global",
+                   exclude: str | None = None, batch_size: int | None = None) -> jax.Array:
     """eval_fn(pruned params) -> accuracy at every level, `batch_size` levels per vmap (default all).
 
-    `eval_fn` must be a JAX function of the params (it is vmapped over levels), e.g.
-    `lambda p: accuracy(model.apply({'params': p}, images), labels)`.
+    The pruned entries are the lowest `scores` (default |w|: global L1 with scope `global`)
+    selected per `scope`. `eval_fn` must be a JAX function of the params (it is vmapped over
+    levels), e.g. `lambda p: accuracy(model.apply({'params': p}, images), labels)`.
     """
-    counts = level_counts(params, levels, exclude=exclude)
+    scores = jax.tree.map(jnp.abs, params) if scores is None else scores
+    counts = level_counts(scores, levels, scope=scope, exclude=exclude)
 
     def evaluate(k):
-        return eval_fn(apply_masks(params, global_l1_masks(params, k, exclude=exclude)))
+        return eval_fn(apply_masks(params, select_counts(scores, k, scope=scope, exclude=exclude)))
 
     return jax.lax.map(evaluate, counts, batch_size=batch_size or len(counts))
 

@@ -23,9 +23,14 @@ import jax
 import jax.numpy as jnp
 
 from compax.compress import Compressed
-from compax.errors import UserError
 from compax.measure.saliency import normalized_per_image
-from compax.measure.taps import apply_with_taps, cpu_convolutions_for, map_batches, tap_points
+from compax.measure.taps import (
+    apply_with_taps,
+    cpu_convolutions_for,
+    images_and_targets,
+    map_batches,
+    tap_points,
+)
 
 
 def cam_from_activations(activations, gradients, size: tuple[int, int]):
@@ -45,11 +50,7 @@ def grad_cam(model, compressed: Compressed, x, targets, batch_size: int = 256):
     integer `targets` (N,) (see the module doc). Runs `batch_size` images at a time (`lax.map`);
     jit- and vmap-compatible over `compressed`. On a CPU, variants without activation quantization
     run their small convolutions on the kernels of `compax.kernels` (`taps.cpu_convolutions_for`)."""
-    x = jnp.asarray(x, jnp.float32)
-    targets = jnp.asarray(targets, jnp.int32)
-    if x.ndim != 4 or targets.shape != x.shape[:1]:
-        raise UserError(f"images {x.shape} and targets {targets.shape} do not match: pass images "
-                        "(N, H, W, C) and integer targets (N,)")
+    x, targets = images_and_targets(x, targets)
 
     def batch_cams(images, labels):
         def target_logits(offsets):

@@ -20,7 +20,7 @@ import numpy as np
 
 from compax.compress import Compressed
 from compax.errors import UserError
-from compax.measure.taps import apply_with_cpu_convolutions, map_batches
+from compax.measure.taps import apply_with_cpu_convolutions, images_and_targets, map_batches
 
 
 def normalized_per_image(maps):
@@ -42,11 +42,7 @@ def saliency_maps(model, compressed: Compressed, x, targets, batch_size: int = 2
     CPU, variants without activation quantization run their small convolutions on the kernels of
     `compax.kernels` (`taps.cpu_convolutions_for`), forward and input gradient.
     """
-    x = jnp.asarray(x, jnp.float32)
-    targets = jnp.asarray(targets, jnp.int32)
-    if x.ndim != 4 or targets.shape != x.shape[:1]:
-        raise UserError(f"images {x.shape} and targets {targets.shape} do not match: pass images "
-                        "(N, H, W, C) and integer targets (N,)")
+    x, targets = images_and_targets(x, targets)
 
     def batch_maps(images, labels):
         def target_logits(images):

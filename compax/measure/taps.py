@@ -183,6 +183,16 @@ def apply_with_taps(model: nn.Module, compressed: Compressed, x, offsets=None):
                                         "features": features.astype(jnp.float32)}
 
 
+def images_and_targets(x, targets):
+    """(float32 images, int32 targets) after checking that they are (N, H, W, C) and (N,)."""
+    x = jnp.asarray(x, jnp.float32)
+    targets = jnp.asarray(targets, jnp.int32)
+    if x.ndim != 4 or targets.shape != x.shape[:1]:
+        raise UserError(f"images {x.shape} and targets {targets.shape} do not match: pass images "
+                        "(N, H, W, C) and integer targets (N,)")
+    return x, targets
+
+
 def map_batches(fn, batch_size: int, *arrays):
     """fn(*arrays) computed `batch_size` samples at a time with `jax.lax.map` (memory bounded).
 

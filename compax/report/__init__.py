@@ -1,5 +1,7 @@
 """The report of a run: `report/index.html` (static, opens from disk), `report/summary.md` and the
-figures, made from results.json and analysis/arrays.npz only."""
+figures, made from results.json and analysis/arrays.npz only. Each analysis writes its own
+section (`Analysis.report`, from its results and arrays); the analyses skipped because they do not
+apply to the model are listed with the reason."""
 
 import html
 import json
@@ -8,6 +10,7 @@ import pathlib
 
 import numpy as np
 
+from compax.analyses import check_analyses
 from compax.paper import TABLE1_VARIANTS, seed_distribution, table1_row
 from compax.report import figures
 
@@ -113,7 +116,8 @@ def beyond_accuracy_table(results: dict, analyses) -> Table:
             continue
         cells = {}
         for analysis in analyses:
-            cells.update(analysis.columns(v))
+            if analysis.name in v:
+                cells.update(analysis.columns(v[analysis.name]))
         for key in cells:
             if key not in header:
                 header.append(key)
@@ -143,10 +147,11 @@ def cost_table(results: dict) -> Table:
 
 
 class Page:
-    """What an analysis's `report` writes into: figures and tables under section titles."""
+    """What an analysis's `report` writes into: figures and tables under section titles; `run`
+    is results.json."""
 
-    def __init__(self, directory: pathlib.Path, dataset):
-        self.directory, self.dataset = directory, dataset
+    def __init__(self, directory: pathlib.Path, dataset, run: dict):
+        self.directory, self.dataset, self.run = directory, dataset, run
         self.class_names = list(dataset.class_names)
         self.images, self.labels = dataset.test.images, dataset.test.labels
         self.sections: dict[str, list[str]] = {}
@@ -154,8 +159,8 @@ class Page:
 
     @staticmethod
     def compressed(results: dict) -> list[tuple[str, dict]]:
-        """(name, results) of every compressed variant."""
-        return [(n, v) for n, v in results["variants"].items() if n != "baseline"]
+        """(name, results) of every compressed variant in `results` ({variant: results})."""
+        return [(n, v) for n, v in results.items() if n != "baseline"]
 
     def figure(self, section: str, name: str | None, alt: str) -> None:
         if name:
@@ -171,6 +176,29 @@ class Page:
         self.sections.setdefault(section, []).append(f"<h3>{html.escape(caption)}</h3>" + table.html())
         if markdown:
             self.tables[caption] = table
+
+
+def skipped_table(results: dict) -> Table | None:
+    """The analyses left out because they do not apply to the model, with the reason."""
+    skipped = results.get("skipped_analyses")
+    if not skipped:
+        return None
+    return Table(["analysis", "skipped because"], [[name, why] for name, why in skipped.items()])
+
+
+def own_results(results: dict, name: str) -> dict:
+    """{variant: the results of analysis `name`} of the variants that have them."""
+    return {variant: v[name] for variant, v in results["variants"].items() if name in v}
+
+
+def own_arrays(arrays: dict, name: str) -> dict:
+    """The arrays of analysis `name` ("<variant>.<name>.<key>"), keyed "<variant>.<key>"."""
+    own = {}
+    for key, value in arrays.items():
+        variant, analysis, rest = key.rsplit(".", 2)  # variant names may hold dots
+        if analysis == name:
+            own[f"{variant}.{rest}"] = value
+    return own
 
 
 def stages_table(results: dict) -> Table:
@@ -194,11 +222,10 @@ def _write_atomic(path: pathlib.Path, text: str) -> None:
 def write_report(directory: pathlib.Path, config, results: dict, arrays: dict, dataset) -> list[str]:
     """Writes figures, index.html and summary.md into `directory`; returns the paths written
     (relative to the workdir)."""
-    from compax.analyses import check_analyses
-
     directory.mkdir(parents=True, exist_ok=True)
-    analyses = check_analyses(config.analysis)
-    page = Page(directory, dataset)
+    skipped = results.get("skipped_analyses", {})
+    analyses = [a for a in check_analyses(config.analysis) if a.name not in skipped]
+    page = Page(directory, dataset, results)
     tables = {"Table 1 (Schwaiger et al. 2022)": table1(results),
               "Variants: accuracy, sparsity, size": variants_table(results),
               "Inference cost and the int8 path": cost_table(results),
@@ -211,7 +238,11 @@ def write_report(directory: pathlib.Path, config, results: dict, arrays: dict, d
         page.sections[title] = [table.html()]
     page.figure("Pruning level", figures.sparsity_search(directory, results), "sparsity search")
     for analysis in analyses:
-        analysis.report(page, results, arrays)
+        analysis.report(page, own_results(results, analysis.name), own_arrays(arrays, analysis.name))
+    skipped_analyses = skipped_table(results)
+    if skipped_analyses is not None:
+        page.sections["Analyses skipped"] = [skipped_analyses.html()]
+        page.tables["Analyses skipped"] = skipped_analyses
     tables.update(page.tables)
     tables["Stages and machine"] = stages_table(results)
     page.sections["Stages and machine"] = [tables["Stages and machine"].html()]

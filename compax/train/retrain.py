@@ -1,9 +1,11 @@
-"""Training of an incoming population inside a recipe step (gmp, finetune, qat, ablate), resumable.
+"""Training of an incoming population inside a recipe step (gmp, finetune, qat, distill, ablate),
+resumable.
 
 `train_population` trains every member of a population for a fixed number of epochs with a given
-optax transformation, each member with its own streams of seed `seed + i` (`compax.train.population`:
-data order, augmentation, dropout; the same streams as the baseline member), several steps per
-call through `make_train_steps`, the members chunked as the baseline's (`train_chunking`). Early
+optax transformation on its `Trainable`'s loss (cross-entropy, or a distillation loss), each member
+with its own streams of seed `seed + i` (`compax.train.population`: data order, augmentation,
+dropout; the same streams as the baseline member), several steps per call through
+`make_train_steps`, the members chunked as the baseline's (`train_chunking`). Early
 stopping keeps each member's weights of the epoch with the lowest validation loss (`patience`
 None: never stop early, keep the best epoch);
 with `start_candidate` the incoming weights are the epoch-0 candidate (the step never makes
@@ -45,7 +47,7 @@ from compax.train.checkpoint import PopulationCheckpoints, recorded_config
 from compax.train.early_stopping import update_early_stopping
 from compax.train.population import AUGMENT, DATA, DROPOUT, PopulationState, member_keys, variables_of
 from compax.train.scalars import ScalarWriter
-from compax.train.steps import epoch_order, make_train_steps, steps_per_call
+from compax.train.steps import cross_entropy, epoch_order, make_train_steps, steps_per_call
 
 SELECT = ("loss", "accuracy")
 SCALARS = ("train_loss", "val_loss", "val_accuracy")  # per member, to TensorBoard
@@ -53,13 +55,18 @@ SCALARS = ("train_loss", "val_loss", "val_accuracy")  # per member, to TensorBoa
 
 class Trainable:
     """How a model trains: `apply(variables, x, train, mutable, rngs) -> (logits, updates)` as
-    `make_train_step` calls it, and `evaluate(variables, x) -> logits` for validation."""
+    `make_train_step` calls it, `loss(logits, labels, variables, x)`, the objective it minimises
+    (`make_member_step`'s `loss`; here the softmax cross-entropy), and `evaluate(variables, x) ->
+    logits` for validation."""
 
     def __init__(self, model):
         self.model = model
 
     def apply(self, variables, x, train, mutable, rngs):
         return self.model.apply(variables, x, train=train, mutable=mutable, rngs=rngs)
+
+    def loss(self, logits, labels, variables, x):
+        return cross_entropy(logits, labels, variables, x)
 
     def evaluate(self, variables, x):
         return self.model.apply(variables, x, train=False)
@@ -197,7 +204,7 @@ def train_population(trainable, tx: optax.GradientTransformation, params, batch_
         chunk, group = train_chunking(run.population_chunk, size)
         per_call = steps_per_call(steps)
         train_steps = make_train_steps(trainable, tx, dataset.mean, dataset.std, run.augment, chunk,
-                                       per_call, group=group)
+                                       per_call, group=group, loss=trainable.loss)
         images, labels = jnp.asarray(dataset.train.images), jnp.asarray(dataset.train.labels)
         data_keys, aug_keys, dropout_keys = (member_keys(seeds, s) for s in (DATA, AUGMENT, DROPOUT))
         while int(state.epoch) < epochs and not bool(state.stopped.all()):

@@ -1,8 +1,9 @@
 """Pure, jit-compiled train and evaluation steps over a whole population at once (`jax.vmap`).
 
-Training minimises the softmax cross-entropy (the negative log-likelihood of the study) with the
-given optax optimizer. Images stay uint8 on the device; each step gathers every member's batch by
-index, augments it with the member's own key (if enabled) and normalises it.
+Training minimises a loss of the logits, by default the softmax cross-entropy (the negative
+log-likelihood of the study; `cross_entropy`), with the given optax optimizer. Images stay uint8
+on the device; each step gathers every member's batch by index, augments it with the member's own
+key (if enabled) and normalises it.
 """
 
 from collections.abc import Callable
@@ -33,10 +34,19 @@ def epoch_order(data_keys: jax.Array, epoch: jax.Array, num_examples: int, steps
     return jax.vmap(member)(data_keys)
 
 
+def cross_entropy(logits: jax.Array, labels: jax.Array, variables, x: jax.Array) -> jax.Array:
+    """The mean softmax cross-entropy of `logits` against integer `labels`: the default `loss` of
+    the train steps, which call it as `loss(logits, labels, variables, x)` with the member's
+    variables and its normalised (augmented) batch `x`; this one uses neither."""
+    del variables, x
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
 def make_member_step(model, tx: optax.GradientTransformation, mean: np.ndarray, std: np.ndarray,
-                     augment: bool, mesh: Mesh | None = None) -> Callable:
+                     augment: bool, mesh: Mesh | None = None, loss: Callable = cross_entropy) -> Callable:
     """`member_step(params, batch_stats, opt_state, order, aug_key, dropout_key, images, labels,
     epoch, step) -> (params, batch_stats, opt_state, loss, accuracy)` of one member (no member axis).
+    It minimises `loss(logits, labels, variables, x)` (`cross_entropy`).
 
     It trains on the images `order[step]` of the whole training set `images` (N, H, W, C) uint8
     and `labels` (N,), augmented with fold_in(fold_in(aug_key, epoch), step) if `augment`, its
@@ -56,32 +66,34 @@ def make_member_step(model, tx: optax.GradientTransformation, mean: np.ndarray, 
         x = shard_batch(normalize(images, mean, std), mesh)
 
         def loss_fn(p):
+            variables = variables_of(p, batch_stats)
             with cpu_convolutions():
-                logits, updates = model.apply(variables_of(p, batch_stats), x, train=True,
-                                              mutable=["batch_stats"], rngs={"dropout": dropout_key})
-            loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-            return loss, (logits, updates.get("batch_stats", {}))
+                logits, updates = model.apply(variables, x, train=True, mutable=["batch_stats"],
+                                              rngs={"dropout": dropout_key})
+                value = loss(logits, labels, variables, x)
+            return value, (logits, updates.get("batch_stats", {}))
 
-        (loss, (logits, new_batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        (value, (logits, new_batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         updates, new_opt_state = tx.update(grads, opt_state, params)
         accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
-        return optax.apply_updates(params, updates), new_batch_stats, new_opt_state, loss, accuracy
+        return optax.apply_updates(params, updates), new_batch_stats, new_opt_state, value, accuracy
 
     return member_step
 
 
 def make_train_step(model, tx: optax.GradientTransformation, mean: np.ndarray, std: np.ndarray,
-                    augment: bool, chunk: int, mesh: Mesh | None = None) -> Callable:
+                    augment: bool, chunk: int, mesh: Mesh | None = None,
+                    loss: Callable = cross_entropy) -> Callable:
     """`train_step(params, batch_stats, opt_state, order, aug_keys, dropout_keys, images, labels,
     epoch, step) -> (params, batch_stats, opt_state, loss, accuracy)`.
 
     The first six arguments have a leading member axis (`order` from `epoch_order`, one key per
     member); `images` (N, H, W, C) uint8 and `labels` (N,) are the whole training set, shared.
     `chunk` members at a time are vmapped and split over the devices of `mesh` (`chunked_vmap`),
-    each member's batch over the mesh's `data` axis (`shard_batch`).
+    each member's batch over the mesh's `data` axis (`shard_batch`); `loss` as `make_member_step`'s.
     """
     mesh = mesh or default_mesh()
-    member_step = make_member_step(model, tx, mean, std, augment, mesh)
+    member_step = make_member_step(model, tx, mean, std, augment, mesh, loss)
     return chunked_vmap(member_step, chunk, num_member_args=6, mesh=mesh)
 
 
@@ -97,7 +109,7 @@ def steps_per_call(steps: int) -> int:
 
 def make_train_steps(model, tx: optax.GradientTransformation, mean: np.ndarray, std: np.ndarray,
                      augment: bool, chunk: int, num_steps: int, mesh: Mesh | None = None,
-                     group: int = 0) -> Callable:
+                     group: int = 0, loss: Callable = cross_entropy) -> Callable:
     """`train_steps(params, batch_stats, opt_state, order, aug_keys, dropout_keys, images, labels,
     epoch, first_step) -> (params, batch_stats, opt_state, losses, accuracies)`: `num_steps`
     steps of `make_train_step`'s, first_step, first_step + 1, ..., in one call.
@@ -109,7 +121,7 @@ def make_train_steps(model, tx: optax.GradientTransformation, mean: np.ndarray, 
     if num_steps < 1:
         raise UserError(f"num_steps must be >= 1, got {num_steps}")
     mesh = mesh or default_mesh()
-    member_step = make_member_step(model, tx, mean, std, augment, mesh)
+    member_step = make_member_step(model, tx, mean, std, augment, mesh, loss)
 
     def member_steps(params, batch_stats, opt_state, order, aug_key, dropout_key, images, labels,
                      epoch, first_step):

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from compax.compress.methods.training import check_learning_rate, required_learning_rate
 from compax.compress.registry import Context, Step, Variant, register_step
 from compax.data import Dataset
 from compax.errors import UserError
@@ -124,15 +125,20 @@ def ablate(trained_model: nn.Module, variables: dict, dataset: Dataset, *,
 @register_step
 @dataclasses.dataclass(frozen=True)
 class Ablate(Step):
-    """Recipe step `ablate(epochs)`: Zee et al.'s layer ablation of every member (module doc), with
-    the run's batch size, learning rate, seeds and augmentation."""
+    """Recipe step `ablate(epochs, learning_rate)`: Zee et al.'s layer ablation of every member
+    (module doc) with Adam at `learning_rate` (parsing with the run's config fills in its
+    `learning_rate`; unfilled, a UserError when it trains) and the run's batch size, seeds and
+    augmentation (read from the context)."""
 
     name: ClassVar[str] = "ablate"
+    config_defaults: ClassVar[dict[str, str]] = {"learning_rate": "learning_rate"}
     epochs: int = 5
+    learning_rate: float | None = None
 
     def __post_init__(self):
         if not isinstance(self.epochs, int) or self.epochs < 1:
             raise UserError(f"ablate: epochs must be an integer >= 1, got {self.epochs!r}")
+        check_learning_rate(self.name, self.learning_rate)
 
     def check(self, model) -> None:
         head_layers(model)
@@ -150,7 +156,8 @@ class Ablate(Step):
         else:
             model, variables, training = ablate(
                 variant.model, compressed.variables, ctx.dataset, epochs=self.epochs,
-                batch_size=config.batch_size, learning_rate=config.learning_rate,
+                batch_size=config.batch_size,
+                learning_rate=required_learning_rate(self.name, self.learning_rate),
                 seed=config.seed, chunk=ctx.chunk, augment=config.augment, log_dir=ctx.step_log_dir,
                 checkpoint_dir=ctx.step_checkpoint_dir)
             info["training"] = {**info.get("training", {}), self.name: training}

@@ -8,9 +8,11 @@ every conv / dense layer (`layers=dense`: dense layers only, quantize_dynamic's 
 is quantized per tensor, from the min and max over the whole input of that call (all images of the
 batch together, so a value depends on the batch it is evaluated in, as in PyTorch), asymmetric
 uint8 with ATen's `ChooseQuantizationParams` for [0, 127] with reduce_range (fbgemm's default;
-`reduce_range` defaults to `compress.reduce_range`); the layer computes on the quantized values and
-its output stays float. Fake-quantized through the jaxpr interpreter (`compax.compress.ptq`), with
-the straight-through gradient; `int8_apply` runs the same layers in integers.
+`reduce_range` defaults to `compress.reduce_range`, filled in when the recipe is parsed with the
+run's config, `registry.Step.config_defaults`; parsed without one: True); the layer computes on the
+quantized values and its output stays float. Fake-quantized through the jaxpr interpreter
+(`compax.compress.ptq`), with the straight-through gradient; `int8_apply` runs the same layers in
+integers.
 
 TFLite's hybrid kernels differ in how they quantize the input (symmetric int8 per batch row by
 default, asymmetric with `asymmetric_quantize_inputs`); this step follows PyTorch's.
@@ -33,6 +35,7 @@ class DynamicQuantize(MemberStep):
     """int8 per-channel weights, layer inputs quantized per tensor at run time."""
 
     name: ClassVar[str] = "dynamic_quantize"
+    config_defaults: ClassVar[dict[str, str]] = {"reduce_range": "compress.reduce_range"}
     weight_bits: int = 8
     activation_bits: int = 8
     layers: str = "all"
@@ -45,14 +48,14 @@ class DynamicQuantize(MemberStep):
         if self.activation_bits is None:
             raise UserError("dynamic_quantize quantizes activations: for float activations use"
                             " quantize(activation_bits=none)")
-        QuantConfig(weight_bits=self.weight_bits, activation_bits=self.activation_bits)  # checks
+        self.quant_config()  # checks the bit widths
 
-    def config(self, ctx: Context) -> QuantConfig:
-        reduce_range = self.reduce_range
+    def quant_config(self) -> QuantConfig:
+        """The step's settings for `ptq`; an unset reduce_range: fbgemm's default, True."""
         return QuantConfig(
             weight_bits=self.weight_bits, activation_bits=self.activation_bits, dynamic=True,
             dynamic_layers=self.layers,
-            reduce_range=ctx.config.compress.reduce_range if reduce_range is None else reduce_range)
+            reduce_range=QuantConfig().reduce_range if self.reduce_range is None else self.reduce_range)
 
     def shared(self, variant: Variant, ctx: Context) -> tuple:
         if variant.compressed.qstate is not None or variant.compressed.dtype != "float32":
@@ -64,6 +67,6 @@ class DynamicQuantize(MemberStep):
         return (images[:1],)
 
     def member(self, model, compressed, example, *, ctx):
-        variables, qstate = ptq(model, compressed.variables, example, self.config(ctx))
+        variables, qstate = ptq(model, compressed.variables, example, self.quant_config())
         return Compressed(variables, qstate, weight_bits=self.weight_bits,
                           activation_bits=self.activation_bits)

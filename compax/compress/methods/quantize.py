@@ -1,5 +1,5 @@
 """Post-training quantization as a recipe step: `quantize(weight_bits, activation_bits, observer,
-reduce_range)`.
+reduce_range, granularity)`.
 
 Static PTQ as PyTorch eager mode with the fbgemm engine (Schwaiger et al. 2022; Jacob et al. 2018,
 "Quantization and Training of Neural Networks for Efficient Integer-Arithmetic-Only Inference"):
@@ -8,7 +8,11 @@ BatchNorm folded, weights per output channel symmetric, w_q = clip(round(w / s_w
 calibrated on training images (`compax.compress.ptq`). `activation_bits=none` quantizes the weights
 only and keeps activations in float. `observer` (`histogram`, `histogram_batches`: PyTorch's
 HistogramObserver fed batches of 128 images, `minmax`; see `compax.compress.ptq`) and
-`reduce_range` default to the config's `compress.observer` and `compress.reduce_range`.
+`reduce_range` default to the config's `compress.observer` and `compress.reduce_range`, filled in
+when the recipe is parsed with the run's config (`registry.Step.config_defaults`); parsed without
+one, they fall back to fbgemm's defaults, `histogram` and reduce_range=True. `granularity=per_tensor`
+quantizes each kernel with one symmetric scale, s_w = max|w| / ((2^b - 1) / 2) over the kernel,
+instead of one per output channel (`per_channel`, the default); `Compressed.granularity` records it.
 """
 
 import dataclasses
@@ -29,23 +33,28 @@ class Quantize(MemberStep):
     """fbgemm-style PTQ of every member on the run's calibration images."""
 
     name: ClassVar[str] = "quantize"
+    config_defaults: ClassVar[dict[str, str]] = {"observer": "compress.observer",
+                                                 "reduce_range": "compress.reduce_range"}
     weight_bits: int = 8
     activation_bits: int | None = 8
     observer: str | None = None
     reduce_range: bool | None = None
+    granularity: str = "per_channel"
 
     def __post_init__(self):
         if self.observer is not None and self.observer not in OBSERVERS:
             raise UserError(f"quantize: unknown observer {self.observer!r}: choose one of"
                             f" {', '.join(OBSERVERS)}")
-        QuantConfig(weight_bits=self.weight_bits, activation_bits=self.activation_bits)  # checks
+        self.quant_config()  # checks the bit widths and the granularity
 
-    def config(self, ctx: Context) -> QuantConfig:
-        settings = ctx.config.compress
+    def quant_config(self) -> QuantConfig:
+        """The step's settings for `ptq`; an unset observer or reduce_range: fbgemm's defaults."""
+        unset = QuantConfig()
         return QuantConfig(
             weight_bits=self.weight_bits, activation_bits=self.activation_bits,
-            observer=self.observer or settings.observer,
-            reduce_range=settings.reduce_range if self.reduce_range is None else self.reduce_range)
+            observer=unset.observer if self.observer is None else self.observer,
+            reduce_range=unset.reduce_range if self.reduce_range is None else self.reduce_range,
+            weight_granularity=self.granularity)
 
     def shared(self, variant: Variant, ctx: Context) -> tuple:
         if variant.compressed.qstate is not None or variant.compressed.dtype != "float32":
@@ -63,6 +72,6 @@ class Quantize(MemberStep):
         return made
 
     def member(self, model, compressed, calib, *, ctx):
-        variables, qstate = ptq(model, compressed.variables, calib, self.config(ctx))
+        variables, qstate = ptq(model, compressed.variables, calib, self.quant_config())
         return Compressed(variables, qstate, weight_bits=self.weight_bits,
-                          activation_bits=self.activation_bits or 32)
+                          activation_bits=self.activation_bits or 32, granularity=self.granularity)

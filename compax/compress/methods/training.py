@@ -1,6 +1,7 @@
 """Training-time compression as recipe steps: gradual magnitude pruning, recovery fine-tuning, QAT.
 
-    gmp(final, begin, end, every, unit, scope, initial, epochs, patience, start, exclude)
+    gmp(final, begin, end, every, unit, scope, initial, epochs, patience, start, exclude,
+        seed_offset, learning_rate)
         Gradual magnitude pruning (Zhu & Gupta 2017, "To prune, or not to prune"): at optimizer
         step t the target sparsity is s_t = s_f + (s_i - s_f)(1 - (t - t_0)/(n Δt))^3 (clipped to
         t_0 <= t <= t_0 + nΔt = `end`), and the masks are recomputed from |w| (all conv and dense
@@ -8,17 +9,21 @@
         t = t_0 + kΔt and at t = `end`, so the last masks hold exactly round(s_f * n) zeros. As
         TF-MOT's `prune_low_magnitude` with `PolynomialDecay(power=3)`. The sparsity is data, not a
         Python constant: s_f lives in the optimizer state (one per member), the count is traced.
-    finetune(epochs, patience, learning_rate)
+    finetune(epochs, patience, learning_rate, select)
         Recovery fine-tuning after one-shot pruning: masks = the zero entries of the incoming
         kernels, kept at zero while the rest trains (`l1_global(amount=searched)+finetune(epochs=5)`).
-    qat(epochs, patience, learning_rate)
+    qat(epochs, patience, learning_rate, select)
         Quantization-aware training after a `quantize(...)` step (Jacob et al. 2018): the folded
         float weights train through the straight-through fake quantizer (`compax.compress.quant`).
 
-Common to all three: every member i trains with its own streams of seed `config.seed + i`, for gmp
-from scratch from the baseline member's initialisation, with Adam at the run's learning rate, batch
-size and augmentation, keeping the weights of its best-validation epoch; candidates are, for
-finetune and qat, also the incoming weights (epoch 0: the step never makes validation loss worse),
+finetune and qat are one retraining (`Retraining`) with two students (`masked_student`,
+`quant_aware_student`) and the cross-entropy as objective; `distill` (methods/distill.py) is the
+same with a distillation loss. Common to all: every member i trains with its own streams of seed
+`config.seed + i`, for gmp from scratch from the baseline member's initialisation, with Adam at the
+step's `learning_rate` (filled in from the run's `learning_rate` when the recipe is parsed with its
+config: `Step.config_defaults`) and the run's batch size and augmentation (read from the context),
+keeping the weights of its best-validation epoch; candidates are, for the retraining steps, also
+the incoming weights (epoch 0: the step never makes validation loss worse),
 for gmp only the epochs that end at or after `end` (when the masks hold the final sparsity). The
 training itself, its TensorBoard scalars (`<workdir>/tensorboard/<variant>/<step>`) and its per-epoch
 checkpoints (`<workdir>/step_checkpoints/<variant>/<step>`: a killed step resumes after its last
@@ -31,6 +36,7 @@ variant's info (results.json) under `training.<step>`: optimizer steps, epochs, 
 """
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any, ClassVar, NamedTuple
 
 import flax.linen as nn
@@ -39,6 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from compax.compress.compressed import Compressed
 from compax.compress.paths import is_weight
 from compax.compress.prune import global_l1_masks, kernel_masks, layer_l1_masks
 from compax.compress.ptq import quantize_weights, quantized_apply
@@ -48,7 +55,7 @@ from compax.errors import UserError
 from compax.kernels import conv_cpu
 from compax.member_vmap import take_members
 from compax.train.population import init_population, variables_of
-from compax.train.retrain import SELECT, Trainable, TrainingRun, train_population
+from compax.train.retrain import SELECT, Trainable, Trained, TrainingRun, train_population
 
 
 def _is_none(x) -> bool:
@@ -142,6 +149,21 @@ def _check_epochs(name, epochs, patience):
         raise UserError(f"{name}: patience must be an integer >= 1 or none, got {patience!r}")
 
 
+def check_learning_rate(name, learning_rate):
+    """A UserError unless `learning_rate` is None (unset) or a finite number > 0."""
+    if learning_rate is not None and not (isinstance(learning_rate, int | float)
+                                          and 0 < learning_rate < float("inf")):
+        raise UserError(f"{name}: learning_rate must be a number > 0, got {learning_rate!r}")
+
+
+def required_learning_rate(name, learning_rate) -> float:
+    """The step's learning rate; None (a recipe parsed without the run's config) is an error."""
+    if learning_rate is None:
+        raise UserError(f"{name}: no learning_rate: write {name}(learning_rate=...) or parse the"
+                        " recipe with the run's config")
+    return learning_rate
+
+
 def _float_model(variant: Variant, name: str):
     if variant.compressed.qstate is not None or variant.compressed.dtype != "float32":
         raise UserError(f"{name} trains a float32 model: put it before quantize or cast")
@@ -161,12 +183,15 @@ class GradualMagnitudePruning(Step):
     seed `config.seed + seed_offset + i` for its initialisation and data order (`seed_offset` 0:
     the baseline member's, so the two share their start; Hooker et al. seed every level apart,
     e.g. seed_offset=1000). `start=trained` starts from the trained weights instead (`design`
-    "paired"). `final` may be `searched` (the run's searched global-L1 level); `exclude` defaults
-    to compress.prune_exclude.
+    "paired"). `final` may be `searched` (the run's searched global-L1 level). Parsing with the
+    run's config fills in `exclude` (compress.prune_exclude; unfilled: nothing excluded) and
+    `learning_rate` (learning_rate; unfilled: a UserError when it trains).
     """
 
     name: ClassVar[str] = "gmp"
     prunes: ClassVar[bool] = False  # its masks come from training, not from given masks
+    config_defaults: ClassVar[dict[str, str]] = {"exclude": "compress.prune_exclude",
+                                                 "learning_rate": "learning_rate"}
     final: float | str = 0.9
     begin: float = 1
     end: float = 8
@@ -179,9 +204,11 @@ class GradualMagnitudePruning(Step):
     start: str = "init"
     exclude: str | None = None
     seed_offset: int = 0
+    learning_rate: float | None = None
 
     def __post_init__(self):
         _check_epochs(self.name, self.epochs, self.patience)
+        check_learning_rate(self.name, self.learning_rate)
         if not isinstance(self.seed_offset, int) or self.seed_offset < 0:
             raise UserError(f"gmp: seed_offset must be an integer >= 0, got {self.seed_offset!r}")
         if self.final != "searched" and not (isinstance(self.final, int | float) and 0 <= self.final < 1):
@@ -230,12 +257,11 @@ class GradualMagnitudePruning(Step):
     def train(self, model, variables, ctx: Context, final) -> tuple[dict, Any, dict]:
         """(variables, final masks, training info) of the population trained with the schedule;
         `final` is a fraction or an array (P,) of one per member."""
-        config = ctx.config
-        steps_per_epoch = len(ctx.dataset.train) // config.batch_size
-        exclude = self.exclude if self.exclude is not None else config.compress.prune_exclude
-        tx = self.transform(config.learning_rate, max(steps_per_epoch, 1), exclude)
-        size = jax.tree.leaves(variables)[0].shape[0]
         run = TrainingRun.of(ctx)
+        steps_per_epoch = len(run.dataset.train) // run.batch_size
+        rate = required_learning_rate(self.name, self.learning_rate)
+        tx = self.transform(rate, max(steps_per_epoch, 1), self.exclude)
+        size = jax.tree.leaves(variables)[0].shape[0]
         run = dataclasses.replace(run, seed=run.seed + self.seed_offset)
         if self.start == "init":
             state = init_population(model, tx, jnp.arange(size, dtype=jnp.int32) + run.seed)
@@ -247,7 +273,7 @@ class GradualMagnitudePruning(Step):
         _, end, _ = self.schedule_steps(max(steps_per_epoch, 1))
         trained = train_population(
             Trainable(model), tx, params, batch_stats, run, epochs=self.epochs,
-            patience=self.patience, identity=self.describe(), learning_rate_note=config.learning_rate,
+            patience=self.patience, identity=self.describe(), learning_rate_note=rate,
             start_candidate=False,
             first_candidate_epoch=-(-end // max(steps_per_epoch, 1)), opt_state=opt_state)
         return (variables_of(trained.params, trained.batch_stats), trained.opt_state.masks,
@@ -265,15 +291,74 @@ class GradualMagnitudePruning(Step):
         return Variant(variant.model, variant.compressed.replace(variables=variables), result)
 
 
-@dataclasses.dataclass(frozen=True)
-class _Retraining(Step):
-    """Settings shared by the steps that retrain an incoming model (`finetune`, `qat`): `epochs`,
-    early-stopping `patience` (None: keep the best epoch, never stop early), `learning_rate`
-    (None: the run's) and `select`, the validation criterion that picks the kept epoch: `loss`
-    (cross-entropy, as the baseline's early stopping) or `accuracy` (on GTSRB LeNet-5 the
-    validation loss of fine-tuned pruned weights rose while their accuracy rose, so selecting by
-    loss kept the pruned weights themselves)."""
+@dataclasses.dataclass
+class Student:
+    """How a retraining step trains an incoming variant: the `Trainable` (whose `loss` is the
+    objective), the starting params and batch stats (leading member axis), whether kernel zeros
+    are kept (`masked`), and `finish(trained) -> Compressed`, the compressed population made of
+    the trained weights."""
 
+    trainable: Trainable
+    params: Any
+    batch_stats: Any
+    masked: bool
+    finish: Callable[[Trained], Compressed]
+
+    def transform(self, learning_rate: float) -> optax.GradientTransformation:
+        """Adam at `learning_rate`, restricted to the nonzero kernel entries if `masked`."""
+        adam = optax.adam(learning_rate)
+        return masked(adam, zero_masks) if self.masked else adam
+
+
+def masked_student(variant: Variant, name: str) -> Student:
+    """The incoming float32 population trained as it is, its kernels' zero entries kept at zero
+    (after a pruning step: recovery fine-tuning)."""
+    _float_model(variant, name)
+    variables = variant.compressed.variables
+
+    def finish(trained: Trained) -> Compressed:
+        return variant.compressed.replace(
+            variables={**variables, **variables_of(trained.params, trained.batch_stats)})
+
+    return Student(Trainable(variant.model), variables["params"], variables.get("batch_stats", {}),
+                   True, finish)
+
+
+def quant_aware_student(variant: Variant, name: str) -> Student:
+    """The incoming statically quantized population trained through its fake quantizer
+    (`_QuantAware`) from the folded float weights, re-quantized per channel at the end (the
+    QuantState's weight scales replaced, everything else kept)."""
+    compressed = variant.compressed
+    qstate = compressed.qstate
+    if qstate is None or qstate.config.dynamic:
+        raise UserError(f"{name} trains a statically quantized model here: put it right after"
+                        " quantize(...) in the recipe")
+    start = compressed.variables if variant.float_variables is None else variant.float_variables
+    packed = {"model": start.get("batch_stats", {}), "qstate": qstate,
+              "rest": {k: v for k, v in start.items() if k not in ("params", "batch_stats")}}
+
+    def finish(trained: Trained) -> Compressed:
+        params, scales = jax.vmap(lambda p: quantize_weights(p, qstate.config))(trained.params)
+        return compressed.replace(variables={**compressed.variables, "params": params},
+                                  qstate=qstate.replace(weight_scale=scales))
+
+    return Student(_QuantAware(variant.model), start["params"], packed, False, finish)
+
+
+@dataclasses.dataclass(frozen=True)
+class Retraining(Step):
+    """Settings shared by the steps that retrain an incoming model (`finetune`, `qat`, `distill`):
+    `epochs`, early-stopping `patience` (None: keep the best epoch, never stop early),
+    `learning_rate` (parsing with the run's config fills in its `learning_rate`) and `select`, the
+    validation criterion that picks the kept epoch: `loss` (cross-entropy, as the baseline's early
+    stopping) or `accuracy` (on GTSRB LeNet-5 the validation loss of fine-tuned pruned weights
+    rose while their accuracy rose, so selecting by loss kept the pruned weights themselves).
+
+    A subclass names how it trains the incoming variant (`student`) and may change the
+    objective (`teach`); the training itself is shared: every member from the incoming weights,
+    which are the epoch-0 candidate (the step never makes the validation criterion worse)."""
+
+    config_defaults: ClassVar[dict[str, str]] = {"learning_rate": "learning_rate"}
     epochs: int = 5
     patience: int | None = None
     learning_rate: float | None = None
@@ -284,39 +369,44 @@ class _Retraining(Step):
         if self.select not in SELECT:
             raise UserError(f"{self.name}: select must be one of {', '.join(SELECT)}, got"
                             f" {self.select!r}")
-        if self.learning_rate is not None and not (isinstance(self.learning_rate, int | float)
-                                                   and 0 < self.learning_rate < float("inf")):
-            raise UserError(f"{self.name}: learning_rate must be a number > 0 or none, got"
-                            f" {self.learning_rate!r}")
+        check_learning_rate(self.name, self.learning_rate)
 
-    def rate(self, ctx: Context) -> float:
-        return self.learning_rate if self.learning_rate is not None else ctx.config.learning_rate
+    def student(self, variant: Variant) -> Student:
+        """How the incoming variant trains (a UserError if the step cannot train it)."""
+        raise NotImplementedError
+
+    def teach(self, student: Student, variant: Variant, ctx: Context) -> Student:
+        """The student with the step's objective; retraining's own is the cross-entropy."""
+        del variant, ctx
+        return student
+
+    def __call__(self, variant: Variant, ctx: Context) -> Variant:
+        student = self.student(variant)
+        if ctx.abstract:
+            return Variant(variant.model, variant.compressed, dict(variant.info))
+        rate = required_learning_rate(self.name, self.learning_rate)
+        student = self.teach(student, variant, ctx)
+        trained = train_population(student.trainable, student.transform(rate), student.params,
+                                   student.batch_stats, TrainingRun.of(ctx), epochs=self.epochs,
+                                   patience=self.patience, identity=self.describe(),
+                                   learning_rate_note=rate, start_candidate=True,
+                                   select=self.select)
+        info = _with_training(variant.info, self.name, trained.info)
+        return Variant(variant.model, student.finish(trained), info)
 
 
 @register_step
 @dataclasses.dataclass(frozen=True)
-class FineTune(_Retraining):
+class FineTune(Retraining):
     """Recipe step `finetune`: masked training of the incoming (pruned) float32 population, the
-    masks being its kernels' zero entries, for `epochs` epochs with early stopping on validation
-    loss (the incoming weights are the epoch-0 candidate); `learning_rate` None: the run's."""
+    masks being its kernels' zero entries (`masked_student`), on the cross-entropy, for `epochs`
+    epochs with early stopping on the validation criterion (the incoming weights are the epoch-0
+    candidate)."""
 
     name: ClassVar[str] = "finetune"
 
-    def __call__(self, variant: Variant, ctx: Context) -> Variant:
-        _float_model(variant, self.name)
-        if ctx.abstract:
-            return Variant(variant.model, variant.compressed, dict(variant.info))
-        variables = variant.compressed.variables
-        params, batch_stats = variables["params"], variables.get("batch_stats", {})
-        rate = self.rate(ctx)
-        tx = masked(optax.adam(rate), zero_masks)
-        trained = train_population(Trainable(variant.model), tx, params, batch_stats,
-                                   TrainingRun.of(ctx), epochs=self.epochs, patience=self.patience,
-                                   identity=self.describe(), learning_rate_note=rate,
-                                   start_candidate=True, select=self.select)
-        info = _with_training(variant.info, self.name, trained.info)
-        return Variant(variant.model, variant.compressed.replace(
-            variables={**variables, **variables_of(trained.params, trained.batch_stats)}), info)
+    def student(self, variant: Variant) -> Student:
+        return masked_student(variant, self.name)
 
 
 class _QuantAware(Trainable):
@@ -358,45 +448,24 @@ def _xla_convolution(next_fun, args, kwargs, context):
 
 @register_step
 @dataclasses.dataclass(frozen=True)
-class QuantizationAwareTraining(_Retraining):
+class QuantizationAwareTraining(Retraining):
     """Recipe step `qat` (after `quantize`): quantization-aware training of the PTQ population.
 
     Starts from the PTQ model: BatchNorm folded, activation observers calibrated (their scales and
     zero points are kept fixed throughout), the float weights being the folded float weights the
     quantize step rounded (`Variant.float_variables`; the grid weights if a step in between dropped
     them). Each step re-quantizes the weights per output channel from the current float weights
-    (scale max|w| / ((2^b - 1) / 2)) and backpropagates through the straight-through estimator.
-    The result is a Compressed like PTQ's: weights on the grid of their new per-channel scales, the
-    QuantState's weight scales replaced, everything else the same. Folded BatchNorm means no batch
-    statistics are updated (PyTorch's QAT can keep BatchNorm training; this one does not), and the
-    model runs in evaluation mode (no dropout).
+    (scale max|w| / ((2^b - 1) / 2)) and backpropagates through the straight-through estimator
+    (`quant_aware_student`). The result is a Compressed like PTQ's: weights on the grid of their
+    new per-channel scales, the QuantState's weight scales replaced, everything else the same.
+    Folded BatchNorm means no batch statistics are updated (PyTorch's QAT can keep BatchNorm
+    training; this one does not), and the model runs in evaluation mode (no dropout).
     """
 
     name: ClassVar[str] = "qat"
 
-    def __call__(self, variant: Variant, ctx: Context) -> Variant:
-        compressed = variant.compressed
-        qstate = compressed.qstate
-        if qstate is None or qstate.config.dynamic:
-            raise UserError("qat trains a statically quantized model: put it right after"
-                            " quantize(...) in the recipe")
-        if ctx.abstract:
-            return Variant(variant.model, compressed, dict(variant.info))
-        start = compressed.variables if variant.float_variables is None else variant.float_variables
-        config = qstate.config
-        packed = {"model": start.get("batch_stats", {}), "qstate": qstate,
-                  "rest": {k: v for k, v in start.items() if k not in ("params", "batch_stats")}}
-        rate = self.rate(ctx)
-        trained = train_population(_QuantAware(variant.model), optax.adam(rate), start["params"],
-                                   packed, TrainingRun.of(ctx), epochs=self.epochs,
-                                   patience=self.patience, identity=self.describe(),
-                                   learning_rate_note=rate, start_candidate=True,
-                                   select=self.select)
-        params, scales = jax.vmap(lambda p: quantize_weights(p, config))(trained.params)
-        variables = {**compressed.variables, "params": params}
-        new_qstate = qstate.replace(weight_scale=scales)
-        info = _with_training(variant.info, self.name, trained.info)
-        return Variant(variant.model, compressed.replace(variables=variables, qstate=new_qstate), info)
+    def student(self, variant: Variant) -> Student:
+        return quant_aware_student(variant, self.name)
 
 
 def kernel_zero_counts(params) -> list[int]:
