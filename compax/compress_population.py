@@ -126,14 +126,15 @@ def calibration_images(config: ml_collections.ConfigDict, dataset: Dataset) -> j
     return normalize(dataset.train.images[index], dataset.mean, dataset.std)
 
 
-def restore_searches(ctx: Context, made: dict) -> None:
+def restore_searches(ctx: Context, made: dict, config) -> None:
     """Puts the sparsity searches of earlier results (or of a saved variant's record) `made` into
-    `ctx.cache`; results written before searches were per criterion hold one global-L1 search."""
+    `ctx.cache`; results written before searches were per criterion hold one global-L1 search
+    (named with the settings `config` gives it)."""
     searches = ctx.cache.setdefault("sparsity_searches", {})
     for key, search in made.get("sparsity_searches", {}).items():
         searches.setdefault(key, search)
     if "sparsity_search" in made and "sparsity_searches" not in made:
-        default = with_config_defaults(STEPS["l1_global"](), ctx.config).search_key()
+        default = with_config_defaults(STEPS["l1_global"](), config).search_key()
         searches.setdefault(default, made["sparsity_search"])
 
 
@@ -149,8 +150,10 @@ def recipe_context(config, model, variables, dataset: Dataset, chunk: int, *,
     else:
         calib = calibration_images(config, dataset)
         labels = jnp.asarray(dataset.train.labels[_calibration_index(config, dataset)])
-    ctx = Context(config=config, dataset=dataset, original=variables, chunk=chunk,
-                  abstract=abstract, calib_images=calib, calib_labels=labels, seed=config.seed,
+    ctx = Context(dataset=dataset, original=variables, chunk=chunk, abstract=abstract,
+                  calib_images=calib, calib_labels=labels, seed=config.seed,
+                  batch_size=config.batch_size, eval_batch_size=config.eval_batch_size,
+                  augment=config.augment, population_chunk=config.population_chunk,
                   log_dir=log_dir, checkpoint_dir=checkpoint_dir)
     ctx.searcher = lambda criterion: search_sparsity(config, model, variables, dataset, chunk,
                                                      criterion, criterion.inputs(ctx))
@@ -278,7 +281,7 @@ def compress_population(config: ml_collections.ConfigDict, model, variables, dat
         if restored is not None:
             made_variants[name] = restored
             results[name] = saved["results"]
-            restore_searches(ctx, saved)
+            restore_searches(ctx, saved, config)
             logging.info("%s: restored from %s, made by an earlier run", name, path)
             continue
         variant = run_recipe(steps, model, variables, ctx, name)

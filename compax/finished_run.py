@@ -135,7 +135,7 @@ class FinishedRun:
         _, steps = variant_recipe(recipe, self.config)
         ctx = recipe_context(self.config, self.model, self.original, self.dataset,
                              self._stages.chunk)
-        restore_searches(ctx, self.results)
+        restore_searches(ctx, self.results, self.config)
         return run_recipe(steps, self.model, self.original, ctx)
 
     def _require(self, stage: str) -> None:

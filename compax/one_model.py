@@ -43,7 +43,7 @@ def compress(variant: str, model, variables, calib_images=None, masks=None, *,
     else:
         population = jax.tree.map(lambda a: jnp.asarray(a)[None], variables)
         calib = None if calib_images is None else jnp.asarray(calib_images, jnp.float32)
-    ctx = registry.Context(config=None, masks=masks, calib_images=calib, abstract=abstract)
+    ctx = registry.Context(masks=masks, calib_images=calib, abstract=abstract)
     made = registry.run_recipe(recipe, model, population, ctx)
     if abstract:
         return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), made.compressed)

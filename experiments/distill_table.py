@@ -16,24 +16,14 @@ import sys
 import numpy as np
 
 
-def _find(variant: dict, key: str):
-    """`variant[key]`, or the same key under the variant's analysis entries."""
-    if key in variant:
-        return variant[key]
-    for value in variant.values():
-        if isinstance(value, dict) and key in value:
-            return value[key]
-    return None
-
-
 def row(name: str, variant: dict, baseline: dict) -> str:
     accuracy = np.asarray(variant["member_accuracy"])
     diff = 100 * (accuracy - np.asarray(baseline["member_accuracy"]))
-    cie = _find(variant, "cie") or {}
+    cie = variant["hooker"]["cie"]
     counts = cie.get("counts", {})
     impacted = "/".join(str(counts[t]["subtract"]["holm"]) if t in counts else "–"
                         for t in ("welch", "paired_t"))
-    disagreement = _find(variant, "disagreement")
+    disagreement = variant["classes"]["disagreement"]
     training = sum(step.get("seconds", 0) for step in (variant.get("training") or {}).values())
     return " | ".join([
         name, f"{100 * accuracy.mean():.2f} ± {100 * accuracy.std(ddof=1):.2f}",

@@ -40,7 +40,7 @@ def lenet():
 
 def made(recipe: str, model, variables, calib):
     """The compressed `variables` (one model) of recipe text `recipe`."""
-    ctx = registry.Context(config=base_config(), calib_images=jnp.asarray(calib))
+    ctx = registry.Context(calib_images=jnp.asarray(calib))
     population = jax.tree.map(lambda a: jnp.asarray(a)[None], variables)
     variant = registry.run_recipe(registry.parse_recipe(recipe, "test"), model, population, ctx)
     return jax.tree.map(lambda a: a[0], variant.compressed)

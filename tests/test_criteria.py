@@ -85,7 +85,7 @@ def test_selection_rejects_bad_scope(lenet):
 
 
 def run_step(step, model, variables, **context):
-    ctx = Context(config=None, **context)
+    ctx = Context(**context)
     variant = step(Variant(model, Compressed(variables, None)), ctx)
     return variant
 
@@ -101,7 +101,7 @@ def test_magnitude_criteria_equal_the_l1_masks_bit_for_bit(lenet):
     params = variables["params"]
     for step, reference in ((GlobalL1(amount=0.55), global_l1_masks),
                             (LayerL1(amount=0.55, exclude="^fc3/"), layer_l1_masks)):
-        ours = step.member_masks(model, variables, 0, step.inputs(Context(config=None)), 0.55)
+        ours = step.member_masks(model, variables, 0, step.inputs(Context()), 0.55)
         theirs = reference(params, 0.55, exclude=step.exclude)
         for a, b in zip(masks_list(ours), masks_list(theirs), strict=True):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -149,7 +149,7 @@ def test_gradient_criteria_scores_equal_torch_autograd(lenet):
     rng = np.random.default_rng(7)
     images = jnp.asarray(rng.normal(size=(40, 32, 32, 3)), jnp.float32)
     labels = jnp.asarray(rng.integers(0, 43, 40), jnp.int32)
-    ctx = Context(config=None, calib_images=images, calib_labels=labels)
+    ctx = Context(calib_images=images, calib_labels=labels)
     index = np.arange(16) * 40 // 16  # the batch: 16 images evenly spread through the 40
     want = torch_taylor_scores(model, variables["params"], images[index], labels[index])
     total = sum(float(w.sum(dtype=np.float64)) for w in want.values())

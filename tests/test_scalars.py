@@ -84,7 +84,8 @@ def test_training_steps_log_under_variant_and_step(tmp_path):
     data = tiny_dataset(per_class=24)
     model = get_model(config.model, data.num_classes, config.model_width)
     state = init_population(model, optax.adam(1e-3), jnp.arange(2))
-    ctx = Context(config=config, dataset=data, chunk=2, log_dir=tmp_path)
+    ctx = Context(dataset=data, chunk=2, log_dir=tmp_path, seed=config.seed, batch_size=config.batch_size,
+                  eval_batch_size=config.eval_batch_size)
     steps = parse_recipe("finetune(epochs=2)+finetune(epochs=1)+ablate(epochs=1)", "test", config)
     variant = run_recipe(steps, model, variables_of(state.params, state.batch_stats), ctx, "ft")
     tags = {f"{kind}/{name}" for kind in ("member_0", "member_1", "mean")

@@ -133,8 +133,6 @@ def test_pruned_ft_keeps_the_zeros_and_lowers_validation_loss(trained):
     loss_before = _val_loss(model, pruned.compressed.variables, dataset)
     loss_after = _val_loss(model, tuned.compressed.variables, dataset)
     assert np.all(loss_after <= loss_before + 1e-6)
-    print("searched", ctx.searched_sparsity(), "val loss pruned", loss_before, "fine-tuned", loss_after,
-          tuned.info["training"])
     assert tuned.info["training"]["finetune"]["epochs"] == 5
     assert tuned.info["sparsity"] == pruned.info["sparsity"]
 

@@ -28,8 +28,8 @@ comes from the config (e.g. quantize's `observer` from `compress.observer`) is n
 (`parse_recipe(text, where, config)`, `variant_recipes(names, config)`) fills every such field that
 the recipe leaves None with the config's value, once, so `describe()` records the values used.
 Parsed without a config, such a field stays None and the step uses the fallback its docstring
-states (or raises a UserError). `Context.config` is still passed to steps for the data and batch
-settings of training, but no step reads its own settings from it.
+states (or raises a UserError). Steps never see the config: the `Context` holds the run's data and
+the training procedure that retraining steps share (batch sizes, augmentation, seed), as values.
 """
 
 import ast
@@ -41,7 +41,6 @@ from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 from compax.compress.compressed import Compressed
@@ -74,9 +73,14 @@ class Variant:
 
 @dataclasses.dataclass
 class Context:
-    """What steps may use beyond the population: the run's data and caches, and its config (None
-    for `compax.one_model.compress`) for the data and batch settings of training. Steps read no
-    setting of their own from `config`: parsing fills those in (`Step.config_defaults`).
+    """What steps may use beyond the population: the run's data, its training procedure and
+    caches, as values (`compax.compress_population.recipe_context` fills them from the run's
+    config; the defaults serve `compax.one_model.compress`). A step's own settings are its fields
+    (`Step.config_defaults`), never read from here.
+
+    `batch_size`, `eval_batch_size`, `augment`, `population_chunk`, `seed`: the run's training
+    procedure, which the retraining steps (finetune, qat, distill, gmp, ablate) follow, and its
+    seed (member i trains, and a pruning criterion draws its key, from seed + i).
 
     `abstract`: only shapes are wanted (restoring a saved variant); steps skip data and training.
     `masks`: given pruning masks (one member, `compress`'s single-model API) that replace those a
@@ -89,7 +93,6 @@ class Context:
     no checkpoints (a killed step starts again).
     """
 
-    config: ml_collections.ConfigDict | None
     dataset: Any = None
     original: Any = None  # the trained population's variables (leading member axis)
     chunk: int = 1
@@ -97,7 +100,11 @@ class Context:
     masks: Any = None
     calib_images: Any = None
     calib_labels: Any = None  # the calibration images' labels (pruning criteria's gradients)
-    seed: int = 0  # the run's seed: pruning criteria's per-member keys fold in the member index
+    seed: int = 0
+    batch_size: int = 128
+    eval_batch_size: int = 1000
+    augment: bool = False
+    population_chunk: int = 0
     cache: dict = dataclasses.field(default_factory=dict)
     # (criterion) -> its sparsity search results, see `searched_sparsity`
     searcher: Callable | None = None
@@ -125,15 +132,13 @@ class Context:
         index = np.arange(size) * count // size
         return self.calib_images[index], jnp.asarray(self.calib_labels)[index]
 
-    def searched_sparsity(self, criterion=None) -> float:
-        """The pruning level of Schwaiger et al. for `criterion` (a pruning step; None: `l1_global()`
-        with the run's config): the largest level whose validation accuracy under that criterion
+    def searched_sparsity(self, criterion) -> float:
+        """The pruning level of Schwaiger et al. for `criterion` (a pruning step, e.g.
+        `l1_global(exclude=...)`): the largest level whose validation accuracy under that criterion
         stays within `compress.sparsity_tolerance_pp` of the original's. Searched once per run and
         criterion (`cache["sparsity_searches"]`, keyed by the criterion's `search_key()`)."""
         if self.abstract:
             return 0.5
-        if criterion is None:
-            criterion = with_config_defaults(STEPS["l1_global"](), self.config)
         searches = self.cache.setdefault("sparsity_searches", {})
         key = criterion.search_key()
         if key not in searches:

@@ -88,13 +88,12 @@ class TrainingRun:
 
     @classmethod
     def of(cls, ctx) -> "TrainingRun":
-        """The settings of a recipe `Context` (its config, dataset, chunk and the step's dirs)."""
+        """The settings of a recipe `Context` (its dataset, training procedure, chunk and the
+        step's directories)."""
         if ctx.dataset is None:
             raise UserError("training steps need the run's dataset: run them inside a population run")
-        config = ctx.config
-        return cls(ctx.dataset, config.batch_size, config.eval_batch_size, config.seed,
-                   bool(config.augment), ctx.chunk, ctx.step_log_dir, ctx.step_checkpoint_dir,
-                   config.population_chunk)
+        return cls(ctx.dataset, ctx.batch_size, ctx.eval_batch_size, ctx.seed, bool(ctx.augment),
+                   ctx.chunk, ctx.step_log_dir, ctx.step_checkpoint_dir, ctx.population_chunk)
 
     def settings(self) -> dict:
         """What, beyond the step and its inputs, decides the training (for the checkpoints)."""

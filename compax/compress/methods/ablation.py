@@ -144,7 +144,7 @@ class Ablate(Step):
         head_layers(model)
 
     def __call__(self, variant: Variant, ctx: Context) -> Variant:
-        compressed, config = variant.compressed, ctx.config
+        compressed = variant.compressed
         if compressed.qstate is not None or compressed.dtype != "float32":
             raise UserError("ablate retrains a float32 model: put it before quantize or cast")
         info = dict(variant.info)
@@ -156,9 +156,9 @@ class Ablate(Step):
         else:
             model, variables, training = ablate(
                 variant.model, compressed.variables, ctx.dataset, epochs=self.epochs,
-                batch_size=config.batch_size,
+                batch_size=ctx.batch_size,
                 learning_rate=required_learning_rate(self.name, self.learning_rate),
-                seed=config.seed, chunk=ctx.chunk, augment=config.augment, log_dir=ctx.step_log_dir,
+                seed=ctx.seed, chunk=ctx.chunk, augment=ctx.augment, log_dir=ctx.step_log_dir,
                 checkpoint_dir=ctx.step_checkpoint_dir)
             info["training"] = {**info.get("training", {}), self.name: training}
         return Variant(model, compressed.replace(variables=variables), info)

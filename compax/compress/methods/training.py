@@ -46,6 +46,7 @@ import numpy as np
 import optax
 
 from compax.compress.compressed import Compressed
+from compax.compress.methods.unstructured import GlobalL1
 from compax.compress.paths import is_weight
 from compax.compress.prune import global_l1_masks, kernel_masks, layer_l1_masks
 from compax.compress.ptq import quantize_weights, quantized_apply
@@ -284,7 +285,8 @@ class GradualMagnitudePruning(Step):
         design = {"design": "independent" if self.start == "init" else "paired"}
         if ctx.abstract:
             return Variant(variant.model, variant.compressed, {**variant.info, **design})
-        final = ctx.searched_sparsity() if self.final == "searched" else float(self.final)
+        final = (ctx.searched_sparsity(GlobalL1(exclude=self.exclude)) if self.final == "searched"
+                 else float(self.final))
         variables, masks, info = self.train(variant.model, variant.compressed.variables, ctx, final)
         result = {**_with_training(variant.info, self.name, info), **design}
         result["sparsity"] = {"amount": final, **masked_sparsity(variables["params"], masks)}
