@@ -4,7 +4,7 @@ of `compax/analyses/__init__.py` (which imports no jax, for the config); importi
 makes the registries complete."""
 
 import compax.analyses  # noqa: F401  (registers the analyses)
-from compax.compress.methods import (  # noqa: F401  # noqa: F401
+from compax.compress.methods import (  # noqa: F401
     ablation,
     cast,
     distill,
