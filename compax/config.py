@@ -67,9 +67,18 @@ def base_config() -> ml_collections.ConfigDict:
     for analysis in ANALYSES.values():
         if analysis.settings:
             c.analysis[analysis.name] = ml_collections.ConfigDict(dict(analysis.settings))
-    # Stages run (comma-separated, in this order): train, compress, analyse, report. A finished
-    # stage whose config and inputs have not changed is skipped.
-    c.stages = "train,compress,analyse,report"
+    # Export (compax/export_population.py): ONNX files of the trained population and of every
+    # variant ("all" members, or the "first" only), run by onnxruntime and compared with compax on
+    # the test set; images/s of member 0 on `timing_images` test images, the fastest of
+    # `timing_rounds` interleaved rounds, with onnxruntime's intra-op `threads` (0: one per core).
+    c.export = ml_collections.ConfigDict()
+    c.export.members = "all"
+    c.export.timing_images = 512
+    c.export.timing_rounds = 3
+    c.export.threads = 0
+    # Stages run (comma-separated, in this order): train, compress, analyse, export, report. A
+    # finished stage whose config and inputs have not changed is skipped.
+    c.stages = "train,compress,analyse,export,report"
     c.lock()
     return c
 

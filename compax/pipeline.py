@@ -1,4 +1,4 @@
-"""What `launch.py` runs: the stages train -> compress -> analyse -> report of one config.
+"""What `launch.py` runs: the stages train -> compress -> analyse -> export -> report of one config.
 
 The workdir holds:
 
@@ -17,6 +17,9 @@ The workdir holds:
     analysis/arrays.npz    the arrays behind the figures (written by `analyse`)
     analysis/parts/        each variant's analysis as it finishes, from which a rerun resumes
                            (`compax/analyse_population.py`)
+    export/<name>/member_<i>.onnx  ONNX file of each member of the trained population ("baseline")
+                           and of each variant, with export/compax_manifest.json (written by
+                           `export`, compax/export_population.py)
     results.json           everything measured, merged from the stage records (schema below)
     report/                index.html, summary.md and the figures (written by `report`)
 
@@ -47,6 +50,10 @@ results.json:
          "weight_bits", "activation_bits", "bytes" (as stored), "compression_ratio",
          "bytes_on_disk_population" (the saved population), "params", "macs" (per image),
          "int8": {"argmax_agreement", "max_logit_difference", "accuracy"} (8-bit activations),
+         "export": {"onnx_bytes", "computed_bytes", "onnx_compression_ratio",
+                    "ort_images_per_second", "ort_speedup", "ort_agreement" (per member),
+                    "ort_max_logit_difference" (per member), "files"} (the export stage,
+                    compax/export_population.py),
          ... what the steps report (e.g. "structure" of filter pruning), and each enabled
          analysis's results under its name, e.g. "classes": {"disagreement", ...}
          (compax/analyses/*.py)}},
@@ -57,7 +64,6 @@ results.json:
 import pathlib
 import time
 
-import jax
 import ml_collections
 import numpy as np
 from absl import logging
@@ -66,13 +72,14 @@ from compax import registrations  # noqa: F401  (fills the registries the recipe
 from compax import stages as stage_records
 from compax.analyse_population import analyse_population
 from compax.analyses import DataInfo, applicable_analyses
-from compax.compress import Compressed, storage_bytes
+from compax.compress import storage_bytes
 from compax.compress.flops import model_macs
 from compax.compress.registry import variant_recipes
 from compax.compress_population import compress_population, restore_variant
 from compax.data import Dataset, load_dataset
 from compax.distributed import is_main_process
 from compax.errors import UserError
+from compax.export_population import export_population, original_population
 from compax.member_vmap import loss_and_accuracy, make_predict, model_apply, population_chunk, take_members
 from compax.models import count_params, get_model
 from compax.report import write_report
@@ -229,7 +236,7 @@ class Run:
 
     def analyse(self) -> tuple[dict, list[str]]:
         trained = self.trained
-        original = jax.vmap(lambda v: Compressed(v, None))(trained.variables)
+        original = original_population(trained.variables)
         loaded = self.load_populations()
         summary, arrays = analyse_population(
             self.config, self.dataset, trained.model, original,
@@ -257,6 +264,15 @@ class Run:
             name: {**common, "recipe": compressed[name]["recipe"], "design": design,
                    "files": sha256_file(self.workdir / "variants" / name / MANIFEST)}
             for name, (_, _, design) in loaded.items()}}
+
+    def export(self) -> tuple[dict, list[str]]:
+        trained = self.trained
+        loaded = self.load_populations()
+        exported = export_population(
+            self.config, trained.model, original_population(trained.variables),
+            {name: (model, population) for name, (model, population, _) in loaded.items()},
+            self.dataset, self.chunk, self.workdir / "export")
+        return {"variants": {name: {"export": e} for name, e in exported.items()}}, ["export"]
 
     def report(self) -> tuple[dict, list[str]]:
         if not is_main_process():
@@ -323,7 +339,7 @@ def _run_stages(config: ml_collections.ConfigDict, workdir: pathlib.Path, wanted
     for stage in STAGES:
         if stage not in wanted:
             continue
-        missing = next((s for s in STAGES[:STAGES.index(stage)]
+        missing = next((s for s in records.inputs(stage)
                         if s not in wanted and not records.is_current(s)), None)
         if missing:
             needed = ",".join(STAGES[STAGES.index(missing):STAGES.index(stage) + 1])

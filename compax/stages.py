@@ -1,6 +1,6 @@
 """Stages of a run and their records: what each made, from which config, inputs and code.
 
-A run is `train -> compress -> analyse -> report`. Each stage writes its outputs under the workdir
+A run is `train -> compress -> analyse -> export -> report`. Each stage writes its outputs under the workdir
 atomically (a temporary name, then a rename) and then its record `stages/<stage>.json`:
 
     {"stage", "fingerprint", "config" (the keys the stage depends on), "inputs" (the fingerprints
@@ -37,10 +37,17 @@ from compax.safe_files import MANIFEST, read_json, sha256_file, write_json_atomi
 
 CONFIG_FILE = "config.json"
 
-STAGES = ("train", "compress", "analyse", "report")
+STAGES = ("train", "compress", "analyse", "export", "report")
 # Config keys read by each stage (beyond those of the stages before it). Training reads every key
 # that is not listed for a later stage nor in RUNTIME_KEYS.
-STAGE_KEYS = {"compress": ("compress", "eval_batch_size"), "analyse": ("analysis",), "report": ()}
+STAGE_KEYS = {"compress": ("compress", "eval_batch_size"), "analyse": ("analysis",),
+              "export": ("export",), "report": ()}
+# The stages whose outputs a stage reads: every stage before it, but the export reads only the
+# trained population and the variants (so it needs no analysis, and exporting again leaves the
+# analyses current). An optional input counts only where it has a record: a run that never
+# exports still reports; one that exported reports the export, and must keep it up to date.
+STAGE_INPUTS = {"export": ("train", "compress")}
+OPTIONAL_INPUTS = ("export",)
 # Keys that change how a run is carried out, not what it computes.
 RUNTIME_KEYS = ("progress", "data_dir", "download", "population_chunk", "stages")
 # The version of a stage's results, for the stages whose layout or statistics changed since
@@ -136,11 +143,16 @@ class StageRecords:
                                 f" {fix}")
         return record
 
+    def inputs(self, stage: str) -> tuple[str, ...]:
+        """The stages whose outputs `stage` reads (`STAGE_INPUTS`, `OPTIONAL_INPUTS`)."""
+        names = STAGE_INPUTS.get(stage, STAGES[:STAGES.index(stage)])
+        return tuple(s for s in names if s not in OPTIONAL_INPUTS or self.path(s).exists())
+
     def expected(self, stage: str) -> str | None:
         """The fingerprint `stage` must have for the current config, or None when an input stage
         has no record."""
         inputs = {}
-        for before in STAGES[:STAGES.index(stage)]:
+        for before in self.inputs(stage):
             record = self.read(before)
             if record is None:
                 return None
@@ -182,7 +194,7 @@ class StageRecords:
     def finish(self, stage: str, started: float, outputs: list[str], **extra) -> dict:
         """Writes the record of `stage`, which has just written all its `outputs` (paths relative
         to the workdir)."""
-        inputs = {s: self.read(s)["fingerprint"] for s in STAGES[:STAGES.index(stage)]}
+        inputs = {s: self.read(s)["fingerprint"] for s in self.inputs(stage)}
         config_part = stage_config(self.config, stage)
         record = {
             "stage": stage,

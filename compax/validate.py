@@ -112,6 +112,10 @@ RULES: dict[str, Rule] = {
     "compress.observer": text,
     "compress.reduce_range": boolean,
     "analysis.analyses": text,  # "default" or names; their settings: each analysis's `check`
+    "export.members": lambda v: None if v in ("all", "first") else "all or first",
+    "export.timing_images": integer(1),
+    "export.timing_rounds": integer(1),
+    "export.threads": integer(0),
     "stages": text,
 }
 
@@ -217,8 +221,10 @@ def _check_names(config: ml_collections.ConfigDict) -> dict:
         raise unknown("dataset", dataset, DATASETS)
     if model is not MISSING and model not in MODELS:
         raise unknown("model", model, sorted(MODELS))
-    if stages is not MISSING:
-        parse_stages(stages)
+    if stages is not MISSING and "export" in parse_stages(stages):
+        from compax.export.runtime import require_onnx
+
+        require_onnx()
     observer = lookup(config, "compress.observer")
     if observer is not MISSING and observer not in OBSERVERS:
         raise unknown("compress.observer", observer, OBSERVERS)

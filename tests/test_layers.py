@@ -5,7 +5,8 @@
               `one_model`) and `registrations` (every registered method and analysis)
     methods   the registered compression steps (`compress/methods/`) and analyses (`analyses/`)
     engine    what methods and analyses are built from: the compression engine (`compress/`), the
-              measurements (`measure/`), training (`train/`), the population engine, plotting
+              measurements (`measure/`), training (`train/`), the population engine, plotting,
+              the ONNX graphs and onnxruntime (`export/`)
     base      data, models, errors, safe files (atomic writes, checksums, the workdir lock)
 
 A module may import its own layer and the layers below it, at the top of the file or inside a
@@ -23,7 +24,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1] / "compax"
 LAYERS = ("base", "engine", "methods", "run")  # lowest first
 BASE = ("compax.data", "compax.models", "compax.errors", "compax.safe_files")
 ENGINE = ("compax.compress", "compax.measure", "compax.train", "compax.member_vmap",
-          "compax.distributed", "compax.compilation_cache", "compax.kernels", "compax.plots")
+          "compax.distributed", "compax.compilation_cache", "compax.kernels", "compax.plots",
+          "compax.export")
 METHODS = ("compax.compress.methods", "compax.analyses")
 
 

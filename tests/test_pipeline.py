@@ -58,7 +58,7 @@ def test_run_trains_compresses_analyses_and_reports(study_run):
         assert hooker["pie_claims"]["in_sample"]["cies"] == hooker["cie"]["pies"]
         assert hooker["pie_claims"]["held_out"] is None  # 2 members: no held-out halves
     assert results["skipped_analyses"] == {}  # all named, all apply to LeNet-5
-    assert set(results["stages"]) == {"train", "compress", "analyse", "report"}
+    assert set(results["stages"]) == {"train", "compress", "analyse", "export", "report"}
     page = (tmp_path / "report" / "index.html").read_text()
     for image in re.findall(r"src='([^']+)'", page):
         assert (tmp_path / "report" / image).is_file(), image
@@ -74,7 +74,7 @@ def test_stages_are_skipped_when_current_and_rerun_when_their_config_changes(tmp
     config.analysis.analyses = "classes"
     pipeline.run(config, tmp_path)
     records = {s: json.loads((tmp_path / "stages" / f"{s}.json").read_text()) for s in
-               ("train", "compress", "analyse", "report")}
+               ("train", "compress", "analyse", "export", "report")}
     caplog.set_level("INFO")
     pipeline.run(config, tmp_path)
     assert all(f"stage {s}: up to date" in caplog.text for s in records)
@@ -323,3 +323,21 @@ def test_no_analysis_can_take_the_name_of_a_field_other_stages_write(study_run):
     with pytest.raises(ValueError, match="field of every variant's record"):
         register_analysis(Accuracy)
     assert "accuracy" not in ANALYSES
+
+
+def test_the_export_stage_reads_only_the_variants_and_a_run_without_it_still_reports(
+        study_run, tmp_path, monkeypatch):
+    monkeypatch.setattr(pipeline, "load_dataset", lambda *a, **k: tiny_dataset())
+    workdir = tmp_path / "study"
+    shutil.copytree(study_run[0], workdir)
+    config = small_study(stages="export")
+    config.export.members = "first"  # export again, analyses untouched
+    results = pipeline.run(config, workdir)
+    assert all(len(v["export"]["files"]) == 1 for v in results["variants"].values())
+    records = pipeline.StageRecords(workdir, config)
+    assert records.is_current("analyse") and not records.is_current("report")
+    shutil.rmtree(workdir / "export")
+    (workdir / "stages" / "export.json").unlink()
+    config = small_study(stages="report")  # never exported: the report needs no export
+    pipeline.run(config, workdir)
+    assert "ONNX export" not in (workdir / "report" / "summary.md").read_text()

@@ -23,9 +23,11 @@ An open value is closed (given a new quantization point, numbered in evaluation 
 other operation uses it, and the outputs are closed at the end, as the last layer's output observer
 does before DeQuantStub; arrays that are not floating point (indices, masks) are never quantized. A
 backend decides what closing means: record statistics (calibration), fake quantize, or run the
-layers in integers. Calls of jitted / custom-derivative functions (jax.nn.relu is both) are bound
-unchanged when nothing inside them needs the backend, so their custom gradients stay; otherwise
-they are evaluated inside. Control-flow primitives (cond, while, scan) run in float.
+layers in integers, or write them as a graph (`compax/export/`), which also translates every other
+equation (`Backend.primitive`). Calls of jitted / custom-derivative functions (jax.nn.relu is both)
+are bound unchanged when nothing inside them needs the backend, so their custom gradients stay;
+otherwise (or when the backend `enters` them) they are evaluated inside. Control-flow primitives
+(cond, while, scan) run in float.
 """
 
 import dataclasses
@@ -77,6 +79,15 @@ class Backend:
     def layer(self, eqn, args, tags):
         """Output of a conv_general_dilated / dot_general equation on closed activations."""
         return bind(eqn, args)[0]
+
+    def primitive(self, eqn, args, tags) -> list:
+        """Outputs of any other equation (a call bound whole included); the default evaluates it."""
+        return bind(eqn, args)
+
+    def enters(self, eqn, tags) -> bool:
+        """Whether a call that needs no quantization point is evaluated inside, equation by
+        equation, instead of bound whole (the default, which keeps its custom gradient)."""
+        return False
 
 
 def bind(eqn, args):
@@ -197,14 +208,14 @@ class _Evaluation:
                     env[eqn.invars[i]] = (vals[i], in_tags[i])
             if body is not None:
                 out_tags = _free_of_backend(*body, in_tags)
-                if out_tags is None:
+                if out_tags is None or self.backend.enters(eqn, in_tags):
                     outs, out_tags = self.run(*body, vals, in_tags)
                 else:
-                    outs = bind(eqn, vals)
+                    outs = self.backend.primitive(eqn, vals, in_tags)
             elif _is_layer(name, in_tags):
                 outs, out_tags = [self.backend.layer(eqn, vals, in_tags)], [Tag(PENDING)]
             else:
-                outs = bind(eqn, vals)
+                outs = self.backend.primitive(eqn, vals, in_tags)
                 out_tags = [_out_tag(name, in_tags)] * len(outs)
             for v, x, t in zip(eqn.outvars, outs, out_tags, strict=True):
                 if not isinstance(v, core.DropVar):

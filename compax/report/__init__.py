@@ -146,6 +146,26 @@ def cost_table(results: dict) -> Table:
                   "bytes on disk (all members, orbax)"], rows)
 
 
+def export_table(results: dict) -> Table | None:
+    """The export stage's ONNX files in onnxruntime: bytes, speed and agreement with compax
+    (None when the run exported nothing)."""
+    rows = []
+    for name, v in results["variants"].items():
+        e = v.get("export")
+        if e is None:
+            continue
+        rows.append([
+            name, f"{v['bytes']:,}" if "bytes" in v else "–", f"{e['onnx_bytes']:,}",
+            f"{e['onnx_compression_ratio']:.2f}×", _fmt(e["ort_images_per_second"], 0),
+            f"{e['ort_speedup']:.2f}×", _fmt(min(e["ort_agreement"]), 2, scale=100),
+            _fmt(max(e["ort_max_logit_difference"]), 4)])
+    if not rows:
+        return None
+    return Table(["variant", "computed bytes", "ONNX file bytes", "file ratio vs baseline",
+                  "onnxruntime images/s", "speed-up vs baseline", "argmax agreement % (worst member)",
+                  "max abs Δ logit"], rows)
+
+
 class Page:
     """What an analysis's `report` writes into: figures and tables under section titles; `run`
     is results.json."""
@@ -234,6 +254,9 @@ def write_report(directory: pathlib.Path, config, results: dict, arrays: dict, d
     if seeds is not None:
         tables = {"Table 1 (Schwaiger et al. 2022)": tables.pop("Table 1 (Schwaiger et al. 2022)"),
                   "Table 1 over the members: seed noise": seeds, **tables}
+    exported = export_table(results)
+    if exported is not None:
+        tables["ONNX export (onnxruntime on this CPU)"] = exported
     for title, table in tables.items():
         page.sections[title] = [table.html()]
     page.figure("Pruning level", figures.sparsity_search(directory, results), "sparsity search")

@@ -81,7 +81,9 @@ class _EvalModeModel(Trainable):
 
     def apply(self, variables, x, train, mutable, rngs):
         del train, mutable, rngs  # frozen BatchNorm statistics, no dropout (see the module doc)
-        return self.model.apply(variables, x, train=False), {}
+        # The statistics come back unchanged, so that a scan over train steps keeps its carry.
+        return self.model.apply(variables, x, train=False), {
+            "batch_stats": variables.get("batch_stats", {})}
 
 
 def ablate(trained_model: nn.Module, variables: dict, dataset: Dataset, *,

@@ -1,0 +1,1 @@
+"""Compressed variants as ONNX graphs (`graph.py`) that onnxruntime runs (`runtime.py`)."""
