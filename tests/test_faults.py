@@ -79,7 +79,8 @@ def assert_refused(result, *needles, alone=True):
     assert all(n in errors[0] for n in needles), errors[0]
 
 
-TIMINGS = ("seconds", "train_step_seconds", "member_images_per_second", "images_per_second")
+TIMINGS = ("seconds", "train_step_seconds", "member_images_per_second", "images_per_second",
+           "ort_images_per_second", "ort_speedup")
 
 
 def _untimed(value):

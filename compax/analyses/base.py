@@ -18,13 +18,13 @@ from compax.errors import UserError
 ANALYSES: dict[str, type["Analysis"]] = {}
 # `--config.analysis.analyses` for every registered analysis that applies to the run's model.
 DEFAULT = "default"
-# The fields that the train and compress stages write into a variant's record in results.json
+# The fields that the train, compress and export stages write into a variant's record in results.json
 # (`compax/pipeline.py`, `compax/compress_population.py`, and what steps report in `info`): an
 # analysis's results sit beside them under its name, so no analysis may take one of these names.
 RESERVED_NAMES = frozenset({
     "accuracy", "accuracy_std", "member_accuracy", "accuracy_diff_pp", "sparsity", "weight_bits",
     "activation_bits", "bytes", "bytes_on_disk_population", "compression_ratio", "params", "macs",
-    "int8", "recipe", "structure", "training", "design"})
+    "int8", "recipe", "structure", "training", "design", "export"})
 
 
 def register_analysis(cls):
