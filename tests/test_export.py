@@ -168,3 +168,19 @@ def test_without_onnxruntime_the_export_stage_is_refused_in_one_line(monkeypatch
     with pytest.raises(UserError, match="pip install onnx==.* onnxruntime==") as error:
         runtime.require_onnx()
     assert "\n" not in str(error.value)
+
+
+def test_a_new_operator_is_one_registered_translation(monkeypatch):
+    from compax.export import graph
+
+    def cosine(w, eqn, args, aval):
+        (x,) = args
+        return w.result(w.node("Cos", [x.name])[0], aval, x.perm)
+
+    monkeypatch.setitem(graph.TRANSLATIONS, "cos", cosine)
+    model = _Cosine()
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 4, 4, 3)))
+    proto = export_onnx(model, Compressed(variables, None), (4, 4, 3))
+    images = np.random.default_rng(0).standard_normal((6, 4, 4, 3)).astype(np.float32)
+    logits = runtime.predict(runtime.session(proto.SerializeToString(), 1), images, 6)
+    np.testing.assert_allclose(logits, model.apply(variables, images), rtol=1e-5, atol=1e-6)

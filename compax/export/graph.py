@@ -43,14 +43,14 @@ tensor, so that transposes are written only where a layout-sensitive operator (a
 the logical order. The batch dimension is symbolic: the jaxpr is traced for TRACE_BATCH images,
 and reshapes keep the first axis as it is.
 
-A primitive without a translation (or a layout that is not supported) is a UserError naming it
-and the flax module it comes from.
+Each jax primitive on activations has a translation function (`TRANSLATIONS`, `register_translation`:
+a new operator is one function); a primitive without one, or a form of it that is not supported, is
+a UserError naming it and the flax module it comes from.
 """
 
 import dataclasses
 import itertools
 
-import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
@@ -315,56 +315,11 @@ class _Writer(interpret.Backend):
             return interpret.bind(eqn, args)  # weights and constants: computed now
         name = eqn.primitive.name
         self.where = str(eqn.source_info.name_stack) or self.where
-        aval = eqn.outvars[0].aval
-        if name == "custom_vjp_call":
-            return [self.max_pool(args[0], _max_pool_window(eqn), aval)]
-        if name in _BINARY:
-            return [self.binary(name, args, aval)]
-        if name in _UNARY or name == "rsqrt":
-            (x,) = args
-            out = self.node(_UNARY.get(name, "Sqrt"), [x.name])[0]
-            if name == "rsqrt":
-                out = self.node("Reciprocal", [out])[0]
-            return [self.result(out, aval, x.perm)]
-        if name == "integer_pow":
-            (x,) = args
-            exponent = self.const(np.asarray(eqn.params["y"], np.dtype(x.dtype)))
-            return [self.result(self.node("Pow", [x.name, exponent])[0], aval, x.perm)]
-        if name in _SAME:
-            return [args[0]]
-        if name == "convert_element_type":
-            (x,) = args
-            to = _ONNX_TYPES.get(np.dtype(eqn.params["new_dtype"]))
-            if to is None:
-                raise self.fail(f"a conversion to {eqn.params['new_dtype']}")
-            return [self.result(self.node("Cast", [x.name], to=to)[0], aval, x.perm)]
-        if name == "transpose":
-            (x,) = args
-            perm = eqn.params["permutation"]
-            inverse = tuple(np.argsort(perm))
-            return [Sym(x.name, tuple(aval.shape), x.dtype, tuple(inverse[p] for p in x.perm))]
-        if name in ("reshape", "squeeze") or (name == "broadcast_in_dim" and _unsqueezes(args[0], eqn)):
-            return [self.reshape(args[0], aval)]
-        if name in _REDUCE:
-            return [self.reduce(_REDUCE[name], args[0], eqn.params["axes"], aval)]
-        if name == "concatenate":
-            perm = next(a for a in args if isinstance(a, Sym)).perm
-            inputs = [self.in_layout(a, perm) if isinstance(a, Sym) else
-                      self.const(np.transpose(np.asarray(a), perm)) for a in args]
-            axis = perm.index(eqn.params["dimension"])
-            return [self.result(self.node("Concat", inputs, axis=axis)[0], aval, perm)]
-        if name == "pad" and isinstance(args[1], np.ndarray | jax.Array | float | int):
-            x, value = args
-            config = eqn.params["padding_config"]
-            if any(interior for _, _, interior in config):
-                raise self.fail("interior padding")
-            pads = [lo for lo, _, _ in config] + [hi for _, hi, _ in config]
-            out = self.node("Pad", [self.logical(x), self.ints(pads, "pads"),
-                                    self.const(np.asarray(value, x.dtype))])[0]
-            return [self.result(out, aval)]
-        if name in ("reduce_window_max", "reduce_window_sum"):
-            return [self.pool(name, args[0], eqn.params, aval)]
-        raise self.fail(f"jax primitive {name!r}")
+        translate = TRANSLATIONS.get(name)
+        if translate is None:
+            raise self.fail(f"jax primitive {name!r}")
+        out = translate(self, eqn, args, eqn.outvars[0].aval)
+        return out if isinstance(out, list) else [out]
 
     def binary(self, name: str, args, aval) -> Sym:
         syms = [a for a in args if isinstance(a, Sym)]
@@ -423,6 +378,106 @@ class _Writer(interpret.Backend):
                             **attrs)[0]
             out = self.node("Mul", [out, self.const(np.asarray(dims[1] * dims[2], x.dtype))])[0]
         return self.result(out, aval, layout)
+
+
+# jax primitive -> fn(writer, eqn, args, aval) -> Sym (or a list of them): the ONNX nodes of an
+# equation with an activation among its `args` (the others are arrays), `aval` its first output.
+TRANSLATIONS = {}
+
+
+def register_translation(*names: str):
+    """Decorator: `fn(writer, eqn, args, aval)` translates the jax primitives `names` (a new
+    operator is one function here, or in any module imported before exporting)."""
+    def register(fn):
+        for name in names:
+            TRANSLATIONS[name] = fn
+        return fn
+    return register
+
+
+@register_translation("custom_vjp_call")
+def _max_pool_call(w: _Writer, eqn, args, aval):
+    return w.max_pool(args[0], _max_pool_window(eqn), aval)
+
+
+@register_translation(*_BINARY)
+def _binary(w: _Writer, eqn, args, aval):
+    return w.binary(eqn.primitive.name, args, aval)
+
+
+@register_translation(*_UNARY, "rsqrt")
+def _unary(w: _Writer, eqn, args, aval):
+    (x,) = args
+    name = eqn.primitive.name
+    out = w.node(_UNARY.get(name, "Sqrt"), [x.name])[0]
+    if name == "rsqrt":
+        out = w.node("Reciprocal", [out])[0]
+    return w.result(out, aval, x.perm)
+
+
+@register_translation("integer_pow")
+def _integer_pow(w: _Writer, eqn, args, aval):
+    (x,) = args
+    exponent = w.const(np.asarray(eqn.params["y"], np.dtype(x.dtype)))
+    return w.result(w.node("Pow", [x.name, exponent])[0], aval, x.perm)
+
+
+@register_translation(*_SAME)
+def _same(w: _Writer, eqn, args, aval):
+    return args[0]
+
+
+@register_translation("convert_element_type")
+def _convert(w: _Writer, eqn, args, aval):
+    (x,) = args
+    to = _ONNX_TYPES.get(np.dtype(eqn.params["new_dtype"]))
+    if to is None:
+        raise w.fail(f"a conversion to {eqn.params['new_dtype']}")
+    return w.result(w.node("Cast", [x.name], to=to)[0], aval, x.perm)
+
+
+@register_translation("transpose")
+def _transpose(w: _Writer, eqn, args, aval):
+    (x,) = args  # no node: the same tensor, its logical axes permuted
+    inverse = tuple(np.argsort(eqn.params["permutation"]))
+    return Sym(x.name, tuple(aval.shape), x.dtype, tuple(inverse[p] for p in x.perm))
+
+
+@register_translation("reshape", "squeeze", "broadcast_in_dim")
+def _reshape(w: _Writer, eqn, args, aval):
+    if eqn.primitive.name == "broadcast_in_dim" and not _unsqueezes(args[0], eqn):
+        raise w.fail("broadcast_in_dim of an activation to a larger shape")
+    return w.reshape(args[0], aval)
+
+
+@register_translation(*_REDUCE)
+def _reduce(w: _Writer, eqn, args, aval):
+    return w.reduce(_REDUCE[eqn.primitive.name], args[0], eqn.params["axes"], aval)
+
+
+@register_translation("concatenate")
+def _concatenate(w: _Writer, eqn, args, aval):
+    perm = next(a for a in args if isinstance(a, Sym)).perm
+    inputs = [w.in_layout(a, perm) if isinstance(a, Sym) else
+              w.const(np.transpose(np.asarray(a), perm)) for a in args]
+    axis = perm.index(eqn.params["dimension"])
+    return w.result(w.node("Concat", inputs, axis=axis)[0], aval, perm)
+
+
+@register_translation("pad")
+def _pad(w: _Writer, eqn, args, aval):
+    x, value = args
+    config = eqn.params["padding_config"]
+    if isinstance(value, Sym) or any(interior for _, _, interior in config):
+        raise w.fail("padding with an activation or interior padding")
+    pads = [lo for lo, _, _ in config] + [hi for _, hi, _ in config]
+    out = w.node("Pad", [w.logical(x), w.ints(pads, "pads"), w.const(np.asarray(value, x.dtype))])[0]
+    return w.result(out, aval)
+
+
+@register_translation("reduce_window_max", "reduce_window_sum")
+def _pool(w: _Writer, eqn, args, aval):
+    return w.pool(eqn.primitive.name, args[0], eqn.params, aval)
 
 
 def _unsqueezes(x, eqn) -> bool:
