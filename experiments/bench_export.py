@@ -36,7 +36,9 @@ int8 speed is null.
 All sessions and PyTorch modules are built and warmed up first; then each round times every runner
 once in turn (`bench_train.interleaved_seconds_per_step`), `--steps` calls on one batch of `--batch`
 random N(0, 1) 32x32x3 images, the fastest of `--rounds` rounds counting. `--threads` sets
-onnxruntime's intra_op_num_threads and `torch.set_num_threads` (0: each library's default).
+onnxruntime's intra_op_num_threads and `torch.set_num_threads` (0: each library's default);
+onnxruntime's idle threads sleep instead of spinning (`--ort_spinning` for its default), since in
+interleaved rounds a spinning pool takes the 2 cores from the runner timed after it.
 `--quick`: 1 round of 2 steps, proving the script runs (the timings are rough).
 
 Printed per model: the ONNX bytes of each variant (`len(proto.SerializeToString())`) and their
@@ -85,6 +87,9 @@ _THREADS = flags.DEFINE_integer("threads", 0, "onnxruntime's intra_op_num_thread
                                 "torch.set_num_threads (0: the libraries' defaults).")
 _CLASSES = flags.DEFINE_integer("classes", 10, "Output classes of every model.")
 _CALIB = flags.DEFINE_integer("calib_images", 64, "Random images calibrating the int8 variants.")
+_ORT_SPINNING = flags.DEFINE_bool(
+    "ort_spinning", False, "Let onnxruntime's idle intra-op threads spin (its default). Off, they "
+    "sleep after each call, so that they do not take the cores from the runner timed next.")
 _QUICK = flags.DEFINE_bool("quick", False, "2 steps, 1 round: proves the script runs, times roughly.")
 
 VARIANTS = ("float32", "w8a8", "float16", "w4a8", "dynamic_int8")
@@ -152,6 +157,8 @@ def ort_sessions(model, variables, calib, images, threads: int) -> tuple[dict, d
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
             if threads > 0:
                 options.intra_op_num_threads = threads
+            if not _ORT_SPINNING.value:  # idle workers sleep: the next runner gets the cores
+                options.add_session_config_entry("session.intra_op.allow_spinning", "0")
             session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
             feed = {INPUT: images}
             session.run(None, feed)
