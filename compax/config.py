@@ -76,6 +76,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.export.timing_images = 512
     c.export.timing_rounds = 3
     c.export.threads = 0
+    # Static int8 biases in int32 on the grid s_x * s_w, which onnxruntime's integer kernels take
+    # (False: compax's float bias as an Add after each layer, float kernels, compax's function).
+    c.export.integer_bias = True
     # Stages run (comma-separated, in this order): train, compress, analyse, export, report. A
     # finished stage whose config and inputs have not changed is skipped.
     c.stages = "train,compress,analyse,export,report"

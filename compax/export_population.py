@@ -4,7 +4,9 @@ For the trained population ("baseline") and each saved variant, one ONNX file pe
 (`export.members="first"`: member 0 only), `export/<variant>/member_<i>.onnx`, written by
 `compax.export.graph.export_onnx` with the dataset's normalisation inside the graph: the files take
 the raw uint8 NHWC images, as a deployed model would, and compute (x / 255 - mean) / std first,
-exactly as compax does. Each file is checked by `onnx.checker`, run by onnxruntime on the CPU on
+exactly as compax does; static int8 layers take their bias in int32 (the integer kernels' form)
+unless `export.integer_bias=False` (compax's float bias, float kernels; `graph.export_onnx`).
+Each file is checked by `onnx.checker`, run by onnxruntime on the CPU on
 the whole test set, and compared with compax's own evaluation of that member of that variant
 (`apply_compressed`, the same batches):
 
@@ -65,7 +67,8 @@ def export_population(config: ml_collections.ConfigDict, model, original, popula
         agreement, difference, files = [], [], []
         for i in range(count):
             member = take_members(population, i)
-            proto = export_onnx(module, member, shape, mean=dataset.mean, std=dataset.std)
+            proto = export_onnx(module, member, shape, mean=dataset.mean, std=dataset.std,
+                                integer_bias=export.integer_bias)
             data = proto.SerializeToString()
             path = tmp / name / f"member_{i}.onnx"
             if is_main_process():

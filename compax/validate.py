@@ -116,6 +116,7 @@ RULES: dict[str, Rule] = {
     "export.timing_images": integer(1),
     "export.timing_rounds": integer(1),
     "export.threads": integer(0),
+    "export.integer_bias": boolean,
     "stages": text,
 }
 

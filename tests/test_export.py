@@ -184,3 +184,18 @@ def test_a_new_operator_is_one_registered_translation(monkeypatch):
     images = np.random.default_rng(0).standard_normal((6, 4, 4, 3)).astype(np.float32)
     logits = runtime.predict(runtime.session(proto.SerializeToString(), 1), images, 6)
     np.testing.assert_allclose(logits, model.apply(variables, images), rtol=1e-5, atol=1e-6)
+
+
+def test_a_float_bias_keeps_compaxs_function_where_the_int32_bias_rounds(finished):
+    data = finished.dataset
+    variant = finished.compress("w8a8")
+    member = take_members(variant.compressed, 0)
+    protos = {b: export_onnx(variant.model, member, data.test.images.shape[1:], data.mean,
+                             data.std, integer_bias=b) for b in (True, False)}
+    int32 = onnx.TensorProto.INT32
+    assert any(t.data_type == int32 for t in protos[True].graph.initializer)
+    assert not any(t.data_type == int32 for t in protos[False].graph.initializer)
+    assert sum(n.op_type == "Add" for n in protos[False].graph.node) >= 5  # 2 convs, 3 dense
+    agreement, difference = _agreement(variant.model, member, protos[False], data.test.images,
+                                       data.mean, data.std)
+    assert agreement == 1.0

@@ -27,6 +27,10 @@ nodes. Per variant:
                                       with DequantizeLinear per output channel (axis) or per
                                       tensor; biases int32 with scale s_x * s_w, so that
                                       onnxruntime fuses DQ -> Conv/Gemm -> Q into integer kernels
+                                      (compax, as PyTorch's fbgemm, adds the bias in float: that
+                                      rounding of the bias moves values at rounding boundaries
+                                      by one code; `integer_bias=False` keeps the float bias as
+                                      an Add, compax's function on float kernels)
     weight-only int8                  int8 initializers with DequantizeLinear, float activations
     dynamic_int8                      onnxruntime's dynamic quantization operators:
                                       DynamicQuantizeLinear on each layer input, ConvInteger /
@@ -108,9 +112,10 @@ def _minimal(c: np.ndarray) -> np.ndarray:
 class _Writer(interpret.Backend):
     """Writes the ONNX nodes of one evaluation of a compressed variant (see the module doc)."""
 
-    def __init__(self, compressed):
+    def __init__(self, compressed, integer_bias: bool = True):
         qstate = compressed.qstate
         self.qstate = qstate
+        self.integer_bias = integer_bias
         self.static = (qstate is not None and qstate.config.activation_bits is not None
                        and not qstate.config.dynamic)
         self.store_float16 = compressed.storage_dtype == "float16"
@@ -288,6 +293,8 @@ class _Writer(interpret.Backend):
         if s.name not in self.layers or s.name in self.used:
             return None
         node, bias_scale, out_channel = self.layers.pop(s.name)
+        if bias_scale is not None and not self.integer_bias:
+            return None  # a float Add after the layer: compax's float bias, no integer kernel
         channel = s.perm[out_channel]
         c = _minimal(np.asarray(c))
         if c.ndim != s.ndim or any(n != 1 for a, n in enumerate(c.shape) if a != channel):
@@ -512,9 +519,15 @@ def variant_function(model, compressed):
     return fn
 
 
-def export_onnx(model, compressed, image_shape, mean=None, std=None) -> onnx.ModelProto:
+def export_onnx(model, compressed, image_shape, mean=None, std=None,
+                integer_bias: bool = True) -> onnx.ModelProto:
     """The ONNX model of one member's `compressed` variant of `model` (flax module evaluating it)
     on NHWC images of `image_shape` (H, W, C), any batch; checked by onnx.checker.
+
+    `integer_bias`: the bias of a static-int8 layer in int32 on the grid s_x * s_w, the form
+    integer kernels take (onnxruntime fuses DQ -> Conv -> Q into QLinearConv); False keeps
+    compax's (PyTorch fbgemm's) float bias as an Add after the layer, the same function as compax
+    up to float rounding, computed by float kernels.
 
     Without `mean` and `std` it takes float32 images normalised as the model was trained on; with
     them, raw uint8 images, normalised in the graph as compax does, (x / 255 - mean) / std
@@ -522,7 +535,7 @@ def export_onnx(model, compressed, image_shape, mean=None, std=None) -> onnx.Mod
     """
     if (mean is None) != (std is None):
         raise UserError("ONNX export: give both mean and std (or neither)")
-    writer = _Writer(compressed)
+    writer = _Writer(compressed, integer_bias)
     name = INPUT
     if mean is not None:
         name = writer.node("Cast", [INPUT], to=TensorProto.FLOAT)[0]
