@@ -28,12 +28,15 @@ def require_onnx(what: str = "the export stage") -> None:
 
 def session(model_bytes: bytes, threads: int = 0):
     """An onnxruntime CPU session of the serialized model, every graph optimisation on;
-    `threads` intra-op threads (0: onnxruntime's default, one per core)."""
+    `threads` intra-op threads (0: onnxruntime's default, one per core) that sleep when idle."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = threads
+    # Idle workers sleep instead of spinning: a session timed after another would find the cores
+    # taken by the first one's spinning pool (experiments/bench_export.py measured it).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.log_severity_level = 3  # errors only
     return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
 
