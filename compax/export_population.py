@@ -33,7 +33,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from compax.compress.compressed import Compressed, apply_compressed, size_bytes
+from compax.compress.compressed import apply_compressed, size_bytes
 from compax.data import Dataset
 from compax.distributed import is_main_process
 from compax.export import runtime
@@ -102,7 +102,3 @@ def export_population(config: ml_collections.ConfigDict, model, original, popula
         tmp.replace(directory)
     return results
 
-
-def original_population(variables) -> Compressed:
-    """The trained population as an uncompressed `Compressed` (float32)."""
-    return jax.vmap(lambda v: Compressed(v, None))(variables)

@@ -197,15 +197,19 @@ def make_predict(apply_fn: Callable, mean: np.ndarray, std: np.ndarray, batch_si
         chunk, num_member_args=1, mesh=mesh)
 
     def predict(population, images: np.ndarray) -> np.ndarray:
-        num = images.shape[0]
-        pad = (-num) % batch_size
-        if pad:
-            images = np.concatenate([images, np.repeat(images[-1:], pad, axis=0)])
-        batches = [predict_batch(population, images[i:i + batch_size])
-                   for i in range(0, images.shape[0], batch_size)]
-        return np.concatenate([to_host(b) for b in batches], axis=1)[:, :num]
+        batches = [predict_batch(population, b) for b in padded_batches(images, batch_size)]
+        return np.concatenate([to_host(b) for b in batches], axis=1)[:, :images.shape[0]]
 
     return predict
+
+
+def padded_batches(images: np.ndarray, batch_size: int) -> list[np.ndarray]:
+    """`images` in batches of `batch_size`, the last one padded with copies of the last image
+    (so that statistics of a batch's extremes see only real images)."""
+    pad = (-images.shape[0]) % batch_size
+    if pad:
+        images = np.concatenate([images, np.repeat(images[-1:], pad, axis=0)])
+    return [images[i:i + batch_size] for i in range(0, images.shape[0], batch_size)]
 
 
 def model_apply(model) -> Callable:

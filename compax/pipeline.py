@@ -72,14 +72,14 @@ from compax import registrations  # noqa: F401  (fills the registries the recipe
 from compax import stages as stage_records
 from compax.analyse_population import analyse_population
 from compax.analyses import DataInfo, applicable_analyses
-from compax.compress import storage_bytes
+from compax.compress import Compressed, storage_bytes
 from compax.compress.flops import model_macs
 from compax.compress.registry import variant_recipes
 from compax.compress_population import compress_population, restore_variant
 from compax.data import Dataset, load_dataset
 from compax.distributed import is_main_process
 from compax.errors import UserError
-from compax.export_population import export_population, original_population
+from compax.export_population import export_population
 from compax.member_vmap import loss_and_accuracy, make_predict, model_apply, population_chunk, take_members
 from compax.models import count_params, get_model
 from compax.report import write_report
@@ -236,7 +236,7 @@ class Run:
 
     def analyse(self) -> tuple[dict, list[str]]:
         trained = self.trained
-        original = original_population(trained.variables)
+        original = Compressed(trained.variables, None)  # the population, uncompressed
         loaded = self.load_populations()
         summary, arrays = analyse_population(
             self.config, self.dataset, trained.model, original,
@@ -269,7 +269,7 @@ class Run:
         trained = self.trained
         loaded = self.load_populations()
         exported = export_population(
-            self.config, trained.model, original_population(trained.variables),
+            self.config, trained.model, Compressed(trained.variables, None),
             {name: (model, population) for name, (model, population, _) in loaded.items()},
             self.dataset, self.chunk, self.workdir / "export")
         return {"variants": {name: {"export": e} for name, e in exported.items()}}, ["export"]

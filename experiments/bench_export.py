@@ -68,7 +68,7 @@ from absl import app, flags
 # experiments/ is the script's directory. bench_train defines --steps (used here, 10 by default),
 # and --batch_size and --repeats, which are this script's --batch and --rounds: removed, so that
 # they are refused rather than ignored.
-from bench_train import _STEPS, interleaved_seconds_per_step
+from bench_train import _STEPS, interleaved_seconds_per_step, model_widths
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # the repository root
 from torch_reference.models import TWINS, torch_model, torch_twin  # noqa: E402
@@ -123,21 +123,6 @@ def cpu_info() -> dict:
         name: name in present or (name == "avx512_vnni" and "avx512vnni" in present)
         for name in CPU_FLAGS}
     return {"model": model, "cores": os.cpu_count(), "flags": flags_}
-
-
-def model_widths(models, widths) -> list[tuple[str, float]]:
-    from compax.models import MODELS, cpu_size
-
-    unknown = sorted(set(models) - set(MODELS))
-    if unknown:
-        raise app.UsageError(f"unknown models {unknown}: choose from {', '.join(sorted(MODELS))}")
-    pairs = []
-    for name in models:
-        for width in widths:
-            value = cpu_size(name)[0] if width == "cpu" else float(width)
-            if (name, value) not in pairs:
-                pairs.append((name, value))
-    return pairs
 
 
 def ort_sessions(model, variables, calib, images, threads: int) -> tuple[dict, dict]:

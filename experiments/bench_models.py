@@ -33,7 +33,14 @@ from absl import app, flags
 
 # experiments/ is the script's directory. bench_train defines --batch_size (128), --steps and
 # --repeats (3), used here too, with 10 steps per round by default.
-from bench_train import _BATCH, _REPEATS, _STEPS, compax_runner, interleaved_seconds_per_step
+from bench_train import (
+    _BATCH,
+    _REPEATS,
+    _STEPS,
+    compax_runner,
+    interleaved_seconds_per_step,
+    model_widths,
+)
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # the repository root
 from torch_reference.runners import torch_runners  # noqa: E402
@@ -118,21 +125,6 @@ def forward_flops(name: str, width: float, classes: int, batch: int) -> float:
     compiled = jax.jit(lambda v, x: model.apply(v, x, train=False)).lower(variables, x).compile()
     analysis = compiled.cost_analysis()
     return (analysis[0] if isinstance(analysis, list) else analysis)["flops"] / batch
-
-
-def model_widths(models, widths) -> list[tuple[str, float]]:
-    from compax.models import MODELS, cpu_size
-
-    unknown = sorted(set(models) - set(MODELS))
-    if unknown:
-        raise app.UsageError(f"unknown models {unknown}: choose from {', '.join(sorted(MODELS))}")
-    pairs = []
-    for name in models:
-        for width in widths:
-            value = cpu_size(name)[0] if width == "cpu" else float(width)
-            if (name, value) not in pairs:
-                pairs.append((name, value))
-    return pairs
 
 
 def torch_version() -> str | None:

@@ -49,6 +49,23 @@ def interleaved_seconds_per_step(runners: dict, steps: dict, repeats: int) -> di
     return best
 
 
+def model_widths(models, widths) -> list[tuple[str, float]]:
+    """(model, width) pairs of `--models` and `--widths` (`cpu`: the model's `cpu_size` width),
+    without repeats; an unknown model is a usage error."""
+    from compax.models import MODELS, cpu_size
+
+    unknown = sorted(set(models) - set(MODELS))
+    if unknown:
+        raise app.UsageError(f"unknown models {unknown}: choose from {', '.join(sorted(MODELS))}")
+    pairs = []
+    for name in models:
+        for width in widths:
+            value = cpu_size(name)[0] if width == "cpu" else float(width)
+            if (name, value) not in pairs:
+                pairs.append((name, value))
+    return pairs
+
+
 def _timed(fn, *args) -> float:
     start = time.perf_counter()
     fn(*args)

@@ -15,16 +15,28 @@ import jax
 import numpy as np
 
 
+def interleaved_seconds(calls: dict, rounds: int) -> dict[str, list[float]]:
+    """{name: seconds of each round} of every `calls[name]()` (run once first, untimed), timed in
+    `rounds` rounds that each run every call once, in order, so that a slow spell of a shared
+    machine hits them alike."""
+    for call in calls.values():
+        call()
+    times = {name: [] for name in calls}
+    for _ in range(rounds):
+        for name, call in calls.items():
+            started = time.perf_counter()
+            call()
+            times[name].append(time.perf_counter() - started)
+    return times
+
+
 def images_per_second(models: dict, images, rounds: int = 7) -> dict[str, float]:
     """{name: images/s} of every `models[name] = (apply_fn, member)`, `apply_fn(member, images)`
     jitted, timed in interleaved rounds (module doc)."""
-    compiled = {name: jax.jit(fn) for name, (fn, _) in models.items()}
-    for name, (_, member) in models.items():
-        jax.block_until_ready(compiled[name](member, images))
-    times = {name: [] for name in models}
-    for _ in range(rounds):
-        for name, (_, member) in models.items():
-            started = time.perf_counter()
-            jax.block_until_ready(compiled[name](member, images))
-            times[name].append(time.perf_counter() - started)
+    def timed_call(fn, member):
+        compiled = jax.jit(fn)
+        return lambda: jax.block_until_ready(compiled(member, images))
+
+    times = interleaved_seconds({name: timed_call(fn, member)
+                                 for name, (fn, member) in models.items()}, rounds)
     return {name: float(images.shape[0] / np.median(t)) for name, t in times.items()}

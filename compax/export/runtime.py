@@ -1,17 +1,18 @@
 """ONNX models run by onnxruntime on the CPU: sessions, batched predictions, interleaved timing.
 
-`predict` evaluates in batches as `member_vmap.make_predict` does (the last batch padded with
-copies of the last image), so that a dynamically quantized model sees the same batches in both.
+`predict` evaluates in the batches of `member_vmap.make_predict` (`padded_batches`: the last one
+padded with copies of the last image), so that a dynamically quantized model sees the same
+batches in both.
 `images_per_second` times several sessions on one batch in interleaved rounds (each round runs
 every session once, in the same order), the fastest round of each counting, so that the ratios
 between them are measured under the same conditions.
 """
 
-import time
-
 import numpy as np
 
+from compax.compress.cost import interleaved_seconds
 from compax.errors import UserError
+from compax.member_vmap import padded_batches
 
 INSTALL = "pip install onnx==1.23.2 onnxruntime==1.32.0 (pinned in requirements.txt)"
 
@@ -44,27 +45,15 @@ def session(model_bytes: bytes, threads: int = 0):
 def predict(sess, images: np.ndarray, batch_size: int) -> np.ndarray:
     """Logits (N, classes) of the session on `images`, `batch_size` at a time."""
     name = sess.get_inputs()[0].name
-    num = images.shape[0]
-    pad = (-num) % batch_size
-    if pad:
-        images = np.concatenate([images, np.repeat(images[-1:], pad, axis=0)])
-    out = [sess.run(None, {name: images[i:i + batch_size]})[0]
-           for i in range(0, images.shape[0], batch_size)]
-    return np.concatenate(out)[:num]
+    out = [sess.run(None, {name: batch})[0] for batch in padded_batches(images, batch_size)]
+    return np.concatenate(out)[:images.shape[0]]
 
 
 def images_per_second(sessions: dict, images: np.ndarray, rounds: int) -> dict:
     """{name: images/s} of each session on the batch `images`, the fastest of `rounds`
-    interleaved rounds (after one untimed run of each)."""
+    interleaved rounds (`cost.interleaved_seconds`, after one untimed run of each)."""
     if rounds < 1:
         raise UserError(f"export.timing_rounds must be >= 1, got {rounds}")
-    feeds = {k: {s.get_inputs()[0].name: images} for k, s in sessions.items()}
-    for k, s in sessions.items():
-        s.run(None, feeds[k])
-    best = dict.fromkeys(sessions, np.inf)
-    for _ in range(rounds):
-        for k, s in sessions.items():
-            start = time.perf_counter()
-            s.run(None, feeds[k])
-            best[k] = min(best[k], time.perf_counter() - start)
-    return {k: images.shape[0] / t for k, t in best.items()}
+    calls = {k: (lambda s=s: s.run(None, {s.get_inputs()[0].name: images}))
+             for k, s in sessions.items()}
+    return {k: images.shape[0] / min(t) for k, t in interleaved_seconds(calls, rounds).items()}
